@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from alignline.errors import AlignlineError
@@ -120,7 +121,7 @@ def main() -> None:
     try:
         app()
     except AlignlineError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
+        err.print(f"[bold red]error:[/bold red] {rich_escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted; rerun the same command to resume")

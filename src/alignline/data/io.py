@@ -238,16 +238,26 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
 
 
 def read_records(path: str | Path, model: type[R], adapt: Callable[[dict], dict] | None = None) -> list[R]:
-    """Read and validate every row of ``path`` as ``model`` (optionally through a layout adapter)."""
+    """Read and validate every row of ``path`` as ``model`` (optionally through a layout adapter).
+
+    ``path`` may be a JSONL or Parquet file or a directory of shards; errors name the shard and line.
+    """
+    path = Path(path)
+    files = [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet") and not p.name.startswith("."))
+        if not files:
+            raise DataError("directory holds no .jsonl or .parquet shards", path=str(path))
     out = []
-    for line, obj in iter_rows(path):
-        where = str(path)
-        if adapt is not None and isinstance(obj, dict):
-            try:
-                obj = adapt(obj)
-            except DataError as exc:
-                raise DataError(str(exc), path=where, line=line) from None
-        out.append(validate(model, obj, path=where, line=line))
+    for file in files:
+        where = str(file)
+        for line, obj in iter_rows(file):
+            if adapt is not None and isinstance(obj, dict):
+                try:
+                    obj = adapt(obj)
+                except DataError as exc:
+                    raise DataError(str(exc), path=where, line=line) from None
+            out.append(validate(model, obj, path=where, line=line))
     return out
 
 

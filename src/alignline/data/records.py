@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from alignline.errors import DataError
 
@@ -53,7 +53,8 @@ def check_turn_order(messages: list[Message], *, last: Role | None) -> None:
                 "(an optional system turn first, then user and assistant alternating, starting with user)"
             )
     if last is not None and body[-1].role != last:
-        raise ValueError(f"the last message must be a '{last}' turn, found '{body[-1].role}'")
+        raise ValueError(f"the last message must be {'an assistant' if last == 'assistant' else 'a user'} turn, "
+                         f"found '{body[-1].role}'")
 
 
 def content_id(obj: Any) -> str:
@@ -68,10 +69,11 @@ class Conversation(Record):
     messages: list[Message]
     meta: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _order(self) -> Conversation:
-        check_turn_order(self.messages, last="assistant")
-        return self
+    @field_validator("messages")
+    @classmethod
+    def _order(cls, v: list[Message]) -> list[Message]:
+        check_turn_order(v, last="assistant")
+        return v
 
 
 class Prompt(Record):
@@ -82,10 +84,11 @@ class Prompt(Record):
     reference: str | None = None
     meta: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _order(self) -> Prompt:
-        check_turn_order(self.messages, last="user")
-        return self
+    @field_validator("messages")
+    @classmethod
+    def _order(cls, v: list[Message]) -> list[Message]:
+        check_turn_order(v, last="user")
+        return v
 
 
 class Response(Record):
@@ -129,13 +132,18 @@ class Pair(Record):
     reason: str | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _check(self) -> Pair:
-        check_turn_order(self.prompt, last="user")
-        for name in ("chosen", "rejected"):
-            if not getattr(self, name).strip():
-                raise ValueError(f"{name} is empty")
-        return self
+    @field_validator("prompt")
+    @classmethod
+    def _order(cls, v: list[Message]) -> list[Message]:
+        check_turn_order(v, last="user")
+        return v
+
+    @field_validator("chosen", "rejected")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the response is empty")
+        return v
 
 
 R = TypeVar("R", bound=BaseModel)

@@ -148,6 +148,7 @@ def read_sharegpt(path: str | Path | None = None) -> tuple[list[dict], RecoveryR
         raise DataError("file not found" if not path.exists() else "not a file", path=where,
                         expected="a ShareGPT JSON or JSONL file")
     data = path.read_bytes()
+    total_bytes = len(data)
     try:
         text = data.decode("utf-8")
         invalid = 0
@@ -155,9 +156,13 @@ def read_sharegpt(path: str | Path | None = None) -> tuple[list[dict], RecoveryR
         # surrogateescape keeps one character per bad byte, so character -> byte offsets stay exact
         text = data.decode("utf-8", errors="surrogateescape")
         invalid = len(_ESCAPED_BYTE.findall(text))
+    del data
 
     def byte_at(pos: int) -> int:
-        return len(text[:pos].encode("utf-8", errors="surrogateescape"))
+        # encode the shorter side: a truncation point is usually near the end of a large file
+        if pos <= len(text) // 2:
+            return len(text[:pos].encode("utf-8", errors="surrogateescape"))
+        return total_bytes - len(text[pos:].encode("utf-8", errors="surrogateescape"))
 
     def line_at(pos: int) -> int:
         return text.count("\n", 0, pos) + 1
@@ -217,7 +222,7 @@ def read_sharegpt(path: str | Path | None = None) -> tuple[list[dict], RecoveryR
         records = _fix_surrogates(records)
     report = RecoveryReport(
         path=where, records=len(records), truncated=truncated,
-        stopped_at_byte=byte_at(last_end) if truncated else None, total_bytes=len(data),
+        stopped_at_byte=byte_at(last_end) if truncated else None, total_bytes=total_bytes,
         invalid_utf8_bytes=invalid, format="json" if is_array else "jsonl",
     )
     log.info(report.summary())

@@ -59,6 +59,10 @@ class PrepareConfig(Section):
     """Tokenizer (model alias or path) that measures prompt length when unfolding; null: no token limit."""
     max_tokens: int = 4096
     """Unfolded prompt + reference answer must fit this many tokens; older history is dropped first."""
+    continuation_parts: Literal["strip_leading_assistant", "drop"] = "strip_leading_assistant"
+    """ShareGPT splits long chats into parts (id_0, id_1, ...); later parts often start with the assistant's
+    reply to the previous part. strip_leading_assistant removes those opening assistant turns (counted) and
+    keeps the rest; drop discards such parts as not alternating."""
     salt: str = "alignline"
     """Salt of the split hash; change it for a different (still stable) partition."""
     format: Literal["jsonl", "parquet"] = "jsonl"
@@ -91,7 +95,8 @@ def run(cfg: PrepareConfig) -> Path:
         raw, report = read_sharegpt(src)
         summary["recovery"] = report.summary()
         console.print(f"prepare: {report.summary()}")
-        convs, norm_counts = normalise_sharegpt(raw, source_path=src)
+        convs, norm_counts = normalise_sharegpt(
+            raw, source_path=src, strip_leading_assistant=cfg.continuation_parts == "strip_leading_assistant")
         counts.update(norm_counts)
     else:
         convs = read_conversations(src)

@@ -93,7 +93,8 @@ def make_accelerator(settings: TrainSettings, out_dir: Path | None = None):
     mp = settings.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    kwargs: dict[str, Any] = {"mixed_precision": mp}
+    # cpu=True lets accelerate run several CPU processes (gloo) under torchrun / accelerate launch
+    kwargs: dict[str, Any] = {"mixed_precision": mp, "cpu": not torch.cuda.is_available()}
     if settings.report_to:
         kwargs["log_with"] = list(settings.report_to)
         kwargs["project_dir"] = str(out_dir) if out_dir else None
