@@ -1,6 +1,7 @@
 from collections import Counter
 
 import pytest
+from tests.conftest import conversation
 
 from alignline.data.chat import (
     FALLBACK_CHAT_TEMPLATE,
@@ -13,7 +14,6 @@ from alignline.data.chat import (
     unfold,
 )
 from alignline.data.records import Conversation
-from tests.conftest import conversation
 
 MSGS = [
     {"role": "system", "content": "You are terse."},

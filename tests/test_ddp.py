@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file
-
 from tests.conftest import conversation
 
 

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import yaml
-
 from tests.conftest import conversation
 
 
@@ -46,7 +45,8 @@ def test_sft_cli_end_to_end(sft_setup):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["conversations"] == 16
     metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval/loss" in m for m in metrics) and all(m["step"] >= 1 for m in metrics)
+    assert metrics[0]["step"] == 0 and "eval/loss" in metrics[0]  # the starting point
+    assert any("eval/loss" in m for m in metrics[1:]) and all(m["step"] >= 1 for m in metrics if "loss" in m)
     assert str(run / "model") in res.stderr  # prints where the checkpoint is
     from transformers import AutoModelForCausalLM
 

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from tests.conftest import conversation
 
 from alignline.data.chat import tokenise_conversation
 from alignline.errors import TrainingDivergedError
 from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded
 from alignline.train.lm import causal_lm_loss
 from alignline.train.loop import TrainSettings, complete_checkpoints, make_accelerator, train
-from tests.conftest import conversation
 
 
 @pytest.fixture(scope="module")

@@ -229,7 +229,9 @@ def _read_marker(directory: Path) -> dict | None:
 def _tmp_dir_for(final: Path) -> Path:
     """A fresh directory next to ``final`` (same filesystem, so it can be renamed into place)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; the finished model should be as readable as a normal directory
+    return tmp
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -389,6 +391,9 @@ def _convert_gguf(src: Path, arch: str, out: Path, dtype: torch.dtype) -> None:
         raise ModelError(f"{src}: transformers could not load this GGUF ({arch}): {exc}") from exc
     _strip_gguf_quantizer(model)
     model.config.name_or_path = str(out)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and (tokenizer.model_max_length or 0) > 10**12:  # GGUF tokenizers get "no limit"
+        tokenizer.model_max_length = int(max_pos)
     gen = model.generation_config
     if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id

@@ -104,9 +104,9 @@ def run(cfg: PrepareConfig) -> Path:
 
     tokenizer = None
     if cfg.tokenizer:
-        from alignline.models import load_tokenizer, resolve_model
+        from alignline.models import load_tokenizer
 
-        tokenizer = load_tokenizer(resolve_model(cfg.tokenizer))
+        tokenizer = load_tokenizer(cfg.tokenizer)
         ensure_chat_template(tokenizer)
 
     by_id = {c.id: c for c in convs}

@@ -148,13 +148,16 @@ def run(cfg: SFTConfig) -> Path:
         console.print(f"sft: stopped after step {result.steps} as asked (train.stop_after_step); rerun to resume")
         return rd.path
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, rd.path / "model")
+        save_model(accelerator.unwrap_model(model), tokenizer, rd.path / "model", merge_lora=True)
     accelerator.wait_for_everyone()
     rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
-              eval_metrics=result.eval_metrics, model_dir=str(rd.path / "model"))
+              eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start, model_dir=str(rd.path / "model"))
     console.print(
         f"[green]sft done[/green]: {result.steps} steps in {result.seconds:.0f}s, "
-        f"final loss {result.last_metrics.get('loss', float('nan')):.4f}\n"
+        f"final loss {result.last_metrics.get('loss', float('nan')):.4f}"
+        + (f"; eval loss {result.eval_metrics_start['loss']:.4f} -> {result.eval_metrics['loss']:.4f}"
+           if result.eval_metrics_start and result.eval_metrics else "")
+        + "\n"
         f"  checkpoint (HF format): {rd.path / 'model'}\n  metrics: {rd.path / 'metrics.jsonl'}\n"
         f"  resolved config: {rd.path / 'config.yaml'}\n  counts: {dict(counts)}"
     )

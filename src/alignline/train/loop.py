@@ -107,6 +107,7 @@ class TrainResult:
     stopped_early: bool
     last_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics_start: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
     seconds: float = 0.0
     tokens: int = 0
@@ -200,7 +201,7 @@ class MetricsLog:
             elif path.exists():
                 kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
                 atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
-        self.fh = open(path, "a") if accelerator.is_main_process else None
+        self.fh = open(path, "a") if accelerator.is_main_process else None  # noqa: SIM115 (kept open for the run)
 
     def log(self, record: dict) -> None:
         if self.fh is not None:
@@ -303,6 +304,14 @@ def train(
                dynamic_ncols=True)
     result = TrainResult(steps=step, stopped_early=False)
     t_start, tokens_seen, last = time.perf_counter(), 0, {}
+    if evaluate is not None and step == 0:
+        # the starting point, so the run's effect on held-out data is visible
+        model.eval()
+        with torch.no_grad():
+            ev = evaluate(model)
+        model.train()
+        result.eval_metrics_start = ev
+        log.log({"step": 0, **{f"eval/{k}": v for k, v in ev.items()}})
     model.train()
     done = step >= total_steps
     for epoch in range(start_epoch, settings.epochs):
