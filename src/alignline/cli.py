@@ -86,6 +86,30 @@ def sft(
     _stage("alignline.stages.sft:SFTConfig", args or [], help_config, extra)
 
 
+@app.command()
+def dpo(
+    args: list[str] = typer.Argument(None, help=ARGS_HELP),
+    resume: bool | None = typer.Option(None, "--resume/--no-resume",
+                                       help="Continue from the newest complete checkpoint (default: yes)."),
+    help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
+) -> None:
+    """Preference optimisation on pairs: DPO, IPO, cDPO, RSO hinge or TSO dual-clip."""
+    extra = [] if resume is None else [f"resume={str(resume).lower()}"]
+    _stage("alignline.stages.dpo:DPOConfig", args or [], help_config, extra)
+
+
+@app.command()
+def tso(
+    args: list[str] = typer.Argument(None, help=ARGS_HELP),
+    resume: bool | None = typer.Option(None, "--resume/--no-resume",
+                                       help="Continue from the newest complete checkpoint (default: yes)."),
+    help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
+) -> None:
+    """Mini-batch iterative DPO (TSO): the reference is the policy after the previous mini-batch."""
+    extra = [] if resume is None else [f"resume={str(resume).lower()}"]
+    _stage("alignline.stages.tso:TSOConfig", args or [], help_config, extra)
+
+
 @models_app.command("import-gguf")
 def import_gguf_cmd(
     gguf: Path = typer.Argument(..., help="A .gguf file."),

@@ -12,7 +12,7 @@ from rich.console import Console
 from alignline.config import save_resolved
 from alignline.data.io import fingerprint, read_manifest, write_manifest
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | None]:

@@ -1,0 +1,184 @@
+"""Preference pairs as tensors, and their per-sequence log-probabilities.
+
+**Prefix-shared layout** (default). One row holds ``prompt + chosen + rejected``. A 4-D additive
+attention mask lets chosen tokens see the prompt and earlier chosen tokens, and rejected tokens see the
+prompt and earlier rejected tokens but never the chosen ones; rejected positions continue from the end
+of the prompt. The prompt is therefore computed once per pair. The first rejected token is predicted
+from the last prompt position, exactly as in a separate ``prompt + rejected`` sequence.
+
+**Separate layout** (``prompt + chosen`` and ``prompt + rejected`` as two padded rows, plain causal
+mask): for attention kernels that take no arbitrary mask (e.g. FlashAttention-2), and as the reference
+the shared layout is tested against.
+
+Either way the LM head runs only on positions that predict a response token (``logits_to_keep``), and
+log-probs are taken with a log-sum-exp per kept position, never a full ``log_softmax`` copy.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from alignline.data.chat import tokenise_prompt_response
+from alignline.data.records import Pair
+from alignline.errors import DataError
+
+Layout = Literal["shared", "separate"]
+
+
+def tokenise_pairs(pairs: Sequence[Pair], tokenizer, *, max_length: int, counts: Counter,
+                   max_drop_fraction: float = 0.1, where: str = "pairs") -> list[dict[str, Any]]:
+    """Token ids per pair: ``prompt``, ``chosen``, ``rejected`` (responses end with their end token).
+
+    Responses are cut so that ``prompt + response`` fits ``max_length``. Dropped and counted: chosen equal
+    to rejected (as text, or as tokens after cutting), a prompt that leaves no room for a response, an
+    empty response. More than ``max_drop_fraction`` dropped is an error.
+    """
+    out = []
+    for p in pairs:
+        if p.chosen.strip() == p.rejected.strip():
+            counts["dropped_identical_text"] += 1
+            continue
+        prompt, chosen = tokenise_prompt_response(tokenizer, p.prompt, p.chosen, where=f"{where}: pair {p.id}")
+        _, rejected = tokenise_prompt_response(tokenizer, p.prompt, p.rejected, where=f"{where}: pair {p.id}")
+        room = max_length - len(prompt)
+        if room < 1:
+            counts["dropped_prompt_too_long"] += 1
+            continue
+        if len(chosen) > room or len(rejected) > room:
+            counts["responses_truncated"] += 1
+        chosen, rejected = chosen[:room], rejected[:room]
+        if not chosen or not rejected:
+            counts["dropped_empty_response"] += 1
+            continue
+        if chosen == rejected:
+            counts["dropped_identical_after_truncation"] += 1
+            continue
+        out.append({"id": p.id, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+    dropped = len(pairs) - len(out)
+    counts["pairs_in"] += len(pairs)
+    counts["pairs_kept"] += len(out)
+    if pairs and dropped / len(pairs) > max_drop_fraction:
+        reasons = {k: v for k, v in counts.items() if k.startswith("dropped")}
+        raise DataError(
+            f"{dropped} of {len(pairs)} pairs ({dropped / len(pairs):.0%}) would be dropped {reasons}, more than "
+            f"data.max_drop_fraction={max_drop_fraction}; fix the data, raise data.max_length, or raise the fraction",
+            path=where,
+        )
+    return out
+
+
+def pair_length(ex: dict, layout: Layout) -> int:
+    if layout == "shared":
+        return len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"])
+    return len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"]))
+
+
+def plan_bucketed(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: int = 32) -> list[list[int]]:
+    """Seeded micro-batches of similar length (less padding): shuffle, sort within windows of
+    ``bucket`` micro-batches, then shuffle the micro-batches."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * bucket
+    batches = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s: s + window], key=lambda i: lengths[i])
+        batches.extend(chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+def collate_pairs(examples: Sequence[dict], pad_id: int, layout: Layout = "shared") -> dict[str, torch.Tensor]:
+    """Tensors for :func:`pair_logps`. Targets are described by flat index lists:
+
+    ``src``: for each response token, the (row, position) whose output predicts it, as an index into the
+    kept positions; ``tgt``: the token id; ``seg``: 0 chosen / 1 rejected; ``pair``: the pair's index.
+    """
+    rows: list[tuple[list[int], list[int]]] = []  # (token ids, position ids)
+    targets: list[tuple[int, int, int, int, int]] = []  # (row, predicting position, token, segment, pair)
+    blocks: list[list[tuple[int, int]]] = []  # per row: [(start, end) of chosen], for the mask
+    for b, ex in enumerate(examples):
+        p, c, r = ex["prompt"], ex["chosen"], ex["rejected"]
+        P, C = len(p), len(c)
+        if layout == "shared":
+            rows.append((p + c + r, list(range(P + C)) + list(range(P, P + len(r)))))
+            blocks.append([(P, P + C), (P + C, P + C + len(r))])
+            targets += [(len(rows) - 1, P - 1 + j, t, 0, b) for j, t in enumerate(c)]
+            targets += [(len(rows) - 1, (P - 1) if j == 0 else (P + C + j - 1), t, 1, b) for j, t in enumerate(r)]
+        else:
+            for seg, resp in ((0, c), (1, r)):
+                rows.append((p + resp, list(range(P + len(resp)))))
+                blocks.append([])
+                targets += [(len(rows) - 1, P - 1 + j, t, seg, b) for j, t in enumerate(resp)]
+    width = max(len(ids) for ids, _ in rows)
+    B = len(rows)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    lengths = torch.tensor([len(ids) for ids, _ in rows])
+    for i, (ids, pos) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        position_ids[i, : len(ids)] = torch.tensor(pos)
+    keep = torch.zeros((B, width), dtype=torch.bool)
+    t_row = torch.tensor([t[0] for t in targets])
+    t_pos = torch.tensor([t[1] for t in targets])
+    keep[t_row, t_pos] = True
+    flat = (keep.flatten().cumsum(0) - 1).view(B, width)
+    batch = {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "keep": keep,
+        "src": flat[t_row, t_pos],
+        "tgt": torch.tensor([t[2] for t in targets]),
+        "seg": torch.tensor([t[3] for t in targets]),
+        "pair": torch.tensor([t[4] for t in targets]),
+        "n_pairs": torch.tensor(len(examples)),
+    }
+    if layout == "shared":
+        # allowed[q, k]: causal, within the row's length, and rejected queries never see chosen keys
+        idx = torch.arange(width)
+        allowed = (idx[None, :] <= idx[:, None]).unsqueeze(0) & (idx[None, None, :] < lengths[:, None, None])
+        for i, ((c0, c1), (r0, r1)) in enumerate(blocks):
+            allowed[i, r0:r1, c0:c1] = False
+        allowed |= torch.eye(width, dtype=torch.bool).unsqueeze(0)  # padding rows attend to themselves
+        batch["allowed"] = allowed.unsqueeze(1)
+    else:
+        batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    if all("ref_chosen" in ex for ex in examples):
+        batch["ref_chosen"] = torch.tensor([ex["ref_chosen"] for ex in examples], dtype=torch.float64)
+        batch["ref_rejected"] = torch.tensor([ex["ref_rejected"] for ex in examples], dtype=torch.float64)
+    return batch
+
+
+def _model_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor], *, length_normalize: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen logps [B], rejected logps [B], chosen lengths [B], rejected lengths [B]), summed over tokens
+    (or averaged when ``length_normalize``)."""
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if "allowed" in batch:
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else _model_dtype(model)
+        mask = torch.zeros(batch["allowed"].shape, dtype=dtype, device=batch["allowed"].device)
+        kwargs["attention_mask"] = mask.masked_fill(~batch["allowed"], torch.finfo(dtype).min)
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    out = model(**kwargs, logits_to_keep=batch["keep"], use_cache=False)
+    logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
+    token_logps = logits[batch["src"], batch["tgt"]] - torch.logsumexp(logits, dim=-1)[batch["src"]]
+    B = int(batch["n_pairs"])
+    slot = batch["pair"] * 2 + batch["seg"]
+    sums = torch.zeros(2 * B, dtype=token_logps.dtype, device=token_logps.device).index_add(0, slot, token_logps)
+    counts = torch.zeros(2 * B, dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, slot, torch.ones_like(token_logps))
+    if length_normalize:
+        sums = sums / counts.clamp(min=1)
+    return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
