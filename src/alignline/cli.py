@@ -65,49 +65,37 @@ def _stage(cls_path: str, args: list[str], help_config: bool, extra: list[str] |
     module.run(cfg)
 
 
-@app.command()
-def prepare(
-    args: list[str] = typer.Argument(None, help=ARGS_HELP),
-    help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
-) -> None:
-    """Normalise raw conversations (ShareGPT or JSONL) into disjoint SFT / prompt splits."""
-    _stage("alignline.stages.prepare:PrepareConfig", args or [], help_config)
+RESUME_HELP = "Continue from the newest complete checkpoint (default: yes)."
 
 
-@app.command()
-def sft(
-    args: list[str] = typer.Argument(None, help=ARGS_HELP),
-    resume: bool | None = typer.Option(None, "--resume/--no-resume",
-                                       help="Continue from the newest complete checkpoint (default: yes)."),
-    help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
-) -> None:
-    """Supervised fine-tuning, loss on assistant tokens (Xwin step 1)."""
-    extra = [] if resume is None else [f"resume={str(resume).lower()}"]
-    _stage("alignline.stages.sft:SFTConfig", args or [], help_config, extra)
+def _register(name: str, cls_path: str, doc: str, *, resumable: bool) -> None:
+    """One sub-command per stage: CONFIG.yaml + key=value overrides, --help-config, optional --resume."""
+    if resumable:
+        def command(
+            args: list[str] = typer.Argument(None, help=ARGS_HELP),
+            resume: bool | None = typer.Option(None, "--resume/--no-resume", help=RESUME_HELP),
+            help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
+        ) -> None:
+            _stage(cls_path, args or [], help_config, [] if resume is None else [f"resume={str(resume).lower()}"])
+    else:
+        def command(
+            args: list[str] = typer.Argument(None, help=ARGS_HELP),
+            help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
+        ) -> None:
+            _stage(cls_path, args or [], help_config)
+    command.__doc__ = doc
+    app.command(name)(command)
 
 
-@app.command()
-def dpo(
-    args: list[str] = typer.Argument(None, help=ARGS_HELP),
-    resume: bool | None = typer.Option(None, "--resume/--no-resume",
-                                       help="Continue from the newest complete checkpoint (default: yes)."),
-    help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
-) -> None:
-    """Preference optimisation on pairs: DPO, IPO, cDPO, RSO hinge or TSO dual-clip."""
-    extra = [] if resume is None else [f"resume={str(resume).lower()}"]
-    _stage("alignline.stages.dpo:DPOConfig", args or [], help_config, extra)
-
-
-@app.command()
-def tso(
-    args: list[str] = typer.Argument(None, help=ARGS_HELP),
-    resume: bool | None = typer.Option(None, "--resume/--no-resume",
-                                       help="Continue from the newest complete checkpoint (default: yes)."),
-    help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
-) -> None:
-    """Mini-batch iterative DPO (TSO): the reference is the policy after the previous mini-batch."""
-    extra = [] if resume is None else [f"resume={str(resume).lower()}"]
-    _stage("alignline.stages.tso:TSOConfig", args or [], help_config, extra)
+_register("prepare", "alignline.stages.prepare:PrepareConfig",
+          "Normalise raw conversations (ShareGPT or JSONL) into disjoint SFT / prompt splits.", resumable=False)
+_register("sft", "alignline.stages.sft:SFTConfig",
+          "Supervised fine-tuning, loss on assistant tokens (Xwin step 1).", resumable=True)
+_register("dpo", "alignline.stages.dpo:DPOConfig",
+          "Preference optimisation on pairs: DPO, IPO, cDPO, RSO hinge or TSO dual-clip.", resumable=True)
+_register("tso", "alignline.stages.tso:TSOConfig",
+          "Mini-batch iterative DPO (TSO): the reference is the policy after the previous mini-batch.",
+          resumable=True)
 
 
 @models_app.command("import-gguf")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
@@ -38,15 +39,15 @@ COMPLETE = "COMPLETE"
 class TrainSettings(Section):
     """Optimiser, schedule and bookkeeping settings of the shared training loop."""
 
-    lr: float = 2e-5
+    lr: float = Field(2e-5, gt=0)
     """Peak learning rate (Xwin SFT: 2e-5)."""
-    epochs: int = 3
+    epochs: int = Field(3, gt=0)
     """Passes over the data (Xwin SFT: 3)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs when smaller); the schedule spans it."""
-    batch_size: int = 8
+    batch_size: int = Field(8, gt=0)
     """Examples per micro-batch per process (with packing: rows of up to max_length tokens each)."""
-    grad_accum: int = 1
+    grad_accum: int = Field(1, gt=0)
     """Micro-batches accumulated per optimizer step."""
     weight_decay: float = 0.0
     """AdamW weight decay (Xwin: 0)."""
@@ -80,11 +81,6 @@ class TrainSettings(Section):
     """Extra metric sinks (metrics.jsonl is always written)."""
     stop_after_step: int | None = None
     """Stop (after checkpointing) at this step as if interrupted; for testing resume."""
-
-    def model_post_init(self, __context: Any) -> None:
-        for name in ("lr", "batch_size", "grad_accum", "epochs"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be > 0 (got {getattr(self, name)})")
 
 
 def make_accelerator(settings: TrainSettings, out_dir: Path | None = None):
