@@ -55,6 +55,8 @@ class ChildResult:
     """``ru_maxrss`` of the child (its own high-water mark, including anything it reaped)."""
     log_path: str
     timed_out: bool = False
+    contention: dict[str, float] | None = None
+    """CPU used outside this process tree while the child ran (see :class:`CpuMonitor`)."""
 
     @property
     def peak_rss_gb(self) -> float:
@@ -69,11 +71,12 @@ class ChildResult:
 
 
 def run_child(cmd: Sequence[str], *, log_path: str | Path, env: dict[str, str] | None = None,
-              cwd: str | Path | None = None, timeout_s: float | None = None) -> ChildResult:
+              cwd: str | Path | None = None, timeout_s: float | None = None,
+              monitor_cpu: bool = True) -> ChildResult:
     """Run ``cmd`` to completion with stdout+stderr going to ``log_path``; measure wall time and peak RSS.
 
     The child gets its own process group; on timeout the whole group is killed (SIGKILL) and
-    ``timed_out`` is set.
+    ``timed_out`` is set. With ``monitor_cpu``, the CPU that other processes used meanwhile is recorded.
     """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +91,9 @@ def run_child(cmd: Sequence[str], *, log_path: str | Path, env: dict[str, str] |
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
+        monitor = CpuMonitor(proc.pid) if monitor_cpu else None
+        if monitor is not None:
+            monitor.start()
         timer = threading.Timer(timeout_s, kill) if timeout_s else None
         if timer is not None:
             timer.daemon = True
@@ -105,13 +111,73 @@ def run_child(cmd: Sequence[str], *, log_path: str | Path, env: dict[str, str] |
         finally:
             if timer is not None:
                 timer.cancel()
+            if monitor is not None:
+                monitor.stop()
         wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
     proc.returncode = code  # reaped by wait4 above; keep Popen from waiting again
     # ru_maxrss is in KiB on Linux and in bytes on macOS
     rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
     return ChildResult(returncode=code, wall_s=wall, peak_rss_bytes=rss, log_path=str(log_path),
-                       timed_out=timed_out.is_set())
+                       timed_out=timed_out.is_set(), contention=monitor.summary() if monitor else None)
+
+
+class CpuMonitor(threading.Thread):
+    """Samples, every ``interval_s``, how many cores were busy outside this process and the child.
+
+    Foreign load = (machine busy CPU time - this process's and the child's CPU time) / elapsed, in cores.
+    Whatever else runs on the machine (another test suite, a build) shows up here, so a result that was
+    measured while the machine was shared can be flagged.
+    """
+
+    def __init__(self, child_pid: int, interval_s: float = 2.0):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.psutil, self.interval = psutil, interval_s
+        self.me, self.child_pid = psutil.Process(), child_pid
+        self.samples: list[float] = []
+        self.steal: list[float] = []
+        self._halt = threading.Event()
+        self._child_cpu = 0.0
+
+    def _own(self) -> float:
+        t = self.me.cpu_times()
+        own = t.user + t.system + t.children_user + t.children_system
+        try:
+            c = self.psutil.Process(self.child_pid).cpu_times()
+            self._child_cpu = c.user + c.system + c.children_user + c.children_system
+        except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+            pass  # exited: its time is now in children_* of this process
+        return own + self._child_cpu
+
+    def _busy(self) -> tuple[float, float]:
+        t = self.psutil.cpu_times()
+        idle = t.idle + getattr(t, "iowait", 0.0)
+        steal = getattr(t, "steal", 0.0)
+        return sum(t) - idle - steal - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0), steal
+
+    def run(self) -> None:
+        busy0, steal0 = self._busy()
+        own0, t0 = self._own(), time.monotonic()
+        while not self._halt.wait(self.interval):
+            busy1, steal1 = self._busy()
+            own1, t1 = self._own(), time.monotonic()
+            dt = max(t1 - t0, 1e-6)
+            self.samples.append(max(0.0, (busy1 - busy0) - (own1 - own0)) / dt)
+            self.steal.append(max(0.0, steal1 - steal0) / dt)
+            busy0, steal0, own0, t0 = busy1, steal1, own1, t1
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+    def summary(self) -> dict[str, float]:
+        s = self.samples or [0.0]
+        return {"foreign_cores_mean": round(sum(s) / len(s), 3), "foreign_cores_max": round(max(s), 3),
+                "foreign_busy_fraction": round(sum(1 for x in s if x > 0.25) / len(s), 3),
+                "steal_cores_mean": round(sum(self.steal) / max(len(self.steal), 1), 3),
+                "samples": len(self.samples)}
 
 
 # --------------------------------------------------------------------------- a quiet machine

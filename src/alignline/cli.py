@@ -93,6 +93,11 @@ _register("sft", "alignline.stages.sft:SFTConfig",
           "Supervised fine-tuning, loss on assistant tokens (Xwin step 1).", resumable=True)
 _register("dpo", "alignline.stages.dpo:DPOConfig",
           "Preference optimisation on pairs: DPO, IPO, cDPO, RSO hinge or TSO dual-clip.", resumable=True)
+_register("rm", "alignline.stages.rm:RMConfig",
+          "Reward model (Xwin-RM): SFT backbone + scalar head, Bradley-Terry loss, accuracy per rating.",
+          resumable=True)
+_register("score", "alignline.stages.score:ScoreConfig",
+          "Rank each prompt's responses with a reward model (prompt computed once per prompt).", resumable=False)
 _register("tso", "alignline.stages.tso:TSOConfig",
           "Mini-batch iterative DPO (TSO): the reference is the policy after the previous mini-batch.",
           resumable=True)

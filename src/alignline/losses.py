@@ -89,6 +89,19 @@ def dual_clip_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, r
     return losses, r_w.detach(), r_l.detach()
 
 
+def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None) -> LossOutput:
+    """Reward-model loss (Xwin-RM, Bradley-Terry): ``-log sigmoid(r(x, y_w) - r(x, y_l) - m)``.
+
+    ``chosen_rewards``, ``rejected_rewards``: the RM's scalar scores ``[B]``; ``margin``: optional ``[B]``
+    (e.g. by rating level, as in Llama 2), 0 when None. Returns ``(losses, chosen_rewards, rejected_rewards)``
+    with the rewards detached. Equal rewards and no margin give ``log 2``.
+    """
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff), chosen_rewards.detach(), rejected_rewards.detach()
+
+
 def sft_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     """Optional SFT term on the chosen response: per-token negative log-likelihood ``-logp / n``, ``[B]``."""
     return -policy_chosen_logps / chosen_lengths.clamp(min=1)

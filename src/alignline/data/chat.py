@@ -135,8 +135,13 @@ def tokenise_conversation(
 
 
 def tokenise_prompt_response(tokenizer, prompt_messages, response: str, *, where: str = "pair",
-                             eos_ids: set[int] | None = None) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids incl. its end token) with the prefix property checked (DPO / RM)."""
+                             eos_ids: set[int] | None = None, keep_tail: bool = False) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids incl. its end token) with the prefix property checked (DPO / RM).
+
+    ``keep_tail`` keeps what the template writes after the end token (ChatML's newline): reward models read
+    their score at the last token, and a final token that is not the pad token keeps that position the
+    same under ``AutoModelForSequenceClassification``'s last-non-pad pooling.
+    """
     eos_ids = end_token_ids(tokenizer) if eos_ids is None else eos_ids
     msgs = _dicts(prompt_messages)
     prefix = encode(tokenizer, render(tokenizer, msgs, add_generation_prompt=True))
@@ -145,7 +150,7 @@ def tokenise_prompt_response(tokenizer, prompt_messages, response: str, *, where
     if full[: len(prefix)] != prefix:
         raise _mismatch(where, prefix, full, tokenizer)
     resp = full[len(prefix):]
-    return prefix, resp[: _trim_after_eos(resp, eos_ids)]
+    return prefix, (resp if keep_tail else resp[: _trim_after_eos(resp, eos_ids)])
 
 
 @dataclass

@@ -31,7 +31,8 @@ Layout = Literal["shared", "separate"]
 
 
 def tokenise_pairs(pairs: Sequence[Pair], tokenizer, *, max_length: int, counts: Counter,
-                   max_drop_fraction: float = 0.1, where: str = "pairs") -> list[dict[str, Any]]:
+                   max_drop_fraction: float = 0.1, where: str = "pairs", keep_tail: bool = False,
+                   ) -> list[dict[str, Any]]:
     """Token ids per pair: ``prompt``, ``chosen``, ``rejected`` (responses end with their end token).
 
     Responses are cut so that ``prompt + response`` fits ``max_length``. Dropped and counted: chosen equal
@@ -43,8 +44,10 @@ def tokenise_pairs(pairs: Sequence[Pair], tokenizer, *, max_length: int, counts:
         if p.chosen.strip() == p.rejected.strip():
             counts["dropped_identical_text"] += 1
             continue
-        prompt, chosen = tokenise_prompt_response(tokenizer, p.prompt, p.chosen, where=f"{where}: pair {p.id}")
-        _, rejected = tokenise_prompt_response(tokenizer, p.prompt, p.rejected, where=f"{where}: pair {p.id}")
+        prompt, chosen = tokenise_prompt_response(tokenizer, p.prompt, p.chosen, where=f"{where}: pair {p.id}",
+                                                  keep_tail=keep_tail)
+        _, rejected = tokenise_prompt_response(tokenizer, p.prompt, p.rejected, where=f"{where}: pair {p.id}",
+                                               keep_tail=keep_tail)
         room = max_length - len(prompt)
         if room < 1:
             counts["dropped_prompt_too_long"] += 1
@@ -58,7 +61,7 @@ def tokenise_pairs(pairs: Sequence[Pair], tokenizer, *, max_length: int, counts:
         if chosen == rejected:
             counts["dropped_identical_after_truncation"] += 1
             continue
-        out.append({"id": p.id, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+        out.append({"id": p.id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": p.rating})
     dropped = len(pairs) - len(out)
     counts["pairs_in"] += len(pairs)
     counts["pairs_kept"] += len(out)
@@ -102,15 +105,18 @@ def collate_pairs(examples: Sequence[dict], pad_id: int, layout: Layout = "share
     rows: list[tuple[list[int], list[int]]] = []  # (token ids, position ids)
     targets: list[tuple[int, int, int, int, int]] = []  # (row, predicting position, token, segment, pair)
     blocks: list[list[tuple[int, int]]] = []  # per row: [(start, end) of chosen], for the mask
+    ends: list[tuple[int, int, int, int]] = []  # per pair: (row, last chosen pos, row, last rejected pos)
     for b, ex in enumerate(examples):
         p, c, r = ex["prompt"], ex["chosen"], ex["rejected"]
         P, C = len(p), len(c)
         if layout == "shared":
             rows.append((p + c + r, list(range(P + C)) + list(range(P, P + len(r)))))
             blocks.append([(P, P + C), (P + C, P + C + len(r))])
+            ends.append((len(rows) - 1, P + C - 1, len(rows) - 1, P + C + len(r) - 1))
             targets += [(len(rows) - 1, P - 1 + j, t, 0, b) for j, t in enumerate(c)]
             targets += [(len(rows) - 1, (P - 1) if j == 0 else (P + C + j - 1), t, 1, b) for j, t in enumerate(r)]
         else:
+            ends.append((len(rows), P + C - 1, len(rows) + 1, P + len(r) - 1))
             for seg, resp in ((0, c), (1, r)):
                 rows.append((p + resp, list(range(P + len(resp)))))
                 blocks.append([])
@@ -137,6 +143,7 @@ def collate_pairs(examples: Sequence[dict], pad_id: int, layout: Layout = "share
         "seg": torch.tensor([t[3] for t in targets]),
         "pair": torch.tensor([t[4] for t in targets]),
         "n_pairs": torch.tensor(len(examples)),
+        "ends": torch.tensor(ends, dtype=torch.long),
     }
     if layout == "shared":
         # allowed[q, k]: causal, within the row's length, and rejected queries never see chosen keys
@@ -148,6 +155,8 @@ def collate_pairs(examples: Sequence[dict], pad_id: int, layout: Layout = "share
         batch["allowed"] = allowed.unsqueeze(1)
     else:
         batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    if all("margin" in ex for ex in examples):
+        batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float32)
     if all("ref_chosen" in ex for ex in examples):
         batch["ref_chosen"] = torch.tensor([ex["ref_chosen"] for ex in examples], dtype=torch.float64)
         batch["ref_rejected"] = torch.tensor([ex["ref_rejected"] for ex in examples], dtype=torch.float64)
@@ -160,10 +169,8 @@ def _model_dtype(model) -> torch.dtype:
     return torch.float32
 
 
-def pair_logps(model, batch: dict[str, torch.Tensor], *, length_normalize: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen logps [B], rejected logps [B], chosen lengths [B], rejected lengths [B]), summed over tokens
-    (or averaged when ``length_normalize``)."""
+def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """input_ids, position_ids and the attention mask (4-D additive for the shared layout)."""
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     if "allowed" in batch:
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else _model_dtype(model)
@@ -171,7 +178,14 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, length_normalize: bool 
         kwargs["attention_mask"] = mask.masked_fill(~batch["allowed"], torch.finfo(dtype).min)
     else:
         kwargs["attention_mask"] = batch["attention_mask"]
-    out = model(**kwargs, logits_to_keep=batch["keep"], use_cache=False)
+    return kwargs
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor], *, length_normalize: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen logps [B], rejected logps [B], chosen lengths [B], rejected lengths [B]), summed over tokens
+    (or averaged when ``length_normalize``)."""
+    out = model(**model_inputs(model, batch), logits_to_keep=batch["keep"], use_cache=False)
     logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
     token_logps = logits[batch["src"], batch["tgt"]] - torch.logsumexp(logits, dim=-1)[batch["src"]]
     B = int(batch["n_pairs"])

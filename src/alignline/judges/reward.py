@@ -1,0 +1,92 @@
+"""Reward-model scoring: pairs for training, and many responses of one prompt with the prompt computed once.
+
+The score of ``prompt + response`` is the linear head applied to the backbone's hidden state at the last
+token of the sequence (the template's tail after the end-of-turn token included; see
+``tokenise_prompt_response(keep_tail=True)``), which is where ``AutoModelForSequenceClassification``
+reads it too, so a saved reward model scores the same under plain transformers.
+
+:func:`score_responses` runs the prompt once, keeps its key/value cache, and scores the responses in
+chunks that reuse that cache (copied per chunk), instead of recomputing the prompt for every response.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from alignline.train.pairs import model_inputs
+
+
+def _backbone(model):
+    return model.base_model if hasattr(model, "base_model") else model.model
+
+
+def _head(model):
+    head = getattr(model, "score", None)
+    if head is None:
+        raise TypeError(f"{type(model).__name__} has no 'score' head; load it with load_reward_model")
+    return head
+
+
+def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen [B], r_rejected [B]) for a batch from ``collate_pairs`` (either layout)."""
+    hidden = _backbone(model)(**model_inputs(model, batch), use_cache=False).last_hidden_state
+    ends = batch["ends"]
+    h_c = hidden[ends[:, 0], ends[:, 1]]
+    h_r = hidden[ends[:, 2], ends[:, 3]]
+    head = _head(model)
+    return head(h_c).squeeze(-1).float(), head(h_r).squeeze(-1).float()
+
+
+@torch.no_grad()
+def score_responses(model, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]], *, pad_id: int,
+                    chunk: int = 16) -> list[float]:
+    """Scores of ``prompt + response`` for every response, the prompt's forward pass done once."""
+    device = next(model.parameters()).device
+    backbone, head = _backbone(model), _head(model)
+    P = len(prompt_ids)
+    prompt = torch.tensor([list(prompt_ids)], device=device)
+    prefill = backbone(input_ids=prompt, use_cache=True)
+    base_cache = prefill.past_key_values
+    scores: list[float] = []
+    for s in range(0, len(responses), chunk):
+        group = responses[s: s + chunk]
+        n, width = len(group), max(len(r) for r in group)
+        ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((n, P + width), dtype=torch.long, device=device)
+        mask[:, :P] = 1
+        for i, r in enumerate(group):
+            ids[i, : len(r)] = torch.tensor(list(r), device=device)
+            mask[i, P: P + len(r)] = 1
+        cache = copy.deepcopy(base_cache)
+        cache.batch_repeat_interleave(n)
+        pos = torch.arange(P, P + width, device=device).unsqueeze(0).expand(n, -1)
+        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                          use_cache=True).last_hidden_state
+        last = torch.tensor([len(r) - 1 for r in group], device=device)
+        scores.extend(head(hidden[torch.arange(n, device=device), last]).squeeze(-1).float().tolist())
+    return scores
+
+
+@torch.no_grad()
+def score_plain(model, prompt_ids: Sequence[int], responses: Sequence[Sequence[int]], *, pad_id: int,
+                batch_size: int = 8) -> list[float]:
+    """The reference path: every ``prompt + response`` as its own right-padded row (prompt recomputed)."""
+    device = next(model.parameters()).device
+    backbone, head = _backbone(model), _head(model)
+    seqs = [list(prompt_ids) + list(r) for r in responses]
+    out: list[float] = []
+    for s in range(0, len(seqs), batch_size):
+        group = seqs[s: s + batch_size]
+        width = max(len(x) for x in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(group):
+            ids[i, : len(x)] = torch.tensor(x, device=device)
+            mask[i, : len(x)] = 1
+        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        last = torch.tensor([len(x) - 1 for x in group], device=device)
+        out.extend(head(hidden[torch.arange(len(group), device=device), last]).squeeze(-1).float().tolist())
+    return out

@@ -1,0 +1,184 @@
+"""``alignline rm``: the Xwin reward model: SFT backbone + a new linear head, Bradley-Terry loss.
+
+Each pair is one prefix-shared row (prompt + chosen + rejected, the rejected part unable to see the chosen
+one), so the prompt is computed once per pair; the score of a response is read at its last token. The
+evaluation reports accuracy overall and per rating level (Xwin Table 3) and score statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from rich.table import Table
+
+from alignline import losses
+from alignline.config import Section
+from alignline.data.chat import ensure_chat_template
+from alignline.data.io import atomic_write_json, read_pairs
+from alignline.data.records import RATINGS
+from alignline.judges.reward import pair_rewards
+from alignline.models import LoraSettings, load_reward_model, load_tokenizer, resolve_model, save_model
+from alignline.stages.common import RunDir, console
+from alignline.stages.dpo import PairData, make_plan
+from alignline.train.loop import TrainSettings, make_accelerator, train
+from alignline.train.pairs import collate_pairs, tokenise_pairs
+
+RM_METRICS = ("accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin")
+
+
+def default_rm_train() -> TrainSettings:
+    # Xwin-RM: 1 epoch, lr 1e-5, cosine to 0, 3 % warm-up, 128-256 pairs per batch (8 x 16 here).
+    return TrainSettings(lr=1e-5, epochs=1, schedule="cosine", warmup_ratio=0.03, batch_size=8, grad_accum=16)
+
+
+def default_margins() -> dict[str, float]:
+    return {"significantly": 1.0, "better": 2 / 3, "slightly": 1 / 3, "negligibly": 0.0, "unsure": 0.0}
+
+
+class RMConfig(Section):
+    """Configuration of ``alignline rm``."""
+
+    model: str
+    """The SFT checkpoint the backbone comes from (its LM head is dropped, a scalar head is added)."""
+    output_dir: str = "runs/rm"
+    """Run directory: model/ (loads with AutoModelForSequenceClassification), eval.json, metrics.jsonl."""
+    data: PairData
+    """Preference pairs (Xwin-Pair), with optional ratings; data.eval for the held-out accuracy."""
+    margin_by_rating: bool = False
+    """Subtract a rating-dependent margin inside the loss (Llama-2 style); margins below."""
+    margins: dict[str, float] = Field(default_factory=default_margins)
+    """Margin per rating level when margin_by_rating is on (pairs without a rating: 0)."""
+    train: TrainSettings = Field(default_factory=default_rm_train)
+    """Loop settings (defaults: Xwin-RM)."""
+    pair_layout: Literal["shared", "separate"] = "shared"
+    """Prefix-shared pair rows, or two rows per pair."""
+    eval_batch_size: int = 8
+    """Pairs per forward pass in evaluation."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters (+ the head), merged into the saved model."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype for loading."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint directory."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in output_dir."""
+
+
+def rm_step_fn(model, batch):
+    r_c, r_r = pair_rewards(model, batch)
+    loss_vec, c, r = losses.bradley_terry_loss(r_c, r_r, batch.get("margin"))
+    metrics = {"accuracy": float((c > r).float().sum()), "rewards/chosen": float(c.sum()),
+               "rewards/rejected": float(r.sum()), "rewards/margin": float((c - r).sum())}
+    return loss_vec.sum(), int(r_c.shape[0]), metrics
+
+
+@torch.no_grad()
+def evaluate_rm(model, examples: list[dict], *, pad_id: int, layout: str, batch_size: int, device) -> dict:
+    """Accuracy overall and per rating level, and score statistics, on ``examples``."""
+    model.eval()
+    chosen, rejected, ratings = [], [], []
+    for s in range(0, len(examples), batch_size):
+        part = examples[s: s + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(part, pad_id, layout).items()}
+        r_c, r_r = pair_rewards(model, batch)
+        chosen += r_c.tolist()
+        rejected += r_r.tolist()
+        ratings += [e.get("rating") or "unrated" for e in part]
+    return summarize_scores(chosen, rejected, ratings)
+
+
+def summarize_scores(chosen: list[float], rejected: list[float], ratings: list[str]) -> dict:
+    """Accuracy (chosen scored above rejected) overall and per rating level, and score statistics."""
+    bad = sum(1 for x in chosen + rejected if not math.isfinite(x))
+    by: dict[str, list[bool]] = defaultdict(list)
+    for c, r, rating in zip(chosen, rejected, ratings):
+        by[rating].append(c > r)
+    n = max(len(chosen), 1)
+
+    def mean(xs):
+        return sum(xs) / max(len(xs), 1)
+
+    order = (*RATINGS, "unrated")
+    return {
+        "pairs": len(chosen), "non_finite_scores": bad,
+        "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
+        "accuracy_by_rating": {k: {"pairs": len(v), "accuracy": sum(v) / len(v)}
+                               for k, v in sorted(by.items(), key=lambda kv: order.index(kv[0]))},
+        "score_mean_chosen": mean(chosen), "score_mean_rejected": mean(rejected),
+        "score_std": math.sqrt(mean([(x - mean(chosen + rejected)) ** 2 for x in chosen + rejected])),
+        "margin_mean": mean([c - r for c, r in zip(chosen, rejected)]),
+    }
+
+
+def run(cfg: RMConfig) -> Path:
+    rd = RunDir("rm", cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train, "eval": cfg.data.eval})
+    if rd.up_to_date():
+        console.print(f"[green]rm: {rd.path} is up to date[/green]; nothing to do")
+        return rd.path
+    rd.start()
+    accelerator = make_accelerator(cfg.train, rd.path)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+    ensure_chat_template(tokenizer)
+    pad_id, layout = tokenizer.pad_token_id, cfg.pair_layout
+
+    counts: Counter = Counter()
+    pairs = read_pairs(cfg.data.train)[: cfg.data.max_examples]
+    examples = tokenise_pairs(pairs, tokenizer, max_length=cfg.data.max_length, counts=counts, keep_tail=True,
+                              max_drop_fraction=cfg.data.max_drop_fraction, where=cfg.data.train)
+    eval_examples = []
+    if cfg.data.eval:
+        eval_examples = tokenise_pairs(read_pairs(cfg.data.eval), tokenizer, max_length=cfg.data.max_length,
+                                       counts=Counter(), max_drop_fraction=1.0, where=cfg.data.eval, keep_tail=True)
+    if cfg.margin_by_rating:
+        for ex in examples:
+            ex["margin"] = cfg.margins.get(ex.get("rating") or "", 0.0)
+    counts["ratings"] = dict(Counter(ex.get("rating") or "unrated" for ex in examples))
+
+    device_dtype = "float32" if accelerator.device.type == "cpu" else cfg.dtype
+    model = load_reward_model(model_path, dtype=device_dtype, trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
+    model.to(accelerator.device)
+
+    def evaluate(m) -> dict[str, float]:
+        ev = evaluate_rm(m, eval_examples, pad_id=pad_id, layout=layout, batch_size=cfg.eval_batch_size,
+                         device=accelerator.device)
+        flat = {k: v for k, v in ev.items() if isinstance(v, (int, float))}
+        flat.update({f"accuracy/{k}": v["accuracy"] for k, v in ev["accuracy_by_rating"].items()})
+        return flat
+
+    result = train(
+        model, accelerator=accelerator, settings=cfg.train, out_dir=rd.path, plan=make_plan(examples, cfg.train, layout),
+        collate=lambda ix: collate_pairs([examples[i] for i in ix], pad_id, layout),
+        count_units=lambda b: int(b["n_pairs"]), step_fn=rm_step_fn,
+        evaluate=evaluate if eval_examples else None, metric_keys=RM_METRICS, resume=cfg.resume, desc="rm",
+    )
+    if result.stopped_early:
+        console.print(f"rm: stopped after step {result.steps} as asked; rerun to resume")
+        return rd.path
+    final = evaluate_rm(accelerator.unwrap_model(model), eval_examples or examples, pad_id=pad_id, layout=layout,
+                        batch_size=cfg.eval_batch_size, device=accelerator.device)
+    final["split"] = "eval" if eval_examples else "train (no data.eval given)"
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, rd.path / "model", merge_lora=True)
+        atomic_write_json(rd.path / "eval.json", final)
+    accelerator.wait_for_everyone()
+    rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
+              eval=final, model_dir=str(rd.path / "model"))
+    table = Table(title=f"reward model accuracy ({final['split']})")
+    for col in ("rating", "pairs", "accuracy"):
+        table.add_column(col, justify="right")
+    for k, v in final["accuracy_by_rating"].items():
+        table.add_row(k, str(v["pairs"]), f"{v['accuracy']:.3f}")
+    table.add_row("all", str(final["pairs"]), f"{final['accuracy']:.3f}")
+    console.print(table)
+    console.print(
+        f"[green]rm done[/green]: {result.steps} steps; scores chosen {final['score_mean_chosen']:.3f} / rejected "
+        f"{final['score_mean_rejected']:.3f} (std {final['score_std']:.3f})\n  model: {rd.path / 'model'}\n"
+        f"  eval: {rd.path / 'eval.json'}\n  counts: {dict(counts)}"
+    )
+    return rd.path

@@ -1,0 +1,150 @@
+"""Reward model: loss values, per-rating accuracy, the rm stage, prefix-cached scoring, the score stage."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from tests.test_dpo import make_pairs
+
+from alignline import losses
+from alignline.config import load_config
+from alignline.data.chat import tokenise_prompt_response
+from alignline.errors import DataError
+from alignline.judges.reward import score_plain, score_responses
+from alignline.stages import rm, score
+from alignline.stages.rm import summarize_scores
+
+
+def test_bradley_terry_hand_values():
+    """r_w = 1, r_l = 0: -log sigmoid(1) = log(1 + e^-1) = 0.3132617;
+    with margin 0.5: log(1 + e^-0.5) = 0.4740770; equal rewards: log 2."""
+    loss, c, r = losses.bradley_terry_loss(torch.tensor([1.0, 0.3]), torch.tensor([0.0, 0.3]))
+    assert loss[0].item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+    assert loss[1].item() == pytest.approx(math.log(2), abs=1e-6)
+    loss, _, _ = losses.bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.5]))
+    assert loss.item() == pytest.approx(0.4740770, abs=1e-6)
+
+
+def test_accuracy_per_rating_constructed():
+    """significantly: 2/2 right; slightly: 1 of 2; unrated: 0 of 1. Overall 3/5 = 0.6."""
+    chosen = [2.0, 1.0, 0.5, 0.1, 0.0]
+    rejected = [0.0, 0.0, 0.4, 0.2, 1.0]
+    ratings = ["significantly", "significantly", "slightly", "slightly", "unrated"]
+    s = summarize_scores(chosen, rejected, ratings)
+    assert s["accuracy"] == pytest.approx(0.6)
+    assert list(s["accuracy_by_rating"]) == ["significantly", "slightly", "unrated"]
+    assert s["accuracy_by_rating"]["significantly"] == {"pairs": 2, "accuracy": 1.0}
+    assert s["accuracy_by_rating"]["slightly"]["accuracy"] == 0.5
+    assert s["accuracy_by_rating"]["unrated"]["accuracy"] == 0.0
+    assert s["margin_mean"] == pytest.approx((2 + 1 + 0.1 - 0.1 - 1) / 5)
+
+
+@pytest.fixture
+def rated_pairs(tmp_path):
+    rows = make_pairs(24)
+    for i, r in enumerate(rows):
+        r["rating"] = ["significantly", "better", "slightly", "negligibly"][i % 4]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rm_stage_trains_and_saves_a_sequence_classifier(tmp_path, tiny_model_dir, rated_pairs, tiny_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    cfg_path = tmp_path / "rm.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "output_dir": str(tmp_path / "rm"), "margin_by_rating": True,
+        "data": {"train": str(rated_pairs), "eval": str(rated_pairs), "max_length": 128},
+        "train": {"epochs": 3, "batch_size": 4, "grad_accum": 1, "lr": 2e-3, "warmup_ratio": 0.0},
+    }))
+    out = rm.run(load_config(rm.RMConfig, cfg_path))
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["accuracy_by_rating"]) == {"significantly", "better", "slightly", "negligibly"}
+    assert ev["accuracy"] >= 0.9  # it separates these (train = eval) pairs
+    metrics = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 0 and "eval/accuracy/significantly" in metrics[0]
+    loaded = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    p, r = tokenise_prompt_response(tiny_tokenizer, make_pairs(1)[0]["prompt"], make_pairs(1)[0]["chosen"],
+                                    keep_tail=True)
+    with torch.no_grad():
+        hf = loaded(input_ids=torch.tensor([p + r])).logits.item()
+    ours = score_plain(loaded, p, [r], pad_id=tiny_tokenizer.pad_token_id)[0]
+    assert hf == pytest.approx(ours, abs=1e-5)
+
+
+@pytest.fixture
+def tiny_rm(tiny_model_dir):
+    from alignline.models import load_reward_model
+
+    torch.manual_seed(1)
+    return load_reward_model(tiny_model_dir, dtype="float32").eval()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_prefix_cached_scores_equal_plain_scores(tiny_rm, tiny_tokenizer, chunk):
+    msgs = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Tell me about cats. " * 5}]
+    texts = ["Cats purr.", "They are mammals that sleep a lot." * 3, "no", "Meow " * 20, "Cats!"]
+    ids = [tokenise_prompt_response(tiny_tokenizer, msgs, t, keep_tail=True) for t in texts]
+    p = ids[0][0]
+    shared = score_responses(tiny_rm, p, [x[1] for x in ids], pad_id=tiny_tokenizer.pad_token_id, chunk=chunk)
+    plain = score_plain(tiny_rm, p, [x[1] for x in ids], pad_id=tiny_tokenizer.pad_token_id)
+    assert shared == pytest.approx(plain, abs=1e-4)
+
+
+def write_score_inputs(tmp_path, n_prompts=5, n=4):
+    prompts, responses = [], []
+    for i in range(n_prompts):
+        prompts.append({"id": f"q{i}", "messages": [{"role": "user", "content": f"Question number {i}?"}]})
+        for j in range(n):
+            responses.append({"prompt_id": f"q{i}", "sample_idx": j, "text": f"Answer {j} " * (j + 1),
+                              "source": "tiny"})
+    responses.append({"prompt_id": "q0", "sample_idx": 9, "text": "", "source": "tiny", "status": "failed",
+                      "error": "timeout"})
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in responses))
+
+
+def score_cfg(tmp_path, rm_dir, **over):
+    return load_config(score.ScoreConfig, None, [
+        f"reward_model={rm_dir}", f"prompts={tmp_path / 'prompts.jsonl'}",
+        f"responses={tmp_path / 'responses.jsonl'}", f"output_dir={tmp_path / 'score'}", "shard_size=2",
+        *[f"{k}={v}" for k, v in over.items()]])
+
+
+def read_sets(out):
+    return [json.loads(ln) for p in sorted(out.glob("ranked-*.jsonl")) for ln in p.read_text().splitlines()]
+
+
+def test_score_stage_ranks_and_resumes(tmp_path, tiny_model_dir):
+    write_score_inputs(tmp_path)
+    out = score.run(score_cfg(tmp_path, tiny_model_dir))
+    sets = read_sets(out)
+    assert [s["prompt"]["id"] for s in sets] == [f"q{i}" for i in range(5)]
+    for s in sets:
+        vals = [r["scores"]["rm"] for r in s["responses"]]
+        assert vals == sorted(vals, reverse=True) and [r["rank"] for r in s["responses"]] == [1, 2, 3, 4]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["skipped_failed_responses"] == 1
+    assert (out / "score_by_rank.png").exists()
+    # a kill after the first shard: manifest and later shards gone -> rerun completes with no duplicates
+    shards = sorted(out.glob("ranked-*.jsonl"))
+    for p in shards[1:]:
+        p.unlink()
+    (out / "manifest.json").unlink()
+    score.run(score_cfg(tmp_path, tiny_model_dir))
+    again = read_sets(out)
+    assert [s["prompt"]["id"] for s in again] == [s["prompt"]["id"] for s in sets]
+    assert json.loads((out / "manifest.json").read_text())["counts"]["resumed_prompts"] == 2
+
+
+def test_score_unknown_prompt_is_a_clear_error(tmp_path, tiny_model_dir):
+    write_score_inputs(tmp_path)
+    with open(tmp_path / "responses.jsonl", "a") as fh:
+        fh.write(json.dumps({"prompt_id": "nope", "sample_idx": 0, "text": "x", "source": "s"}) + "\n")
+    with pytest.raises(DataError, match=r"prompt_id.*'nope'"):
+        score.run(score_cfg(tmp_path, tiny_model_dir))
