@@ -175,7 +175,7 @@ def build_data(args, work: Path) -> dict[str, Any]:
     pairs_al, pairs_trl_by_index = [], []
     counts: Counter = Counter()
     next_answer = 0
-    for n, (ci, j, n_prompt) in enumerate(picked):
+    for ci, j, n_prompt in picked:
         msgs = [{"role": m.role, "content": m.content} for m in convs[ci].messages[:j]]
         budget = L - n_prompt
         chosen = cut_response(tokenizer, msgs, convs[ci].messages[j].content, budget)

@@ -36,6 +36,7 @@ def test_prepare_sharegpt_splits(tmp_path, tiny_tokenizer_dir):
     cfg_path.write_text(yaml.safe_dump({
         "path": str(src), "output_dir": str(tmp_path / "out"), "tokenizer": str(tiny_tokenizer_dir),
         "splits": {"sft": {"fraction": 0.5, "kind": "conversations"}, "eval": {"fraction": 0.3, "kind": "prompts"}},
+        "instructions": {"splits": ["eval"], "seed": 7},
     }))
     out = prepare.run(load_config(prepare.PrepareConfig, cfg_path))
     summary = json.loads((out / "summary.json").read_text())
@@ -49,6 +50,9 @@ def test_prepare_sharegpt_splits(tmp_path, tiny_tokenizer_dir):
     assert not sft_ids & ev_conv  # disjoint
     assert len(ev) == 2 * len(ev_conv)  # two assistant turns -> two prompts each
     assert all(p.reference for p in ev)
+    for p in ev:  # 1-3 verifiable instructions, their text appended to the last user turn
+        assert 1 <= len(p.meta["instructions"]) <= 3
+        assert p.meta["instructions"][0]["text"] in p.messages[-1].content
     assert 18 <= len(sft) <= 42 and 6 <= len(ev_conv) <= 30 and len(sft) + len(ev_conv) <= 60
     # rerun: nothing to do
     again = prepare.run(load_config(prepare.PrepareConfig, cfg_path))

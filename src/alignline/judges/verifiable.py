@@ -237,9 +237,9 @@ class _CountArgs(InstructionArgs):
 
 def _clean_words(v: list[str]) -> list[str]:
     cleaned = [w.strip() for w in v]
-    for w in cleaned:
+    for i, w in enumerate(cleaned):
         if not re.search(r"\w", w):
-            raise ValueError(f"every entry needs a letter or digit, found {w!r}")
+            raise ValueError(f"entry {i} ({w!r}) has no letter or digit")
     return cleaned
 
 
@@ -713,7 +713,9 @@ def compatible(a: str, b: str) -> bool:
 
 
 def instruction_seed(rng_seed: str | int, prompt_id: str) -> int:
-    """The per-prompt seed: sha256 of the base seed and the prompt id (independent of order and sharding)."""
+    """The per-prompt seed: sha256 of the base seed and the prompt id (independent of order and sharding).
+
+    The base seed is used through ``str()``, so ``1234`` and ``"1234"`` give the same draw."""
     digest = hashlib.sha256(f"alignline.verifiable\x00{rng_seed}\x00{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
 

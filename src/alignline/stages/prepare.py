@@ -19,6 +19,7 @@ from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, unfold
 from alignline.data.io import atomic_write_json, read_conversations, write_records
 from alignline.data.sharegpt import normalise_sharegpt, read_sharegpt, sharegpt_asset_path, split_by_hash
+from alignline.errors import ConfigError
 from alignline.stages.common import RunDir, console
 
 
@@ -44,6 +45,21 @@ def default_splits() -> dict[str, SplitSpec]:
     }
 
 
+class InstructionSettings(Section):
+    """Verifiable instructions (IFEval-style) attached to prompts: the offline gold judge's checks."""
+
+    splits: list[str] = []
+    """Prompt splits that get instructions (e.g. [bestofn, eval]); empty: none."""
+    seed: int = 0
+    """Base seed; each prompt's instructions depend only on it and the prompt id."""
+    k_min: int = Field(1, ge=1)
+    """Fewest instructions per prompt."""
+    k_max: int = Field(3, ge=1)
+    """Most instructions per prompt."""
+    types: list[str] | None = None
+    """Instruction type ids to draw from (null: all, see alignline.judges.verifiable.REGISTRY)."""
+
+
 class PrepareConfig(Section):
     """Configuration of ``alignline prepare``."""
 
@@ -63,6 +79,8 @@ class PrepareConfig(Section):
     """ShareGPT splits long chats into parts (id_0, id_1, ...); later parts often start with the assistant's
     reply to the previous part. strip_leading_assistant removes those opening assistant turns (counted) and
     keeps the rest; drop discards such parts as not alternating."""
+    instructions: InstructionSettings = Field(default_factory=InstructionSettings)
+    """Attach 1-3 seeded verifiable instructions to the prompts of some splits (stored in meta)."""
     salt: str = "alignline"
     """Salt of the split hash; change it for a different (still stable) partition."""
     format: Literal["jsonl", "parquet"] = "jsonl"
@@ -82,7 +100,6 @@ class PrepareConfig(Section):
 def run(cfg: PrepareConfig) -> Path:
     src = cfg.path if cfg.path is not None else (str(sharegpt_asset_path()) if cfg.source == "sharegpt" else None)
     if src is None:
-        from alignline.errors import ConfigError
         raise ConfigError("path is required when source=conversations")
     rd = RunDir("prepare", cfg, cfg.output_dir, {"source": src})
     if rd.up_to_date():
@@ -127,6 +144,15 @@ def run(cfg: PrepareConfig) -> Path:
                 records.extend(unfold(conv, tokenizer, max_tokens=cfg.max_tokens, stats=split_counts))
         if spec.max_records is not None:
             records = records[: spec.max_records]
+        if name in cfg.instructions.splits:
+            if spec.kind != "prompts":
+                raise ConfigError(f"instructions.splits names '{name}', a conversations split; only prompt "
+                                  "splits can carry instructions")
+            from alignline.judges.verifiable import attach_instructions
+
+            ins = cfg.instructions
+            records = [attach_instructions(p, ins.seed, ins.k_min, ins.k_max, ins.types) for p in records]
+            counts[f"{name}:instructions_attached"] = sum(len(p.meta["instructions"]) for p in records)
         path = rd.path / f"{name}.{cfg.format}"
         write_records(path, records)
         files[name] = str(path)
