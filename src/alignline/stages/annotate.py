@@ -1,0 +1,233 @@
+"""``alignline annotate``: Xwin-Pair preference annotation of two responses per prompt.
+
+For each prompt the first two usable responses (by sample index) are shown to a judge in an order
+shuffled by a seed derived from the prompt id (cancelling position bias, reproducibly). Judges:
+
+* ``verifier``: the fraction of the prompt's verifiable instructions each response follows; the gap sets
+  the rating (thresholds in ``alignline.judges.pairwise.VERIFIER_RATING_THRESHOLDS``); a tie is no pair.
+* ``llm``: a chat model (in-process ``hf`` engine) with this project's pairwise template; its output is
+  parsed by a pure parser; a parse failure is recorded in ``failures.jsonl`` with its reason and never
+  becomes a verdict. ``both_orders`` asks twice (A/B and B/A) and turns disagreement into ``unsure``.
+
+Judge outputs are cached in ``judge_cache.jsonl`` under a key of (judge id, template version, sampling,
+judge prompt): a rerun makes zero judge calls. Pairs are written in resumable shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from alignline.config import Section
+from alignline.data.io import ShardedWriter, atomic_write_bytes, read_prompts, read_records
+from alignline.data.records import Pair, Prompt, Response
+from alignline.errors import ConfigError, DataError
+from alignline.generate.base import SamplingParams
+from alignline.judges.pairwise import (
+    PAIRWISE_VERSION,
+    diagnose_pairwise,
+    pairwise_prompt,
+    parse_pairwise,
+    verifier_rating,
+)
+from alignline.stages.common import RunDir, console
+
+
+def default_judge_sampling() -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_new_tokens=384)
+
+
+class JudgeSettings(Section):
+    """Which judge annotates the pairs."""
+
+    type: Literal["verifier", "llm"] = "verifier"
+    """verifier: verifiable-instruction checks (needs meta.instructions); llm: a chat model as judge."""
+    model: str | None = None
+    """llm: the judge model (local HF dir, .gguf or alias), run in process."""
+    sampling: SamplingParams = Field(default_factory=default_judge_sampling)
+    """llm: judge sampling (default greedy, 384 new tokens)."""
+    both_orders: bool = False
+    """llm: judge A/B and B/A; disagreeing verdicts become rating 'unsure'."""
+    batch_size: int = Field(8, gt=0)
+    """llm: judge prompts per engine call."""
+
+
+class AnnotateConfig(Section):
+    """Configuration of ``alignline annotate``."""
+
+    prompts: str
+    """Prompt records (for the verifier: with meta.instructions)."""
+    responses: str
+    """Response records; the first two usable ones per prompt (by sample_idx) are compared."""
+    output_dir: str = "runs/annotate"
+    """Pair shards, judge_cache.jsonl, failures.jsonl, manifest.json."""
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    """The judge."""
+    seed: int = 0
+    """Seed of the per-prompt presentation order."""
+    shard_size: int = Field(200, gt=0)
+    """Pairs per output shard."""
+
+
+class JudgeCache:
+    """Append-only JSONL of {key, output}; every line is flushed and fsynced, a torn last line is ignored."""
+
+    def __init__(self, path: Path):
+        self.path, self.items = path, {}
+        if path.exists():
+            for raw in path.read_bytes().splitlines():
+                try:
+                    obj = json.loads(raw)
+                    self.items[obj["key"]] = obj["output"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by a kill
+            atomic_write_bytes(path, b"".join(json.dumps({"key": k, "output": v}).encode() + b"\n"
+                                              for k, v in self.items.items()))
+        self.fh = open(path, "ab")  # noqa: SIM115 (kept open for the run)
+
+    def get(self, key: str) -> str | None:
+        return self.items.get(key)
+
+    def put(self, key: str, output: str) -> None:
+        self.items[key] = output
+        self.fh.write(json.dumps({"key": key, "output": output}).encode() + b"\n")
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def presentation_swapped(seed: int, prompt_id: str) -> bool:
+    """Whether the first response is shown as B: a fair coin derived from (seed, prompt id)."""
+    return hashlib.sha256(f"{seed}\x1f{prompt_id}".encode()).digest()[0] % 2 == 1
+
+
+def pick_two(prompts: dict[str, Prompt], responses: list[Response], counts: Counter, where: str):
+    grouped: dict[str, list[Response]] = defaultdict(list)
+    for r in responses:
+        if r.prompt_id not in prompts:
+            raise DataError("response for a prompt that is not in the prompts file", path=where, field="prompt_id",
+                            found=repr(r.prompt_id))
+        if r.status == "ok" and r.text.strip():
+            grouped[r.prompt_id].append(r)
+        else:
+            counts["skipped_failed_or_empty_responses"] += 1
+    out = []
+    for pid in prompts:
+        rs = sorted(grouped.get(pid, []), key=lambda r: r.sample_idx)
+        if len(rs) < 2:
+            counts["prompts_with_fewer_than_2_responses"] += 1
+            continue
+        if rs[0].text.strip() == rs[1].text.strip():
+            counts["dropped_identical_responses"] += 1
+            continue
+        out.append((prompts[pid], rs[0], rs[1]))
+    return out
+
+
+def make_pair(prompt: Prompt, win: Response, lose: Response, rating: str, reason: str, **prov) -> Pair:
+    return Pair(id=prompt.id, prompt=prompt.messages, chosen=win.text, rejected=lose.text, rating=rating,
+                reason=reason, provenance={"chosen_sample": win.sample_idx, "rejected_sample": lose.sample_idx,
+                                           "chosen_source": win.source, "rejected_source": lose.source, **prov})
+
+
+def run(cfg: AnnotateConfig) -> Path:
+    rd = RunDir("annotate", cfg, cfg.output_dir, {"prompts": cfg.prompts, "responses": cfg.responses,
+                                                  "judge_model": cfg.judge.model})
+    if rd.up_to_date():
+        console.print(f"[green]annotate: {rd.path} is up to date[/green]; nothing to do")
+        return rd.path
+    rd.start()
+    counts: Counter = Counter()
+    prompts = {p.id: p for p in read_prompts(cfg.prompts)}
+    items = pick_two(prompts, read_records(cfg.responses, Response), counts, cfg.responses)
+    writer = ShardedWriter(rd.path, name="pairs", shard_size=cfg.shard_size, key=lambda o: o["id"])
+    done = writer.done_keys()
+    todo = [it for it in items if it[0].id not in done]
+    counts["resumed_pairs"] = len(done)
+    # items that failed before are not in `done`: they are judged again (from the cache) and re-reported
+    failures: list[dict] = []
+    judge_id = "verifier"
+    with writer:
+        if cfg.judge.type == "verifier":
+            from alignline.judges.verifiable import VerifierJudge
+
+            judge = VerifierJudge()
+            for prompt, x, y in todo:
+                sx, sy = judge.score(prompt, x.text), judge.score(prompt, y.text)
+                rating = verifier_rating(abs(sx - sy))
+                if rating is None:
+                    counts["ties"] += 1
+                    continue
+                win, lose = (x, y) if sx > sy else (y, x)
+                writer.add(make_pair(prompt, win, lose, rating, f"verifier: {max(sx, sy):.2f} vs {min(sx, sy):.2f} "
+                                     "of the instructions followed", judge="verifier",
+                                     scores={"chosen": max(sx, sy), "rejected": min(sx, sy)}))
+                counts["pairs"] += 1
+        else:
+            if not cfg.judge.model:
+                raise ConfigError("judge.model is required for judge.type=llm (a local model dir, .gguf or alias)")
+            from alignline.generate.hf import HFEngine
+
+            engine = HFEngine.from_path(cfg.judge.model)
+            judge_id = f"llm:{cfg.judge.model}"
+            cache = JudgeCache(rd.path / "judge_cache.jsonl")
+            sampling = cfg.judge.sampling
+            calls = 0
+
+            def key_of(text: str) -> str:
+                return hashlib.sha256(json.dumps([judge_id, PAIRWISE_VERSION, sampling.model_dump(mode="json"), text])
+                                      .encode()).hexdigest()
+
+            jobs = []  # (item index, order, judge prompt text, shown as (A, B))
+            for idx, (prompt, x, y) in enumerate(todo):
+                first = (y, x) if presentation_swapped(cfg.seed, prompt.id) else (x, y)
+                orders = [first, first[::-1]] if cfg.judge.both_orders else [first]
+                for o, (a, b) in enumerate(orders):
+                    jobs.append((idx, o, pairwise_prompt(prompt.messages, a.text, b.text), (a, b)))
+            missing = [j for j in jobs if cache.get(key_of(j[2])) is None]
+            for s in range(0, len(missing), cfg.judge.batch_size):
+                chunk = missing[s: s + cfg.judge.batch_size]
+                reqs = [Prompt(id=key_of(j[2]), messages=[{"role": "user", "content": j[2]}]) for j in chunk]
+                outs = engine.generate(reqs, 1, sampling)
+                calls += len(reqs)
+                for j, out in zip(chunk, outs):
+                    cache.put(key_of(j[2]), out[0].text)
+            cache.close()
+            verdicts: dict[int, list] = defaultdict(list)
+            for idx, o, text, (a, b) in jobs:
+                raw = cache.get(key_of(text))
+                v = parse_pairwise(raw)
+                if v is None:
+                    failures.append({"prompt_id": todo[idx][0].id, "order": o, "reason": diagnose_pairwise(raw),
+                                     "output": raw[:2000]})
+                    counts["judge_parse_failures"] += 1
+                verdicts[idx].append((v, a, b))
+            for idx, (prompt, _x, _y) in enumerate(todo):
+                vs = verdicts[idx]
+                if any(v is None for v, _, _ in vs):
+                    continue  # a failure is a failure, not a verdict
+                winners = [(a if v.winner == "A" else b) for v, a, b in vs]
+                v0, a0, b0 = vs[0]
+                win = winners[0]
+                lose = b0 if win is a0 else a0
+                rating = v0.degree
+                if len(winners) == 2 and winners[0].sample_idx != winners[1].sample_idx:
+                    rating = "unsure"
+                    counts["order_inconsistent"] += 1
+                writer.add(make_pair(prompt, win, lose, rating, v0.reason, judge=judge_id,
+                                     template=PAIRWISE_VERSION, shown_first=a0.sample_idx))
+                counts["pairs"] += 1
+            counts["judge_calls"] = calls
+    atomic_write_bytes(rd.path / "failures.jsonl", b"".join(json.dumps(f).encode() + b"\n" for f in failures))
+    rd.finish(counts, judge=judge_id, template=PAIRWISE_VERSION)
+    console.print(f"[green]annotate done[/green] ({judge_id}): {dict(counts)}\n  pairs: {rd.path}"
+                  + (f"\n  parse failures: {rd.path / 'failures.jsonl'}" if failures else ""))
+    return rd.path
