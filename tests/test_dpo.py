@@ -150,3 +150,22 @@ def test_tso_resume_in_the_middle_of_a_minibatch(tmp_path, tiny_model_dir, pair_
     b = load_file(str(resumed / "versions" / "v3" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_tso_regenerates_self_pairs_between_minibatches(tmp_path, tiny_model_dir, pair_file):
+    """With `regenerate`, mini-batches 2..K get best-vs-worst pairs from the current policy's own samples,
+    ranked by a reward model, recorded in iter-k/self_pairs.jsonl with their provenance."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"r{i}", "messages": [{"role": "user", "content": f"Hi {i}"}]}) + "\n"
+                               for i in range(6)))
+    cfg = tso_cfg(tmp_path, tiny_model_dir, pair_file, **{
+        "regenerate": json.dumps({"prompts": str(prompts), "reward_model": str(tiny_model_dir), "n": 3,
+                                  "sampling": {"temperature": 1.0, "max_new_tokens": 8}})})
+    out = tso.run(cfg)
+    assert not (out / "iter-1" / "self_pairs.jsonl").exists()
+    for k in (2, 3):
+        rows = [json.loads(ln) for ln in (out / f"iter-{k}" / "self_pairs.jsonl").read_text().splitlines()]
+        assert rows and all(r["provenance"]["source"] == f"policy-v{k - 1}" for r in rows)
+        assert all(r["provenance"]["scores"][0] > r["provenance"]["scores"][1] for r in rows)
+        ref_ids = json.loads((out / f"iter-{k}" / "ref_logps.json").read_text())["ids"]
+        assert {r["id"] for r in rows} <= set(ref_ids)  # trained in mini-batch k, with v{k-1} as reference

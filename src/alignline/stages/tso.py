@@ -21,8 +21,18 @@ from safetensors.torch import load_model
 
 from alignline.config import Section
 from alignline.data.chat import ensure_chat_template
-from alignline.data.io import atomic_write_json, fingerprint, read_manifest, read_pairs, write_manifest
+from alignline.data.io import (
+    atomic_write_json,
+    fingerprint,
+    read_manifest,
+    read_pairs,
+    read_prompts,
+    write_manifest,
+    write_records,
+)
+from alignline.data.records import Pair, Prompt
 from alignline.errors import ConfigError
+from alignline.generate.base import SamplingParams
 from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model, save_model
 from alignline.report.plots import plot_reward_curves
 from alignline.stages.common import RunDir, console
@@ -39,6 +49,45 @@ from alignline.train.loop import TrainSettings, complete_checkpoints, make_accel
 from alignline.train.pairs import collate_pairs, tokenise_pairs
 
 
+def self_pairs(model, tokenizer, prompts: list[Prompt], settings: RegenerateSettings, version: int,
+               counts: Counter) -> list[Pair]:
+    """Best-vs-worst pairs from ``model``'s own samples, ranked by the reward model."""
+    from alignline.data.chat import tokenise_prompt_response
+    from alignline.generate.hf import HFEngine
+    from alignline.judges.reward import score_responses
+    from alignline.models import load_reward_model
+
+    was_training = model.training
+    model.eval()
+    samples = HFEngine(model, tokenizer, source=f"policy-v{version}").generate(prompts, settings.n, settings.sampling)
+    model.train(was_training)
+    rm_path = resolve_model(settings.reward_model)
+    rm_tok = load_tokenizer(rm_path)
+    ensure_chat_template(rm_tok)
+    rm = load_reward_model(rm_path, device=next(model.parameters()).device).eval()
+    out = []
+    for prompt, responses in zip(prompts, samples):
+        ok = [r for r in responses if r.text.strip()]
+        if len(ok) < 2:
+            counts["regenerate_too_few_samples"] += 1
+            continue
+        ids = [tokenise_prompt_response(rm_tok, prompt.messages, r.text, keep_tail=True) for r in ok]
+        scores = score_responses(rm, ids[0][0], [x[1] for x in ids], pad_id=rm_tok.pad_token_id)
+        best = max(range(len(ok)), key=lambda i: scores[i])
+        worst = min(range(len(ok)), key=lambda i: scores[i])
+        if scores[best] - scores[worst] <= settings.min_gap or ok[best].text.strip() == ok[worst].text.strip():
+            counts["regenerate_no_gap"] += 1
+            continue
+        out.append(Pair(id=f"{prompt.id}@v{version}", prompt=prompt.messages, chosen=ok[best].text,
+                        rejected=ok[worst].text, provenance={
+                            "source": f"policy-v{version}", "chosen_sample": ok[best].sample_idx,
+                            "rejected_sample": ok[worst].sample_idx, "scores": [scores[best], scores[worst]],
+                            "reward_model": settings.reward_model}))
+    del rm
+    counts["regenerated_pairs"] += len(out)
+    return out
+
+
 def default_tso_loss() -> LossSettings:
     return LossSettings(type="dual_clip", beta=0.1, margin_chosen=20.0, margin_rejected=10.0)
 
@@ -47,6 +96,22 @@ def default_tso_train() -> TrainSettings:
     # TSO: 2 epochs per iteration, Adam (0.9, 0.95), weight decay 0.05, gradient clipping 1.0.
     return TrainSettings(lr=5e-7, epochs=2, adam_betas=(0.9, 0.95), weight_decay=0.05, max_grad_norm=1.0,
                          schedule="linear", warmup_ratio=0.1, batch_size=4, grad_accum=8)
+
+
+class RegenerateSettings(Section):
+    """Between mini-batches, sample the current policy's own responses, rank them with a reward model and
+    add best-vs-worst pairs to the next mini-batch (TSO: the base model's responses are regenerated)."""
+
+    prompts: str
+    """Prompt records; split into K parts like the pairs, part k feeds mini-batch k (k >= 2)."""
+    reward_model: str
+    """Reward model that ranks the samples (e.g. from ``alignline rm``)."""
+    n: int = Field(4, ge=2)
+    """Samples per prompt; the best and the worst by reward make one pair."""
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    """Sampling of the policy's responses."""
+    min_gap: float = Field(0.0, ge=0)
+    """Skip prompts whose best and worst scores differ by no more than this (counted)."""
 
 
 class TSOConfig(Section):
@@ -76,6 +141,8 @@ class TSOConfig(Section):
     """Weights dtype for loading."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory."""
+    regenerate: RegenerateSettings | None = None
+    """Regenerate and rescore the policy's own responses between mini-batches (null: off)."""
     stop_at: tuple[int, int] | None = None
     """(mini-batch, step): stop there as if interrupted; for testing resume."""
     resume: bool = True
@@ -112,6 +179,11 @@ def run(cfg: TSOConfig) -> Path:
     parts = split_minibatches(len(examples), cfg.minibatches, cfg.split_seed)
     atomic_write_json(rd.path / "minibatches.json", {"ids": [[examples[i]["id"] for i in p] for p in parts]})
 
+    regen_parts: list[list[Prompt]] = []
+    if cfg.regenerate is not None:
+        regen_prompts = read_prompts(cfg.regenerate.prompts)
+        regen_parts = [[regen_prompts[i] for i in p]
+                       for p in split_minibatches(len(regen_prompts), cfg.minibatches, cfg.split_seed)]
     device_dtype = "float32" if accelerator.device.type == "cpu" else cfg.dtype
     model = load_causal_lm(model_path, dtype=device_dtype, trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
     model.to(accelerator.device)
@@ -134,6 +206,16 @@ def run(cfg: TSOConfig) -> Path:
             load_model(accelerator.unwrap_model(model), str(last / "model.safetensors"))
         loaded = k
         mb = [dict(examples[i]) for i in part]
+        if cfg.regenerate is not None and k > 1:
+            cache = it_dir / "self_pairs.jsonl"
+            if cache.exists():
+                fresh = read_pairs(cache)
+            else:
+                fresh = self_pairs(accelerator.unwrap_model(model), tokenizer, regen_parts[k - 1], cfg.regenerate,
+                                   k - 1, counts)
+                write_records(cache, fresh)
+            mb += tokenise_pairs(fresh, tokenizer, max_length=cfg.data.max_length, counts=counts,
+                                 max_drop_fraction=1.0, where=str(cache))
         prev = versions[-1]["path"]
         key = fingerprint({"reference": fingerprint(prev), "pairs": [e["id"] for e in mb], "normalize": normalize,
                            "max_length": cfg.data.max_length})
