@@ -327,6 +327,35 @@ def child_alignline(spec: dict) -> dict:
     dpo_mod.reference_logps, dpo_mod.train, loop_mod.save_checkpoint, dpo_mod.save_model = (
         reference_logps, train, save_checkpoint, save_model)
 
+    # per micro-batch: forward (step_fn) start/end and the start of gradient clipping (= end of backward)
+    marks: list[dict] = []
+    step_fn_factory, make_acc = dpo_mod.pair_step_fn, dpo_mod.make_accelerator
+
+    def pair_step_fn(*a, **kw):
+        inner = step_fn_factory(*a, **kw)
+
+        def step(model, batch):
+            t0 = time.perf_counter()
+            out = inner(model, batch)
+            marks.append({"fwd_start": t0, "fwd_end": time.perf_counter(), "rss_after_fwd": sampler.rss() / GB})
+            return out
+
+        return step
+
+    def make_accelerator(*a, **kw):
+        acc = make_acc(*a, **kw)
+        clip = acc.clip_grad_norm_
+
+        def clip_grad_norm_(*ca, **ckw):
+            if marks:
+                marks[-1]["clip_start"] = time.perf_counter()
+            return clip(*ca, **ckw)
+
+        acc.clip_grad_norm_ = clip_grad_norm_
+        return acc
+
+    dpo_mod.pair_step_fn, dpo_mod.make_accelerator = pair_step_fn, make_accelerator
+
     out_dir = Path(spec["run_dir"])
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = dpo_mod.DPOConfig(
@@ -350,6 +379,12 @@ def child_alignline(spec: dict) -> dict:
             steps.append({"step": rec["step"], "seconds": rec["tokens"] / rec["tokens_per_s"], "loss": rec["loss"],
                           "tokens": rec["tokens"], "pairs": int(rec["units"]),
                           "margin": rec.get("rewards/margin"), "grad_norm": rec.get("grad_norm")})
+    for s, m in zip(steps, marks):  # grad_accum 1: one micro-batch per step
+        s["fwd_s"] = m["fwd_end"] - m["fwd_start"]
+        if "clip_start" in m:
+            s["bwd_s"] = m["clip_start"] - m["fwd_end"]
+            s["clip_opt_s"] = s["seconds"] - s["fwd_s"] - s["bwd_s"]
+        s["rss_after_fwd_gb"] = round(m["rss_after_fwd"], 3)
     manifest = json.loads((out_dir / "manifest.json").read_text())
     ref = json.loads((out_dir / "ref_logps.json").read_text())
     return {
@@ -399,12 +434,15 @@ def child_trl(spec: dict) -> dict:
             return super().compute_ref_log_probs(model, inputs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            t0 = time.perf_counter()
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if model.training:
+                fwd = time.perf_counter() - t0
                 loss = out[0] if isinstance(out, tuple) else out
                 ids, mask = inputs["input_ids"], inputs["attention_mask"]
                 train_batches.append({"shape": list(ids.shape), "real_tokens": int(mask.sum()),
-                                      "loss": float(loss.detach())})
+                                      "loss": float(loss.detach()), "fwd_s": fwd,
+                                      "rss_after_fwd_gb": round(sampler.rss() / GB, 3)})
             return out
 
     class StepTimer(TrainerCallback):
@@ -446,10 +484,10 @@ def child_trl(spec: dict) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = []
     for i, (t, b) in enumerate(zip(timeline, train_batches)):
-        steps.append({"step": i + 1, "seconds": t["t1"] - t["t0"], "fwd_bwd_s": t["t_fb"] - t["t0"],
-                      "clip_opt_s": t["t1"] - t["t_fb"], "loss": b["loss"],
-                      "logged_loss": losses[i] if i < len(losses) else None, "shape": b["shape"],
-                      "real_tokens": b["real_tokens"]})
+        steps.append({"step": i + 1, "seconds": t["t1"] - t["t0"], "fwd_s": b["fwd_s"],
+                      "bwd_clip_s": t["t_fb"] - t["t0"] - b["fwd_s"], "opt_s": t["t1"] - t["t_fb"],
+                      "loss": b["loss"], "logged_loss": losses[i] if i < len(losses) else None,
+                      "shape": b["shape"], "real_tokens": b["real_tokens"], "rss_after_fwd_gb": b["rss_after_fwd_gb"]})
     return {
         "reference_s": times["reference"], "train_s": train_s, "init_s": init_s,
         "prepare_s": init_s - times["reference"], "steps": steps, "ref_logps": ref_logps,
@@ -476,13 +514,16 @@ def summarise(name: str, child: dict, rss_gb: float, wall_s: float, n_pairs: int
     total = ref_s + train_s
     step_s = sum(s["seconds"] for s in steps)
     peaks = child["rss"]["peaks_gb"]
+    split = {"forward": sum(s.get("fwd_s", 0.0) for s in steps),
+             "backward": sum(s.get("bwd_s", s.get("bwd_clip_s", 0.0)) for s in steps),
+             "clip+optimizer": sum(s.get("clip_opt_s", s.get("opt_s", 0.0)) for s in steps)}
     return {
         "config": name, "label": CONFIGS[name]["label"], "steps": len(steps), "reference_s": ref_s,
         "train_s": train_s, "total_s": total, "pairs_per_s": n_pairs / total, "s_per_pair": total / n_pairs,
         "train_pairs_per_s": n_pairs / train_s, "reference_pairs_per_s": n_pairs / ref_s,
         "step_s_sum": step_s, "s_per_step": step_s / len(steps), "peak_rss_gb": rss_gb,
         "rss_reference_gb": peaks.get("reference"), "rss_train_gb": peaks.get("train"),
-        "first_step_loss": steps[0]["loss"], "child_wall_s": wall_s, "per_step": steps,
+        "first_step_loss": steps[0]["loss"], "child_wall_s": wall_s, "step_split_s": split, "per_step": steps,
     }
 
 
@@ -524,6 +565,9 @@ def run_config(name: str, args, data: dict, work: Path, env: dict) -> tuple[dict
         f"({row['pairs_per_s']:.3f} pairs/s, {row['s_per_pair']:.2f} s/pair), peak RSS {row['peak_rss_gb']:.2f} GB, "
         f"first-step loss {row['first_step_loss']:.6f}, child wall {res.wall_s:.0f}s, "
         f"other processes {c.get('foreign_cores_mean', 0):.2f} cores (max {c.get('foreign_cores_max', 0):.2f})")
+    sp = row["step_split_s"]
+    log(f"[{name}] steps: {row['step_s_sum']:.1f}s = forward {sp['forward']:.1f}s + backward {sp['backward']:.1f}s + "
+        f"clip/optimizer {sp['clip+optimizer']:.1f}s; RSS peaks by phase {child['rss']['peaks_gb']}")
     return row, None
 
 

@@ -93,6 +93,9 @@ _register("sft", "alignline.stages.sft:SFTConfig",
           "Supervised fine-tuning, loss on assistant tokens (Xwin step 1).", resumable=True)
 _register("dpo", "alignline.stages.dpo:DPOConfig",
           "Preference optimisation on pairs: DPO, IPO, cDPO, RSO hinge or TSO dual-clip.", resumable=True)
+_register("sample", "alignline.stages.sample:SampleConfig",
+          "N responses per prompt from a model (hf in process, or any OpenAI-compatible server).",
+          resumable=False)
 _register("annotate", "alignline.stages.annotate:AnnotateConfig",
           "Xwin-Pair: a judge (verifier or LLM) picks the better of two responses, why and by how much.",
           resumable=False)
