@@ -91,6 +91,11 @@ _register("prepare", "alignline.stages.prepare:PrepareConfig",
           "Normalise raw conversations (ShareGPT or JSONL) into disjoint SFT / prompt splits.", resumable=False)
 _register("sft", "alignline.stages.sft:SFTConfig",
           "Supervised fine-tuning, loss on assistant tokens (Xwin step 1).", resumable=True)
+_register("select", "alignline.stages.select:SelectConfig",
+          "From ranked sets: RS data (rank k) or DPO pairs (fixed rank, policy-matched, best/worst, RSO).",
+          resumable=False)
+_register("rs", "alignline.stages.rs:RSConfig",
+          "Rejection-sampling fine-tuning: SFT on selected responses, loss on the last turn only.", resumable=True)
 _register("dpo", "alignline.stages.dpo:DPOConfig",
           "Preference optimisation on pairs: DPO, IPO, cDPO, RSO hinge or TSO dual-clip.", resumable=True)
 _register("sample", "alignline.stages.sample:SampleConfig",

@@ -80,10 +80,10 @@ def tokenise_all(convs, tokenizer, max_length: int, mode: str, train_on: str, co
     return examples
 
 
-def run(cfg: SFTConfig) -> Path:
-    rd = RunDir("sft", cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train, "eval": cfg.data.eval})
+def run(cfg: SFTConfig, stage: str = "sft") -> Path:
+    rd = RunDir(stage, cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train, "eval": cfg.data.eval})
     if rd.up_to_date():
-        console.print(f"[green]sft: {rd.path} is up to date[/green] (same config and inputs); nothing to do")
+        console.print(f"[green]{stage}: {rd.path} is up to date[/green] (same config and inputs); nothing to do")
         return rd.path
     rd.start()
     accelerator = make_accelerator(cfg.train, rd.path)
@@ -142,10 +142,10 @@ def run(cfg: SFTConfig) -> Path:
     result = train(
         model, accelerator=accelerator, settings=s, out_dir=rd.path, plan=plan, collate=collate,
         count_units=count_targets, step_fn=causal_lm_loss, evaluate=evaluate if eval_examples else None,
-        resume=cfg.resume, desc="sft",
+        resume=cfg.resume, desc=stage,
     )
     if result.stopped_early:
-        console.print(f"sft: stopped after step {result.steps} as asked (train.stop_after_step); rerun to resume")
+        console.print(f"{stage}: stopped after step {result.steps} as asked (train.stop_after_step); rerun to resume")
         return rd.path
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), tokenizer, rd.path / "model", merge_lora=True)
@@ -153,7 +153,7 @@ def run(cfg: SFTConfig) -> Path:
     rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
               eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start, model_dir=str(rd.path / "model"))
     console.print(
-        f"[green]sft done[/green]: {result.steps} steps in {result.seconds:.0f}s, "
+        f"[green]{stage} done[/green]: {result.steps} steps in {result.seconds:.0f}s, "
         f"final loss {result.last_metrics.get('loss', float('nan')):.4f}"
         + (f"; eval loss {result.eval_metrics_start['loss']:.4f} -> {result.eval_metrics['loss']:.4f}"
            if result.eval_metrics_start and result.eval_metrics else "")
