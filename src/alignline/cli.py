@@ -68,7 +68,11 @@ def _stage(cls_path: str, args: list[str], help_config: bool, extra: list[str] |
 RESUME_HELP = "Continue from the newest complete checkpoint (default: yes)."
 
 
-def _register(name: str, cls_path: str, doc: str, *, resumable: bool) -> None:
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluation: best-of-n curves.")
+app.add_typer(eval_app, name="eval")
+
+
+def _register(name: str, cls_path: str, doc: str, *, resumable: bool, group: typer.Typer | None = None) -> None:
     """One sub-command per stage: CONFIG.yaml + key=value overrides, --help-config, optional --resume."""
     if resumable:
         def command(
@@ -84,7 +88,7 @@ def _register(name: str, cls_path: str, doc: str, *, resumable: bool) -> None:
         ) -> None:
             _stage(cls_path, args or [], help_config)
     command.__doc__ = doc
-    app.command(name)(command)
+    (group or app).command(name)(command)
 
 
 _register("prepare", "alignline.stages.prepare:PrepareConfig",
@@ -109,6 +113,9 @@ _register("rm", "alignline.stages.rm:RMConfig",
           resumable=True)
 _register("score", "alignline.stages.score:ScoreConfig",
           "Rank each prompt's responses with a reward model (prompt computed once per prompt).", resumable=False)
+_register("bestofn", "alignline.stages.bestofn:BestOfNConfig",
+          "Best-of-n curve: gold (verifier) score of the RM's best among n samples, and the oracle's.",
+          resumable=False, group=eval_app)
 _register("tso", "alignline.stages.tso:TSOConfig",
           "Mini-batch iterative DPO (TSO): the reference is the policy after the previous mini-batch.",
           resumable=True)
