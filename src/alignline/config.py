@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from alignline.data.io import atomic_write_text
 from alignline.errors import ConfigError
@@ -130,3 +130,18 @@ def describe(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             rows.append((prefix + name, default, field.description or ""))
     return rows
+
+
+def parse_shard(value: str | None) -> str | None:
+    """Validate a ``'i/N'`` shard setting (0 <= i < N); None means no explicit shard."""
+    import re
+
+    if value is not None:
+        m = re.fullmatch(r"(\d+)/(\d+)", value)
+        if not m or not int(m.group(1)) < int(m.group(2)):
+            raise ValueError("shard must look like i/N with 0 <= i < N, e.g. 0/4")
+    return value
+
+
+#: A ``shard`` setting: null, or ``'i/N'`` with 0 <= i < N.
+ShardSetting = Annotated[str | None, AfterValidator(parse_shard)]

@@ -206,6 +206,31 @@ def pair_eval_fn(examples: list[dict], loss_fn, *, accelerator, pad_id, layout, 
     return evaluate
 
 
+def load_pairs_for(data: PairData, tokenizer, counts: Counter, *, keep_tail: bool = False
+                   ) -> tuple[list[dict], list[dict]]:
+    """Tokenised training pairs (drops counted, capped by data.max_drop_fraction) and eval pairs."""
+    pairs = read_pairs(data.train)[: data.max_examples]
+    examples = tokenise_pairs(pairs, tokenizer, max_length=data.max_length, counts=counts, keep_tail=keep_tail,
+                              max_drop_fraction=data.max_drop_fraction, where=data.train)
+    if not examples:
+        from alignline.errors import DataError
+
+        raise DataError(f"no usable pairs ({dict(counts)})", path=data.train)
+    eval_examples = []
+    if data.eval:
+        eval_examples = tokenise_pairs(read_pairs(data.eval), tokenizer, max_length=data.max_length,
+                                       counts=Counter(), max_drop_fraction=1.0, where=data.eval, keep_tail=keep_tail)
+    return examples, eval_examples
+
+
+def stage_tokenizer(model: str, trust_remote_code: bool):
+    """(resolved model path, its tokenizer with a chat template)."""
+    model_path = resolve_model(model)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    ensure_chat_template(tokenizer)
+    return model_path, tokenizer
+
+
 # --------------------------------------------------------------------------- the stage
 
 def run(cfg: DPOConfig) -> Path:
@@ -216,21 +241,10 @@ def run(cfg: DPOConfig) -> Path:
         return rd.path
     rd.start()
     accelerator = make_accelerator(cfg.train, rd.path)
-    model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-    ensure_chat_template(tokenizer)
+    model_path, tokenizer = stage_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id, layout, normalize = tokenizer.pad_token_id, cfg.pair_layout, cfg.loss.normalize
-
     counts: Counter = Counter()
-    pairs = read_pairs(cfg.data.train)[: cfg.data.max_examples]
-    examples = tokenise_pairs(pairs, tokenizer, max_length=cfg.data.max_length, counts=counts,
-                              max_drop_fraction=cfg.data.max_drop_fraction, where=cfg.data.train)
-    eval_examples = []
-    if cfg.data.eval:
-        eval_examples = tokenise_pairs(read_pairs(cfg.data.eval), tokenizer, max_length=cfg.data.max_length,
-                                       counts=Counter(), max_drop_fraction=1.0, where=cfg.data.eval)
-    if not examples:
-        raise _no_pairs_error(cfg, counts)
+    examples, eval_examples = load_pairs_for(cfg.data, tokenizer, counts)
 
     device_dtype = "float32" if accelerator.device.type == "cpu" else cfg.dtype
     model = load_causal_lm(model_path, dtype=device_dtype, trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
@@ -285,9 +299,3 @@ def run(cfg: DPOConfig) -> Path:
         f"  reward curves: {rd.path / 'reward_curves.png'}\n  counts: {dict(counts)}"
     )
     return rd.path
-
-
-def _no_pairs_error(cfg: DPOConfig, counts: Counter):
-    from alignline.errors import DataError
-
-    return DataError(f"no usable pairs ({dict(counts)})", path=cfg.data.train)

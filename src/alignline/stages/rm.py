@@ -18,15 +18,14 @@ from rich.table import Table
 
 from alignline import losses
 from alignline.config import Section
-from alignline.data.chat import ensure_chat_template
-from alignline.data.io import atomic_write_json, read_pairs
+from alignline.data.io import atomic_write_json
 from alignline.data.records import RATINGS
 from alignline.judges.reward import pair_rewards
-from alignline.models import LoraSettings, load_reward_model, load_tokenizer, resolve_model, save_model
+from alignline.models import LoraSettings, load_reward_model, save_model
 from alignline.stages.common import RunDir, console
-from alignline.stages.dpo import PairData, make_plan
+from alignline.stages.dpo import PairData, load_pairs_for, make_plan, stage_tokenizer
 from alignline.train.loop import TrainSettings, make_accelerator, train
-from alignline.train.pairs import collate_pairs, tokenise_pairs
+from alignline.train.pairs import collate_pairs
 
 RM_METRICS = ("accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin")
 
@@ -122,19 +121,10 @@ def run(cfg: RMConfig) -> Path:
         return rd.path
     rd.start()
     accelerator = make_accelerator(cfg.train, rd.path)
-    model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-    ensure_chat_template(tokenizer)
+    model_path, tokenizer = stage_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id, layout = tokenizer.pad_token_id, cfg.pair_layout
-
     counts: Counter = Counter()
-    pairs = read_pairs(cfg.data.train)[: cfg.data.max_examples]
-    examples = tokenise_pairs(pairs, tokenizer, max_length=cfg.data.max_length, counts=counts, keep_tail=True,
-                              max_drop_fraction=cfg.data.max_drop_fraction, where=cfg.data.train)
-    eval_examples = []
-    if cfg.data.eval:
-        eval_examples = tokenise_pairs(read_pairs(cfg.data.eval), tokenizer, max_length=cfg.data.max_length,
-                                       counts=Counter(), max_drop_fraction=1.0, where=cfg.data.eval, keep_tail=True)
+    examples, eval_examples = load_pairs_for(cfg.data, tokenizer, counts, keep_tail=True)
     if cfg.margin_by_rating:
         for ex in examples:
             ex["margin"] = cfg.margins.get(ex.get("rating") or "", 0.0)

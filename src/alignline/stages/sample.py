@@ -10,15 +10,14 @@ response cut by ``sampling.max_new_tokens`` (counted in the manifest).
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from alignline.config import Section
+from alignline.config import Section, ShardSetting
 from alignline.data.io import ShardedWriter, read_prompts
 from alignline.errors import ConfigError
 from alignline.generate.base import SamplingParams
@@ -51,21 +50,13 @@ class SampleConfig(Section):
     """Prompts per output shard (a shard is the unit that survives a kill)."""
     max_batch: int = Field(64, gt=0)
     """hf: samples of one prompt decoded together."""
-    shard: str | None = None
+    shard: ShardSetting = None
     """'i/N': sample only prompts i, i+N, ... (several machines); null: all (or one share per process)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """hf: weights dtype."""
     trust_remote_code: bool = False
     """hf: allow model code from the checkpoint directory."""
 
-    @field_validator("shard")
-    @classmethod
-    def _shard(cls, v: str | None) -> str | None:
-        if v is not None:
-            m = re.fullmatch(r"(\d+)/(\d+)", v)
-            if not m or not int(m.group(1)) < int(m.group(2)):
-                raise ValueError("shard must look like i/N with 0 <= i < N, e.g. 0/4")
-        return v
 
 
 def make_engine(cfg: SampleConfig, device=None):

@@ -10,14 +10,13 @@ under ``accelerate launch``) scores every N-th prompt.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from alignline.config import Section
+from alignline.config import Section, ShardSetting
 from alignline.data.chat import ensure_chat_template, tokenise_prompt_response
 from alignline.data.io import ShardedWriter, iter_jsonl, read_prompts, read_records
 from alignline.data.records import RankedSet, Response, Scored
@@ -46,21 +45,13 @@ class ScoreConfig(Section):
     """Responses per forward pass (all share one prompt cache)."""
     shard_size: int = Field(50, gt=0)
     """Ranked sets per output shard file."""
-    shard: str | None = None
+    shard: ShardSetting = None
     """'i/N': score only prompts i, i+N, i+2N, ... (for several machines); null: all (or per process)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory."""
 
-    @field_validator("shard")
-    @classmethod
-    def _shard(cls, v: str | None) -> str | None:
-        if v is not None:
-            m = re.fullmatch(r"(\d+)/(\d+)", v)
-            if not m or not int(m.group(1)) < int(m.group(2)):
-                raise ValueError("shard must look like i/N with 0 <= i < N, e.g. 0/4")
-        return v
 
 
 def plot_score_by_rank(sets: list[RankedSet], scorer: str, out_png: Path) -> Path | None:

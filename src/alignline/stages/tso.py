@@ -41,9 +41,11 @@ from alignline.stages.dpo import (
     LossSettings,
     PairData,
     cached_reference,
+    load_pairs_for,
     make_plan,
     pair_step_fn,
     reference_logps,
+    stage_tokenizer,
 )
 from alignline.train.loop import TrainSettings, complete_checkpoints, make_accelerator, train
 from alignline.train.pairs import collate_pairs, tokenise_pairs
@@ -164,15 +166,10 @@ def run(cfg: TSOConfig) -> Path:
         return rd.path
     rd.start()
     accelerator = make_accelerator(cfg.train, rd.path)
-    model_path = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-    ensure_chat_template(tokenizer)
+    model_path, tokenizer = stage_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id, layout, normalize = tokenizer.pad_token_id, cfg.pair_layout, cfg.loss.normalize
-
     counts: Counter = Counter()
-    pairs = read_pairs(cfg.data.train)[: cfg.data.max_examples]
-    examples = tokenise_pairs(pairs, tokenizer, max_length=cfg.data.max_length, counts=counts,
-                              max_drop_fraction=cfg.data.max_drop_fraction, where=cfg.data.train)
+    examples, _ = load_pairs_for(cfg.data.model_copy(update={"eval": None}), tokenizer, counts)
     if len(examples) < cfg.minibatches:
         raise ConfigError(f"{len(examples)} usable pairs cannot fill minibatches={cfg.minibatches}; "
                           "lower minibatches or add pairs")
