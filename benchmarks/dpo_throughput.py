@@ -1,6 +1,6 @@
 """DPO throughput: ``alignline dpo`` against TRL 1.16's DPOTrainer on ShareGPT pairs (2 CPU cores, fp32).
 
-    .venv/bin/python benchmarks/dpo_throughput.py            # the full run (about 30 minutes on 2 cores)
+    .venv/bin/python benchmarks/dpo_throughput.py            # the full run (about an hour on 2 cores)
     .venv/bin/python benchmarks/dpo_throughput.py --quick    # a smoke run (8 pairs, batch 2, max_length 256)
 
 What it does:
@@ -20,14 +20,18 @@ What it does:
    accumulation, one epoch, DPO (sigmoid) beta 0.1, AdamW lr ``--lr``, linear schedule, no warm-up,
    gradient clipping at 1.0, reference log-probs computed once before training by the starting policy.
 
-   * ``alignline shared`` / ``alignline separate``: ``alignline.stages.dpo.run`` with ``pair_layout``
+   * ``alignline-shared`` / ``alignline-separate``: ``alignline.stages.dpo.run`` with ``pair_layout``
      shared (prompt + chosen + rejected in one row, prompt computed once) / separate (two rows per pair),
      ``ref_batch_size`` ``--ref-batch-size``, ``reference: null`` (the starting policy).
-   * ``TRL DPOTrainer``: ``precompute_ref_log_probs=True`` and ``ref_model=None``, as TRL recommends (it then
+     ``alignline-shared-gc``: shared with ``train.gradient_checkpointing`` on (the only row that uses it).
+   * ``trl``: ``DPOTrainer`` with ``precompute_ref_log_probs=True`` and ``ref_model=None``, as TRL recommends (it then
      computes the reference log-probs with the policy itself in ``__init__`` and holds no second model),
      ``precompute_ref_batch_size`` = the train batch size, ``truncation_mode`` keep_start (nothing is cut).
      The dataset is put in alignline's (shared layout) batch order and read sequentially, so every TRL
      step sees exactly the pairs of the same alignline step; losses are compared step by step.
+
+   By default ``alignline-shared`` and ``trl`` run; ``--configs`` picks others, and ``--merge`` keeps the rows
+   of configurations measured earlier into the same ``--out`` file (same settings and data only).
 
 3. Times, inside each child, the reference pass and the training loop separately (alignline: wrappers
    around ``reference_logps``, ``train`` and ``save_checkpoint`` in the child process; TRL: a subclass timing
@@ -79,8 +83,11 @@ QUICK = {"pairs": 8, "batch_size": 2, "max_length": 256, "ref_batch_size": 2}
 CONFIGS = {
     "alignline-shared": {"side": "alignline", "layout": "shared", "label": "alignline dpo (shared prefix)"},
     "alignline-separate": {"side": "alignline", "layout": "separate", "label": "alignline dpo (separate rows)"},
+    "alignline-shared-gc": {"side": "alignline", "layout": "shared", "gc": True,
+                            "label": "alignline dpo (shared prefix, gradient checkpointing)"},
     "trl": {"side": "trl", "label": "TRL 1.16 DPOTrainer"},
 }
+DEFAULT_CONFIGS = ("alignline-shared", "trl")
 GOAL_SPEEDUP, GOAL_MEMORY = 1.5, 0.25
 
 # prompts are spread evenly over [PROMPT_LO, PROMPT_HI] x max_length / 512: mean 336 at 512
@@ -365,7 +372,8 @@ def child_alignline(spec: dict) -> dict:
         loss={"type": "dpo", "beta": spec["beta"]},
         train={"epochs": 1, "batch_size": spec["batch_size"], "grad_accum": 1, "lr": spec["lr"],
                "warmup_steps": 0, "schedule": "linear", "seed": spec["seed"], "log_every": 1, "save_every": None,
-               "keep_checkpoints": 1, "mixed_precision": "no", "gradient_checkpointing": False,
+               "keep_checkpoints": 1, "mixed_precision": "no",
+               "gradient_checkpointing": spec["gradient_checkpointing"],
                "max_grad_norm": 1.0, "weight_decay": 0.0},
     )
     t0 = time.perf_counter()
@@ -541,7 +549,7 @@ def run_config(name: str, args, data: dict, work: Path, env: dict) -> tuple[dict
             "ref_batch_size": args.ref_batch_size, "run_dir": str(work / "runs" / name),
             "result": str(work / f"{name}.result.json")}
     if cfg["side"] == "alignline":
-        spec.update(data=d["path"], layout=cfg["layout"])
+        spec.update(data=d["path"], layout=cfg["layout"], gradient_checkpointing=bool(cfg.get("gc")))
     else:
         spec.update(data=d["trl_path"], expected=data["expected_trl"], trl_ref_model=args.trl_ref_model)
     spec_path = work / f"{name}.spec.json"
@@ -584,7 +592,10 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads in every child (default 2)")
-    p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--configs", default=None, help=f"comma-separated, from {','.join(CONFIGS)} "
+                   f"(default {','.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of other configurations already in --out (same settings and data)")
     p.add_argument("--trl-ref-model", action="store_true",
                    help="give TRL an explicit ref_model (a second copy in memory) instead of ref_model=None")
     p.add_argument("--out", type=Path, help=f"result JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
@@ -621,7 +632,7 @@ def parity_checks(by: dict[str, dict]) -> dict[str, Any]:
     if trl is not None:
         checks["TRL token ids == alignline token ids (every pair)"] = trl["details"]["tokenisation_equals_alignline"]
         checks["TRL reference model"] = trl["details"]["ref_model"]
-    for name in ("alignline-shared", "alignline-separate"):
+    for name in (n for n in CONFIGS if n != "trl"):
         al = by.get(name)
         if al is None or trl is None:
             continue
@@ -631,58 +642,45 @@ def parity_checks(by: dict[str, dict]) -> dict[str, Any]:
         la = [s["loss"] for s in al["per_step"]]
         lt = [s["loss"] for s in trl["per_step"]]
         checks[f"{name} vs TRL: first-step loss"] = [la[0], lt[0], abs(la[0] - lt[0])]
-        if name == "alignline-shared":  # the same pairs in every step
+        if CONFIGS[name]["layout"] == "shared":  # the same pairs in every step
             checks[f"{name} vs TRL: per-step loss |diff| max over {len(la)} steps"] = max(
                 abs(a - b) for a, b in zip(la, lt))
             checks[f"{name} vs TRL: last-step loss"] = [la[-1], lt[-1]]
     return checks
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.child:
-        return child_main(args.child, args.spec)
+def settings_of(args) -> dict[str, Any]:
+    return {"model": MODEL, "pairs": args.pairs, "batch_size": args.batch_size, "max_length": args.max_length,
+            "ref_batch_size": args.ref_batch_size, "trl_precompute_batch_size": args.batch_size, "lr": args.lr,
+            "beta": args.beta, "loss": "dpo / sigmoid", "schedule": "linear, no warm-up", "seed": args.seed,
+            "threads": args.threads, "dtype": "float32", "grad_accum": 1, "epochs": 1,
+            "gradient_checkpointing": "off (on only in the alignline-shared-gc row)",
+            "trl_ref_model": "explicit copy" if args.trl_ref_model else "None (TRL's recommended setting)"}
 
-    names = args.configs.split(",") if args.configs else list(CONFIGS)
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
 
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="alignline-dpo-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    log(f"dpo throughput: pairs={args.pairs} batch={args.batch_size} max_length={args.max_length} "
-        f"ref_batch={args.ref_batch_size} lr={args.lr} threads={args.threads}; work dir {work}")
-    data = build_data(args, work)
-    d = data["info"]
-    t = d["tokens"]
-    log(f"data: {d['pairs']} pairs; tokens mean prompt {t['prompt']['mean']} chosen {t['chosen']['mean']} rejected "
-        f"{t['rejected']['mean']}; prompt+longer response max {t['prompt_plus_longer_response']['max']}; "
-        f"{d['truncated']} truncated ({d['seconds']}s)")
+def previous_rows(args, settings: dict, data_info: dict) -> list[dict]:
+    """Rows of an earlier run written to ``args.out`` with the same settings and data (for ``--merge``)."""
+    if not args.out.exists():
+        return []
+    old = json.loads(args.out.read_text())
+    if old.get("settings") != settings or old.get("data", {}).get("tokens") != data_info["tokens"]:
+        log(f"--merge: {args.out} has other settings or data; not merging")
+        return []
+    return old.get("results", [])
 
-    env = child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
-    rows, failures = [], {}
-    for name in names:
-        for attempt in range(1, args.retries + 2):
-            row, failure = run_config(name, args, data, work, env)
-            if failure is not None:
-                failures[name] = failure
-                break
-            contended = is_contended(row["contention"], args.max_foreign_cores)
-            row["attempt"], row["contended"] = attempt, contended
-            if not contended or attempt == args.retries + 1:
-                rows.append(row)
-                break
-            log(f"[{name}] other processes used {row['contention']['foreign_cores_mean']:.2f} cores on average "
-                f"while it ran; measuring again (attempt {attempt + 1})")
 
+def report(rows: list[dict], failures: dict, args, argv: list[str], settings: dict, data_info: dict,
+           final: bool) -> int:
+    """Ratios, goal, parity checks and the table; writes the results JSON (also after each configuration)."""
+    order = list(CONFIGS)
+    rows = sorted(rows, key=lambda r: order.index(r["config"]))
     by = {r["config"]: r for r in rows}
     checks = parity_checks(by)
     ratios: dict[str, float] = {}
     goal: dict[str, Any] = {}
-    for name in ("alignline-shared", "alignline-separate"):
+    for name in CONFIGS:
         a, b = by.get(name), by.get("trl")
-        if a is None or b is None:
+        if a is None or b is None or name == "trl":
             continue
         r = {"pairs/s (reference + train)": a["pairs_per_s"] / b["pairs_per_s"],
              "pairs/s (train only)": a["train_pairs_per_s"] / b["train_pairs_per_s"],
@@ -696,44 +694,91 @@ def main(argv=None) -> int:
 
     columns = [("label", "configuration", ""), ("reference_s", "reference pass (s)", ".1f"),
                ("train_s", "training (s)", ".1f"), ("total_s", "total (s)", ".1f"),
-               ("pairs_per_s", "pairs/s", ".3f"), ("s_per_pair", "s/pair", ".2f"),
-               ("train_pairs_per_s", "train-only pairs/s", ".3f"), ("peak_rss_gb", "peak RSS (GB)", ".2f"),
+               ("pairs_per_s", "pairs/s", ".4f"), ("s_per_pair", "s/pair", ".2f"),
+               ("train_pairs_per_s", "train-only pairs/s", ".4f"), ("peak_rss_gb", "peak RSS (GB)", ".2f"),
                ("rss_reference_gb", "RSS ref pass (GB)", ".2f"), ("rss_train_gb", "RSS training (GB)", ".2f"),
                ("first_step_loss", "first-step loss", ".6f"), ("foreign", "other load (cores)", ".2f")]
     for r in rows:
         r["foreign"] = (r.get("contention") or {}).get("foreign_cores_mean")
     table = markdown_table(rows, columns)
     cmd = command_line(argv)
-    log("\n" + table + "\n")
-    for k, v in ratios.items():
-        log(f"  {k}: {v:.2f}x")
-    for name, g in goal.items():
-        log(f"  goal ({name}: >= {GOAL_SPEEDUP}x TRL pairs/s at <= {GOAL_MEMORY:.0%} of its peak RSS): "
-            f"{'MET' if g['met'] else 'NOT MET'} (speed {g['speedup']:.2f}x, memory {g['memory_fraction']:.2f}x)")
-    for k, v in checks.items():
-        log(f"  check {k}: {v}")
-    if failures:
-        log(f"  failed: {', '.join(failures)}")
-
+    if final:
+        log("\n" + table + "\n")
+        for k, v in ratios.items():
+            log(f"  {k}: {v:.2f}x")
+        for name, g in goal.items():
+            log(f"  goal ({name}: >= {GOAL_SPEEDUP}x TRL pairs/s at <= {GOAL_MEMORY:.0%} of its peak RSS): "
+                f"{'MET' if g['met'] else 'NOT MET'} (speed {g['speedup']:.2f}x, memory {g['memory_fraction']:.2f}x)")
+        for k, v in checks.items():
+            log(f"  check {k}: {v}")
+        if failures:
+            log(f"  failed: {', '.join(failures)}")
     result = {
         "benchmark": "dpo_throughput", "command": cmd, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "settings": {"model": MODEL, "pairs": args.pairs, "batch_size": args.batch_size,
-                     "max_length": args.max_length, "ref_batch_size": args.ref_batch_size,
-                     "trl_precompute_batch_size": args.batch_size, "lr": args.lr, "beta": args.beta,
-                     "loss": "dpo / sigmoid", "schedule": "linear, no warm-up", "seed": args.seed,
-                     "threads": args.threads, "dtype": "float32", "gradient_checkpointing": False,
-                     "grad_accum": 1, "epochs": 1, "trl_ref_model": "explicit copy" if args.trl_ref_model else None},
+        "settings": settings,
         "timed": "reference = the pass computing reference log-probs before training; train = the training loop "
                  "(all optimizer steps incl. batch collation) without alignline's final resumable checkpoint; "
                  "pairs/s = pairs / (reference + train). Peak RSS = the child's ru_maxrss (whole process).",
-        "machine": machine_info(), "data": d, "results": rows, "ratios": ratios, "goal": goal, "checks": checks,
-        "failures": failures, "table_markdown": table,
+        "machine": machine_info(), "data": data_info, "results": rows, "ratios": ratios, "goal": goal,
+        "checks": checks, "failures": failures, "table_markdown": table, "complete": final,
     }
     write_json(args.out, result)
-    log(f"\nwrote {args.out}\ncommand: {cmd}")
+    if final:
+        log(f"\nwrote {args.out}\ncommand: {cmd}")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child, args.spec)
+
+    names = args.configs.split(",") if args.configs else list(DEFAULT_CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="alignline-dpo-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"dpo throughput: pairs={args.pairs} batch={args.batch_size} max_length={args.max_length} "
+        f"ref_batch={args.ref_batch_size} lr={args.lr} threads={args.threads}; configs {names}; work dir {work}")
+    data = build_data(args, work)
+    d = data["info"]
+    t = d["tokens"]
+    log(f"data: {d['pairs']} pairs; tokens mean prompt {t['prompt']['mean']} chosen {t['chosen']['mean']} rejected "
+        f"{t['rejected']['mean']}; prompt+longer response max {t['prompt_plus_longer_response']['max']}; "
+        f"{d['truncated']} truncated ({d['seconds']}s)")
+    settings = settings_of(args)
+    rows = [r for r in previous_rows(args, settings, d) if r["config"] not in names] if args.merge else []
+    if rows:
+        log(f"--merge: keeping {[r['config'] for r in rows]} from {args.out}")
+
+    env = child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
+    failures: dict[str, Any] = {}
+    for name in names:
+        attempts = []
+        for attempt in range(1, args.retries + 2):
+            row, failure = run_config(name, args, data, work, env)
+            if failure is not None:
+                failures[name] = failure
+                break
+            contended = is_contended(row["contention"], args.max_foreign_cores)
+            row["attempt"], row["contended"] = attempt, contended
+            attempts.append(row)
+            if not contended:
+                break
+            if attempt <= args.retries:
+                log(f"[{name}] other processes used {row['contention']['foreign_cores_mean']:.2f} cores on average "
+                    f"while it ran; measuring again (attempt {attempt + 1})")
+        if attempts:  # the least disturbed attempt
+            rows.append(min(attempts, key=lambda r: (r["contention"] or {}).get("foreign_cores_mean", 0.0)))
+        report(rows, failures, args, argv, settings, d, final=False)
+
+    code = report(rows, failures, args, argv, settings, d, final=True)
     if not args.keep_work_dir and args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
-    return 1 if failures else 0
+    return code
 
 
 if __name__ == "__main__":
