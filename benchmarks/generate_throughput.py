@@ -112,7 +112,7 @@ def main(argv=None) -> int:
 
     model = str(resolve_model("smollm2-135m-instruct"))
     prompts = build_prompts(model, a.prompt_tokens, a.repeats)
-    work = ROOT / "benchmarks" / "results" / "work-generate"
+    work = ROOT / "benchmarks" / "results" / "work-generate"  # git-ignored
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for side in ("alignline", "transformers"):
