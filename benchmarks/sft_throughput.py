@@ -1,7 +1,8 @@
 """SFT throughput: alignline with packing vs padding, against TRL's SFTTrainer, on ShareGPT conversations.
 
-    .venv/bin/python benchmarks/sft_throughput.py                 # about 10 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/sft_throughput.py --trl-packing   # + a TRL packing row (about 15 minutes)
+    .venv/bin/python benchmarks/sft_throughput.py                 # about 15 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/sft_throughput.py --steps 4       # about 10 minutes (3 timed steps)
+    .venv/bin/python benchmarks/sft_throughput.py --trl-packing   # + a TRL packing row (about 6 minutes more)
     .venv/bin/python benchmarks/sft_throughput.py --quick         # smoke run (2 steps, max_length 128)
 
 What it does:
@@ -335,7 +336,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads in every child (default 2)")
     p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--trl-packing", action="store_true",
-                   help="add a TRL packing=True row (BFD + padding-free; about 5 more minutes; on with --quick)")
+                   help="add a TRL packing=True row (BFD + padding-free; about 6 more minutes; on with --quick)")
     p.add_argument("--out", type=Path, help=f"result JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
                    "--quick: sft_throughput_quick.json)")
     p.add_argument("--work-dir", type=Path, help="where data and runs go (default: a temporary directory)")
