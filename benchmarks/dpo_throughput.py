@@ -23,14 +23,17 @@ What it does:
    * ``alignline-shared`` / ``alignline-separate``: ``alignline.stages.dpo.run`` with ``pair_layout``
      shared (prompt + chosen + rejected in one row, prompt computed once) / separate (two rows per pair),
      ``ref_batch_size`` ``--ref-batch-size``, ``reference: null`` (the starting policy).
-     ``alignline-shared-gc``: shared with ``train.gradient_checkpointing`` on (the only row that uses it).
+     ``alignline-shared-gc``: shared with ``train.gradient_checkpointing`` on.
+     ``alignline-lowmem``: shared, micro-batch 1 with ``--batch-size`` accumulation steps (the same pairs
+     per optimizer step, hence the same losses) and gradient checkpointing: alignline's memory-lean setting.
+     alignline rows also run with ``train.return_freed_memory`` (glibc mmap threshold 128 KiB, the default).
    * ``trl``: ``DPOTrainer`` with ``precompute_ref_log_probs=True`` and ``ref_model=None``, as TRL recommends (it then
      computes the reference log-probs with the policy itself in ``__init__`` and holds no second model),
      ``precompute_ref_batch_size`` = the train batch size, ``truncation_mode`` keep_start (nothing is cut).
      The dataset is put in alignline's (shared layout) batch order and read sequentially, so every TRL
      step sees exactly the pairs of the same alignline step; losses are compared step by step.
 
-   By default ``alignline-shared`` and ``trl`` run; ``--configs`` picks others, and ``--merge`` keeps the rows
+   By default ``alignline-lowmem`` and ``trl`` run; ``--configs`` picks others, and ``--merge`` keeps the rows
    of configurations measured earlier into the same ``--out`` file (same settings and data only).
 
 3. Times, inside each child, the reference pass and the training loop separately (alignline: wrappers
@@ -85,9 +88,11 @@ CONFIGS = {
     "alignline-separate": {"side": "alignline", "layout": "separate", "label": "alignline dpo (separate rows)"},
     "alignline-shared-gc": {"side": "alignline", "layout": "shared", "gc": True,
                             "label": "alignline dpo (shared prefix, gradient checkpointing)"},
+    "alignline-lowmem": {"side": "alignline", "layout": "shared", "gc": True, "micro_batch": 1,
+                         "label": "alignline dpo (shared prefix, micro-batch 1 x accumulation, checkpointing)"},
     "trl": {"side": "trl", "label": "TRL 1.16 DPOTrainer"},
 }
-DEFAULT_CONFIGS = ("alignline-shared", "trl")
+DEFAULT_CONFIGS = ("alignline-lowmem", "trl")
 GOAL_SPEEDUP, GOAL_MEMORY = 1.5, 0.25
 
 # prompts are spread evenly over [PROMPT_LO, PROMPT_HI] x max_length / 512: mean 336 at 512
@@ -370,7 +375,7 @@ def child_alignline(spec: dict) -> dict:
         pair_layout=spec["layout"], ref_batch_size=spec["ref_batch_size"],
         data={"train": spec["data"], "max_length": spec["max_length"], "max_drop_fraction": 0.0},
         loss={"type": "dpo", "beta": spec["beta"]},
-        train={"epochs": 1, "batch_size": spec["batch_size"], "grad_accum": 1, "lr": spec["lr"],
+        train={"epochs": 1, "batch_size": spec["batch_size"], "grad_accum": spec["grad_accum"], "lr": spec["lr"],
                "warmup_steps": 0, "schedule": "linear", "seed": spec["seed"], "log_every": 1, "save_every": None,
                "keep_checkpoints": 1, "mixed_precision": "no",
                "gradient_checkpointing": spec["gradient_checkpointing"],
@@ -387,12 +392,17 @@ def child_alignline(spec: dict) -> dict:
             steps.append({"step": rec["step"], "seconds": rec["tokens"] / rec["tokens_per_s"], "loss": rec["loss"],
                           "tokens": rec["tokens"], "pairs": int(rec["units"]),
                           "margin": rec.get("rewards/margin"), "grad_norm": rec.get("grad_norm")})
-    for s, m in zip(steps, marks):  # grad_accum 1: one micro-batch per step
-        s["fwd_s"] = m["fwd_end"] - m["fwd_start"]
-        if "clip_start" in m:
-            s["bwd_s"] = m["clip_start"] - m["fwd_end"]
+    accum = spec["grad_accum"]
+    for k, s in enumerate(steps):  # grad_accum micro-batches per step; backward ends where the next starts
+        ms = marks[k * accum: (k + 1) * accum]
+        if len(ms) < accum:
+            break
+        s["fwd_s"] = sum(m["fwd_end"] - m["fwd_start"] for m in ms)
+        if "clip_start" in ms[-1]:
+            ends = [m["fwd_start"] for m in ms[1:]] + [ms[-1]["clip_start"]]
+            s["bwd_s"] = sum(e - m["fwd_end"] for e, m in zip(ends, ms))
             s["clip_opt_s"] = s["seconds"] - s["fwd_s"] - s["bwd_s"]
-        s["rss_after_fwd_gb"] = round(m["rss_after_fwd"], 3)
+        s["rss_after_fwd_gb"] = round(max(m["rss_after_fwd"] for m in ms), 3)
     manifest = json.loads((out_dir / "manifest.json").read_text())
     ref = json.loads((out_dir / "ref_logps.json").read_text())
     return {
@@ -401,7 +411,7 @@ def child_alignline(spec: dict) -> dict:
         "manifest_reference_seconds": manifest.get("reference_seconds"),
         "manifest_train_seconds": manifest.get("train_seconds"), "run_seconds": wall, "steps": steps,
         "ref_logps": dict(zip(ref["ids"], ref["values"])), "counts": manifest.get("counts"), "rss": rss,
-        "torch_threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW (for-loop on CPU)",
+        "torch_threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW (fused)",
     }
 
 
@@ -549,7 +559,11 @@ def run_config(name: str, args, data: dict, work: Path, env: dict) -> tuple[dict
             "ref_batch_size": args.ref_batch_size, "run_dir": str(work / "runs" / name),
             "result": str(work / f"{name}.result.json")}
     if cfg["side"] == "alignline":
-        spec.update(data=d["path"], layout=cfg["layout"], gradient_checkpointing=bool(cfg.get("gc")))
+        micro = cfg.get("micro_batch", args.batch_size)
+        if args.batch_size % micro:
+            raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of {name}'s micro-batch {micro}")
+        spec.update(data=d["path"], layout=cfg["layout"], gradient_checkpointing=bool(cfg.get("gc")),
+                    batch_size=micro, grad_accum=args.batch_size // micro)
     else:
         spec.update(data=d["trl_path"], expected=data["expected_trl"], trl_ref_model=args.trl_ref_model)
     spec_path = work / f"{name}.spec.json"
@@ -653,8 +667,9 @@ def settings_of(args) -> dict[str, Any]:
     return {"model": MODEL, "pairs": args.pairs, "batch_size": args.batch_size, "max_length": args.max_length,
             "ref_batch_size": args.ref_batch_size, "trl_precompute_batch_size": args.batch_size, "lr": args.lr,
             "beta": args.beta, "loss": "dpo / sigmoid", "schedule": "linear, no warm-up", "seed": args.seed,
-            "threads": args.threads, "dtype": "float32", "grad_accum": 1, "epochs": 1,
-            "gradient_checkpointing": "off (on only in the alignline-shared-gc row)",
+            "threads": args.threads, "dtype": "float32", "epochs": 1,
+            "grad_accum": "1, except alignline-lowmem: micro-batch 1 x batch-size accumulation steps",
+            "gradient_checkpointing": "off, except in the alignline-shared-gc and alignline-lowmem rows",
             "trl_ref_model": "explicit copy" if args.trl_ref_model else "None (TRL's recommended setting)"}
 
 

