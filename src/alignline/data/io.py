@@ -396,13 +396,18 @@ class ShardedWriter:
     """
 
     def __init__(self, directory: str | Path, name: str = "part", shard_size: int = 1000,
-                 key: Callable[[dict], Any] | None = None):
+                 key: Callable[[dict], Any] | None = None, fresh: bool = False):
+        """``fresh``: delete this writer's existing shards first (they belong to a run of other settings)."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name, self.shard_size, self.key = name, shard_size, key
         self._buffer: list[dict] = []
         self._done: set = set()
-        self.existing = sorted(self.dir.glob(f"{name}-[0-9][0-9][0-9][0-9][0-9].jsonl"))
+        pattern = f"{name}-[0-9][0-9][0-9][0-9][0-9].jsonl"
+        if fresh:
+            for old in self.dir.glob(pattern):
+                old.unlink()
+        self.existing = sorted(self.dir.glob(pattern))
         for tmp in self.dir.glob(f".{name}-*.tmp"):
             tmp.unlink()  # a shard that never got renamed into place
         if key is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import Field
 
@@ -63,3 +63,33 @@ class Engine(Protocol):
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[list[Response]]:
         """For every prompt (same order), ``n`` responses with ``sample_idx`` 0..n-1."""
         ...
+
+
+class EngineSettings(Section):
+    """Which engine answers (a policy being sampled or evaluated, or an LLM judge)."""
+
+    engine: Literal["hf", "openai"] = "hf"
+    """hf: transformers in this process; openai: an OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, llama.cpp)."""
+    model: str
+    """hf: a local HF checkpoint dir, .gguf file or alias; openai: the model name as the server knows it."""
+    openai: dict = Field(default_factory=dict)
+    """openai engine settings (base_url, api_key_env, max_concurrency, max_retries, timeout_s); the key itself
+    comes from the environment and is never written anywhere."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """hf: weights dtype (auto: bf16 on GPUs that support it, fp32 on CPU)."""
+    max_batch: int = Field(64, gt=0)
+    """hf: sequences decoded together."""
+    trust_remote_code: bool = False
+    """hf: allow model code from the checkpoint directory (off unless you trust it)."""
+
+
+def build_engine(settings: EngineSettings, device=None) -> Engine:
+    """The engine ``settings`` describe (hf loads the model now; openai checks its settings now)."""
+    if settings.engine == "hf":
+        from alignline.generate.hf import HFEngine
+
+        return HFEngine.from_path(settings.model, dtype=settings.dtype, device=device, max_batch=settings.max_batch,
+                                  trust_remote_code=settings.trust_remote_code)
+    from alignline.generate.openai_engine import OpenAIEngine, OpenAISettings
+
+    return OpenAIEngine(OpenAISettings.model_validate({"model": settings.model, **settings.openai}))

@@ -87,13 +87,19 @@ def pairwise_prompt(messages, response_a: str, response_b: str) -> str:
 
 def parse_pairwise(text: str) -> PairwiseVerdict | None:
     """The judge's verdict, or None when the output does not hold exactly one well-formed verdict and
-    degree line (missing, duplicated, unknown degree, truncated, refusal)."""
+    degree line, as its last two non-blank lines in that order (missing, duplicated, unknown degree,
+    trailing text, truncated, refusal)."""
     if not text:
         return None
     lines = text.splitlines()
     verdict_lines = [ln for ln in lines if _VERDICT_LINE.match(ln)]
     degree_lines = [ln for ln in lines if _DEGREE_LINE.match(ln)]
     if len(verdict_lines) != 1 or len(degree_lines) != 1:
+        return None
+    # the template ends with Verdict then Degree: anything after them (e.g. a quoted response whose own
+    # "Verdict:" lines the judge copied) makes the output malformed rather than a verdict
+    tail = [ln for ln in lines if ln.strip()][-2:]
+    if tail != [verdict_lines[0], degree_lines[0]]:
         return None
     v = _VERDICT.match(verdict_lines[0])
     d = _DEGREE.match(degree_lines[0])
@@ -120,7 +126,9 @@ def diagnose_pairwise(text: str) -> str:
         return "no 'Degree:' line"
     if nd > 1:
         return f"{nd} 'Degree:' lines (ambiguous)"
-    return "unknown degree word (expected one of " + ", ".join(DEGREES) + ")"
+    if not any(_DEGREE.match(ln) and _DEGREE.match(ln).group(1).lower() in DEGREES for ln in lines):
+        return "unknown degree word (expected one of " + ", ".join(DEGREES) + ")"
+    return "the 'Verdict:' and 'Degree:' lines are not the last two lines of the output"
 
 
 def verifier_rating(gap: float) -> str | None:

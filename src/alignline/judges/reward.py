@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from alignline.train.pairs import model_inputs
+from alignline.train.pairs import model_inputs, padded_width
 
 
 def _backbone(model):
@@ -32,7 +32,7 @@ def _head(model):
 
 def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen [B], r_rejected [B]) for a batch from ``collate_pairs`` (either layout)."""
-    hidden = _backbone(model)(**model_inputs(model, batch), use_cache=False).last_hidden_state
+    hidden = _backbone(model)(**model_inputs(model, padded_width(batch)), use_cache=False).last_hidden_state
     ends = batch["ends"]
     h_c = hidden[ends[:, 0], ends[:, 1]]
     h_r = hidden[ends[:, 2], ends[:, 3]]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,7 @@ from alignline.data.io import ShardedWriter, atomic_write_bytes, read_prompts, r
 from alignline.data.records import Pair, Prompt, Response
 from alignline.errors import ConfigError, DataError
 from alignline.generate.base import SamplingParams
+from alignline.judges.cache import JudgeCache, judge_key
 from alignline.judges.pairwise import (
     PAIRWISE_VERSION,
     diagnose_pairwise,
@@ -75,35 +75,6 @@ class AnnotateConfig(Section):
     """Pairs per output shard."""
 
 
-class JudgeCache:
-    """Append-only JSONL of {key, output}; every line is flushed and fsynced, a torn last line is ignored."""
-
-    def __init__(self, path: Path):
-        self.path, self.items = path, {}
-        if path.exists():
-            for raw in path.read_bytes().splitlines():
-                try:
-                    obj = json.loads(raw)
-                    self.items[obj["key"]] = obj["output"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut by a kill
-            atomic_write_bytes(path, b"".join(json.dumps({"key": k, "output": v}).encode() + b"\n"
-                                              for k, v in self.items.items()))
-        self.fh = open(path, "ab")  # noqa: SIM115 (kept open for the run)
-
-    def get(self, key: str) -> str | None:
-        return self.items.get(key)
-
-    def put(self, key: str, output: str) -> None:
-        self.items[key] = output
-        self.fh.write(json.dumps({"key": key, "output": output}).encode() + b"\n")
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-
-    def close(self) -> None:
-        self.fh.close()
-
-
 def presentation_swapped(seed: int, prompt_id: str) -> bool:
     """Whether the first response is shown as B: a fair coin derived from (seed, prompt id)."""
     return hashlib.sha256(f"{seed}\x1f{prompt_id}".encode()).digest()[0] % 2 == 1
@@ -148,7 +119,7 @@ def run(cfg: AnnotateConfig) -> Path:
     counts: Counter = Counter()
     prompts = {p.id: p for p in read_prompts(cfg.prompts)}
     items = pick_two(prompts, read_records(cfg.responses, Response), counts, cfg.responses)
-    writer = ShardedWriter(rd.path, name="pairs", shard_size=cfg.shard_size, key=lambda o: o["id"])
+    writer = ShardedWriter(rd.path, name="pairs", shard_size=cfg.shard_size, key=lambda o: o["id"], fresh=rd.fresh)
     done = writer.done_keys()
     todo = [it for it in items if it[0].id not in done]
     counts["resumed_pairs"] = len(done)
@@ -183,8 +154,7 @@ def run(cfg: AnnotateConfig) -> Path:
             calls = 0
 
             def key_of(text: str) -> str:
-                return hashlib.sha256(json.dumps([judge_id, PAIRWISE_VERSION, sampling.model_dump(mode="json"), text])
-                                      .encode()).hexdigest()
+                return judge_key(judge_id, PAIRWISE_VERSION, sampling, text)
 
             jobs = []  # (item index, order, judge prompt text, shown as (A, B))
             for idx, (prompt, x, y) in enumerate(todo):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,13 @@ def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | 
 
 
 class RunDir:
-    """A stage's output directory: knows whether the same config and inputs already completed there."""
+    """A stage's output directory: knows whether the same config and inputs already completed there, and
+    whether what an earlier run left there may be resumed.
+
+    ``fresh`` is True when the directory holds a run (complete, stale or interrupted) of *another* config or
+    other inputs: its checkpoints and shards must not be resumed, so stages then train from scratch
+    (``resume=False`` clears old checkpoints) and start their shards over (``ShardedWriter(fresh=True)``).
+    """
 
     def __init__(self, stage: str, cfg: BaseModel, out_dir: str | Path, inputs: dict[str, Any],
                  ignore_in_fingerprint: tuple[str, ...] = ("resume",)):
@@ -30,6 +37,11 @@ class RunDir:
         self.config_fp = fingerprint(body)
         self.inputs = {k: str(v) if v is not None else None for k, v in inputs.items()}
         self.inputs_fp = input_fingerprints(inputs)
+        # read before any process of this run replaces it (start() writes the "running" manifest)
+        self.previous = read_manifest(self.path)
+        self.fresh = self.previous is not None and (
+            self.previous.get("config_fingerprint") != self.config_fp
+            or self.previous.get("input_fingerprints") != self.inputs_fp)
 
     def up_to_date(self) -> dict | None:
         m = read_manifest(self.path)
@@ -38,12 +50,18 @@ class RunDir:
             return m
         return None
 
-    def start(self) -> None:
+    def start(self, wait: Callable[[], None] | None = None) -> None:
+        """Mark the run as running (with its fingerprints, so an interrupted run can be told apart from a
+        run of other settings) and save the resolved config. Under several processes pass the accelerator's
+        ``wait_for_everyone``: every process must have read the previous manifest before it is replaced."""
         self.path.mkdir(parents=True, exist_ok=True)
-        m = read_manifest(self.path)
-        if m and m.get("status") == "complete":
-            # a finished run with a different config or inputs is being redone: mark it stale first
-            write_manifest(self.path, stage=self.stage, status="stale", previous=m)
+        if wait is not None:
+            wait()
+        previous = None
+        if self.fresh:
+            previous = {k: self.previous.get(k) for k in ("status", "written_at", "config_fingerprint")}
+        write_manifest(self.path, stage=self.stage, status="running", config_fingerprint=self.config_fp,
+                       input_fingerprints=self.inputs_fp, previous=previous)
         save_resolved(self.cfg, self.path)
 
     def finish(self, counts: Counter | dict | None = None, **extra: Any) -> Path:

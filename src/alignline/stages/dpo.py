@@ -279,7 +279,7 @@ def run(cfg: DPOConfig) -> Path:
         step_fn=pair_step_fn(loss_fn, normalize=normalize, sft_weight=cfg.loss.sft_weight),
         evaluate=pair_eval_fn(eval_examples, loss_fn, accelerator=accelerator, pad_id=pad_id, layout=layout,
                               normalize=normalize, batch_size=cfg.ref_batch_size) if eval_examples else None,
-        metric_keys=PAIR_METRICS, resume=cfg.resume, desc=f"dpo ({cfg.loss.type})",
+        metric_keys=PAIR_METRICS, resume=cfg.resume and not rd.fresh, desc=f"dpo ({cfg.loss.type})",
     )
     if result.stopped_early:
         console.print(f"dpo: stopped after step {result.steps} as asked; rerun to resume")

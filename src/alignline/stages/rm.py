@@ -145,7 +145,7 @@ def run(cfg: RMConfig) -> Path:
         model, accelerator=accelerator, settings=cfg.train, out_dir=rd.path, plan=make_plan(examples, cfg.train, layout),
         collate=lambda ix: collate_pairs([examples[i] for i in ix], pad_id, layout),
         count_units=lambda b: int(b["n_pairs"]), step_fn=rm_step_fn,
-        evaluate=evaluate if eval_examples else None, metric_keys=RM_METRICS, resume=cfg.resume, desc="rm",
+        evaluate=evaluate if eval_examples else None, metric_keys=RM_METRICS, resume=cfg.resume and not rd.fresh, desc="rm",
     )
     if result.stopped_early:
         console.print(f"rm: stopped after step {result.steps} as asked; rerun to resume")

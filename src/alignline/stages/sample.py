@@ -6,6 +6,12 @@ Engines: ``hf`` (in process; each prompt prefilled once and its cache reused for
 prompts (``prompts_per_shard`` x N responses each) and are written atomically: a run killed at any
 point and rerun has no duplicate or missing (prompt_id, sample_idx). ``finish_reason: length`` marks a
 response cut by ``sampling.max_new_tokens`` (counted in the manifest).
+
+With ``matrix`` (a TSO model matrix, :mod:`alignline.matrix`) instead of ``model``, every member gets a
+sub-directory ``<output_dir>/<member>/``: sampled members go through the same per-model path (own shards,
+resume and manifest; ``source`` = ``name@version``; engine settings from the member, the other settings from
+this config), members with a ``responses`` file are validated and copied (only the run's prompts), and
+``human`` holds the prompts' references.
 """
 
 from __future__ import annotations
@@ -18,9 +24,18 @@ from typing import Literal
 from pydantic import Field
 
 from alignline.config import Section, ShardSetting
-from alignline.data.io import ShardedWriter, read_prompts
-from alignline.errors import ConfigError
+from alignline.data.io import (
+    ShardedWriter,
+    read_manifest,
+    read_prompts,
+    read_records,
+    write_manifest,
+    write_records,
+)
+from alignline.data.records import Response
+from alignline.errors import ConfigError, DataError
 from alignline.generate.base import SamplingParams
+from alignline.matrix import MatrixMember, human_responses, load_matrix
 from alignline.stages.common import RunDir, console
 
 
@@ -29,8 +44,11 @@ class SampleConfig(Section):
 
     prompts: str
     """Prompt records (each ends with a user turn)."""
-    model: str
-    """hf engine: a local HF dir, .gguf or alias; openai engine: the served model name."""
+    model: str | None = None
+    """hf engine: a local HF dir, .gguf or alias; openai engine: the served model name (or give matrix)."""
+    matrix: str | None = None
+    """A TSO model-matrix YAML instead of model: every member is sampled (or copied) into its own
+    sub-directory; engine, openai, dtype, max_batch and trust_remote_code then come from each member."""
     engine: Literal["hf", "openai"] = "hf"
     """hf: in process; openai: an OpenAI-compatible endpoint (settings below)."""
     openai: dict = Field(default_factory=dict)
@@ -72,7 +90,70 @@ def make_engine(cfg: SampleConfig, device=None):
     return OpenAIEngine(OpenAISettings.model_validate({"model": cfg.model, **cfg.openai}))
 
 
+def _copy_member(m: MatrixMember, prompt_ids: set[str], out: Path) -> dict:
+    """A member's pre-computed responses, validated, for the run's prompts only."""
+    rows = read_records(m.responses, Response)
+    seen: set = set()
+    for r in rows:
+        if (r.prompt_id, r.sample_idx) in seen:
+            raise DataError(f"member '{m.name}': two responses with prompt_id '{r.prompt_id}' and sample_idx "
+                            f"{r.sample_idx}", path=m.responses, field="sample_idx", expected="unique per prompt")
+        seen.add((r.prompt_id, r.sample_idx))
+    kept = [r for r in rows if r.prompt_id in prompt_ids]
+    write_records(out / "responses.jsonl", kept)
+    return {"responses": len(kept), "responses_for_other_prompts": len(rows) - len(kept),
+            "prompts_without_response": len(prompt_ids - {r.prompt_id for r in kept}),
+            "failed": sum(r.status == "failed" for r in kept)}
+
+
+def _run_matrix(cfg: SampleConfig) -> Path:
+    matrix = load_matrix(cfg.matrix)
+    members = list(matrix.by_name().values())
+    rd = RunDir("sample", cfg, cfg.output_dir, {
+        "prompts": cfg.prompts, "matrix": cfg.matrix,
+        **{f"member:{m.name}": m.responses or (m.engine.model if m.engine else None) for m in members}})
+    if rd.up_to_date():
+        console.print(f"[green]sample: {rd.path} is up to date[/green]; nothing to do")
+        return rd.path
+    rd.start()
+    shared = cfg.model_dump(exclude={"matrix", "model", "engine", "openai", "dtype", "max_batch", "trust_remote_code",
+                                     "output_dir", "source"})
+    for m in members:
+        if m.kind == "sampled":
+            console.print(f"sample: member {m.source} ({m.size or 'size ?'}) from {m.engine.model}")
+            run(SampleConfig.model_validate({**shared, **m.engine.model_dump(), "source": m.source,
+                                             "output_dir": str(rd.path / m.name)}))
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return rd.path
+    prompts = read_prompts(cfg.prompts)[: cfg.max_prompts]
+    summary: dict = {}
+    for m in members:
+        sub = rd.path / m.name
+        if m.kind == "sampled":
+            summary[m.name] = {"kind": m.kind, **(read_manifest(sub) or {}).get("counts", {})}
+            continue
+        sub.mkdir(parents=True, exist_ok=True)
+        if m.kind == "human":
+            rows = human_responses(m, prompts)
+            write_records(sub / "responses.jsonl", rows)
+            counts = {"responses": len(rows), "prompts_without_reference": len(prompts) - len(rows)}
+        else:
+            counts = _copy_member(m, {p.id for p in prompts}, sub)
+        write_manifest(sub, stage="sample", status="complete", member=m.model_dump(mode="json"), counts=counts)
+        summary[m.name] = {"kind": m.kind, **counts}
+    rd.finish({"members": len(members), "prompts": len(prompts)}, members=summary)
+    console.print(f"[green]sample done[/green] (matrix): {summary}\n  responses: {rd.path}/<member>/")
+    return rd.path
+
+
 def run(cfg: SampleConfig) -> Path:
+    if (cfg.model is None) == (cfg.matrix is None):
+        raise ConfigError("sample needs exactly one of model=... (one model) or matrix=MATRIX.yaml (a TSO model "
+                          "matrix)")
+    if cfg.matrix is not None:
+        return _run_matrix(cfg)
     rd = RunDir("sample", cfg, cfg.output_dir, {"prompts": cfg.prompts, "model": cfg.model})
     if rd.up_to_date():
         console.print(f"[green]sample: {rd.path} is up to date[/green]; nothing to do")
@@ -87,7 +168,7 @@ def run(cfg: SampleConfig) -> Path:
     prompts = read_prompts(cfg.prompts)[: cfg.max_prompts][index::total]
     writer = ShardedWriter(rd.path, name=f"responses-{index:03d}-of-{total:03d}",
                            shard_size=cfg.prompts_per_shard * cfg.n,
-                           key=lambda o: (o["prompt_id"], o["sample_idx"]))
+                           key=lambda o: (o["prompt_id"], o["sample_idx"]), fresh=rd.fresh)
     done = writer.done_keys()
     todo = [p for p in prompts if any((p.id, i) not in done for i in range(cfg.n))]
     partial = [p.id for p in todo if any((p.id, i) in done for i in range(cfg.n))]

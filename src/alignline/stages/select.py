@@ -10,7 +10,10 @@
   - ``best_worst``: rank 1 vs the last rank;
   - ``rso``: statistical rejection sampling (Liu et al. 2023): candidates are drawn in a seeded random
     order and accepted with probability ``exp((r - max r) / rso_beta)`` until ``rso_accept`` are accepted;
-    the accepted ones are paired by reward order (best with worst, then the next ones).
+    the accepted ones are paired by reward order (best with worst, then the next ones);
+  - ``matrix`` (TSO): per prompt a chosen member drawn from the model matrix's positive mixture and a rejected
+    member from its negative mixture (:mod:`alignline.matrix`), mixed with the policy's own best-vs-worst pairs
+    from ``ranked`` at ``self_ratio`` (:func:`alignline.matrix.mix_counts`).
 Pairs with equal scores are dropped and counted.
 """
 
@@ -25,24 +28,34 @@ from typing import Literal
 from pydantic import Field
 
 from alignline.config import Section
-from alignline.data.io import atomic_write_json, read_records, write_records
+from alignline.data.io import atomic_write_json, read_prompts, read_records, write_records
 from alignline.data.records import Conversation, Pair, RankedSet
 from alignline.errors import ConfigError, DataError
+from alignline.matrix import (
+    MatrixConfig,
+    draw_pair,
+    load_matrix,
+    load_member_responses,
+    mix_counts,
+    normalise,
+    prompt_rng,
+)
 from alignline.stages.common import RunDir, console
 
 
 class SelectConfig(Section):
     """Configuration of ``alignline select``."""
 
-    ranked: str
-    """Ranked sets from ``alignline score`` (a shard directory or file)."""
+    ranked: str | None = None
+    """Ranked sets from ``alignline score`` (a shard directory or file); strategy matrix: the policy's own
+    scored samples, the source of its best-vs-worst self pairs (optional when self_ratio is 0)."""
     output_dir: str = "runs/select"
     """Writes rs.jsonl (mode rs) or pairs.jsonl (mode pairs), selection.json and manifest.json."""
     mode: Literal["rs", "pairs"] = "pairs"
     """rs: one conversation per prompt; pairs: one preference pair per prompt (more for rso)."""
     rank: int = Field(1, ge=1)
     """The rank taken for RS, or as the chosen response of a pair."""
-    strategy: Literal["fixed_rank", "policy_matched", "best_worst", "rso"] = "policy_matched"
+    strategy: Literal["fixed_rank", "policy_matched", "best_worst", "rso", "matrix"] = "policy_matched"
     """How the rejected response is picked (pairs mode)."""
     rejected_rank: int | None = Field(None, ge=1)
     """fixed_rank: the rejected response's rank."""
@@ -54,8 +67,20 @@ class SelectConfig(Section):
     """rso: temperature of the acceptance probability exp((r - max r) / beta)."""
     rso_accept: int = Field(2, ge=2)
     """rso: accepted samples per prompt (paired best-with-worst)."""
+    matrix: str | None = None
+    """matrix: the model-matrix YAML (members, positive and negative source sets; see alignline.matrix)."""
+    prompts: str | None = None
+    """matrix: the Prompt records pairs are built for (their reference is the member 'human')."""
+    responses: str | None = None
+    """matrix: an `alignline sample matrix=...` output_dir (one sub-directory of Response records per member)."""
+    member_responses: dict[str, str] = Field(default_factory=dict)
+    """matrix: member name -> a file or shard directory of its Response records (wins over responses)."""
+    self_ratio: float = Field(0.5, ge=0, lt=1)
+    """matrix: share of the final pairs that are the policy's own best-vs-worst pairs from ranked (paper: 0.5);
+    with M matrix pairs, round(M * r / (1 - r)) self pairs are added (fewer available: matrix pairs are cut
+    to keep the share)."""
     seed: int = 0
-    """Seed of the rso draws."""
+    """Seed of the rso and matrix draws."""
 
 
 def _scores(rs: RankedSet) -> list[float]:
@@ -105,11 +130,111 @@ def _pair(rs: RankedSet, ci: int, ri: int, strategy: str) -> Pair:
                     "chosen_source": c.source, "rejected_source": r.source, "scorer": rs.scorer})
 
 
+def _matrix_inputs(cfg: SelectConfig) -> tuple[MatrixConfig, dict]:
+    if cfg.matrix is None or cfg.prompts is None:
+        raise ConfigError("strategy=matrix needs matrix=MATRIX.yaml (the model matrix) and prompts=PROMPTS "
+                          "(the prompts the member responses answer)")
+    if cfg.self_ratio > 0 and cfg.ranked is None:
+        raise ConfigError(f"strategy=matrix with self_ratio={cfg.self_ratio} needs ranked=... (the policy's own "
+                          "samples ranked by `alignline score`); or set self_ratio=0 for matrix pairs only")
+    matrix = load_matrix(cfg.matrix)
+    inputs = {"matrix": cfg.matrix, "prompts": cfg.prompts, "responses": cfg.responses,
+              **{f"member:{m.name}": m.responses for m in matrix.used() if m.responses},
+              **{f"member_responses:{k}": v for k, v in cfg.member_responses.items()}}
+    return matrix, inputs
+
+
+def _self_pairs(cfg: SelectConfig, counts: Counter) -> list[Pair]:
+    """The policy's own best-vs-worst pair of every ranked set (ties and identical texts dropped, counted)."""
+    if cfg.ranked is None or cfg.self_ratio == 0:
+        return []
+    out = []
+    for s in read_records(cfg.ranked, RankedSet):
+        sc, last = _scores(s), len(s.responses) - 1
+        if last < 1:
+            counts["self_dropped_too_few_responses"] += 1
+        elif sc[0] == sc[last] or s.responses[0].text.strip() == s.responses[last].text.strip():
+            counts["self_dropped_ties"] += 1
+        else:
+            pair = _pair(s, 0, last, "matrix")
+            pair.provenance.update(kind="self", seed=cfg.seed)
+            out.append(pair)
+    return out
+
+
+def _run_matrix(cfg: SelectConfig, matrix: MatrixConfig, rd: RunDir) -> Path:
+    prompts = read_prompts(cfg.prompts)
+    if not prompts:
+        raise DataError("no prompts", path=cfg.prompts)
+    responses, origin = load_member_responses(matrix, prompts, cfg.responses, cfg.member_responses)
+    members = matrix.by_name()
+    pos, neg = normalise(matrix.positive), normalise(matrix.negative)
+    counts: Counter = Counter(prompts=len(prompts), redraws_no_response=0, redraws_same_member=0)
+    redraws: Counter = Counter()
+    matrix_pairs = []
+    for p in prompts:
+        rng = prompt_rng(cfg.seed, p.id)
+        d = draw_pair(pos, neg, rng, lambda name, pid=p.id: bool(responses[name].get(pid)))
+        for side, name, why in d.redraws:
+            counts[f"redraws_{why}"] += 1
+            redraws[f"{side}:{name}:{why}"] += 1
+        if d.chosen is None or d.rejected is None:
+            counts["dropped_no_chosen_member" if d.chosen is None else "dropped_no_rejected_member"] += 1
+            continue
+        c, r = rng.choice(responses[d.chosen][p.id]), rng.choice(responses[d.rejected][p.id])
+        if c.text.strip() == r.text.strip():
+            counts["dropped_identical"] += 1
+            continue
+        cm, rm = members[d.chosen], members[d.rejected]
+        matrix_pairs.append(Pair(
+            id=f"{p.id}#{cm.name}:{c.sample_idx}-{rm.name}:{r.sample_idx}", prompt=p.messages, chosen=c.text,
+            rejected=r.text, provenance={
+                "strategy": "matrix", "kind": "matrix", "seed": cfg.seed,
+                "chosen_member": cm.name, "chosen_version": cm.version, "chosen_size": cm.size,
+                "rejected_member": rm.name, "rejected_version": rm.version, "rejected_size": rm.size,
+                "chosen_source": c.source, "rejected_source": r.source,
+                "chosen_sample_idx": c.sample_idx, "rejected_sample_idx": r.sample_idx,
+                "positive_weights": pos, "negative_weights": neg, "redraws": len(d.redraws)}))
+    self_all = _self_pairs(cfg, counts)
+    n_matrix, n_self = mix_counts(len(matrix_pairs), len(self_all), cfg.self_ratio)
+    rng = random.Random(cfg.seed)
+    if n_matrix < len(matrix_pairs):
+        counts["matrix_pairs_cut_for_ratio"] = len(matrix_pairs) - n_matrix
+        console.print(f"[yellow]select: only {len(self_all)} usable self pairs for self_ratio={cfg.self_ratio}: "
+                      f"keeping {n_matrix} of {len(matrix_pairs)} matrix pairs to hold the ratio[/yellow]")
+        matrix_pairs = [matrix_pairs[i] for i in sorted(rng.sample(range(len(matrix_pairs)), n_matrix))]
+    self_pairs = [self_all[i] for i in sorted(rng.sample(range(len(self_all)), n_self))]
+    counts.update(Counter(f"chosen:{p.provenance['chosen_member']}" for p in matrix_pairs))
+    counts.update(Counter(f"rejected:{p.provenance['rejected_member']}" for p in matrix_pairs))
+    counts.update(matrix_pairs=len(matrix_pairs), self_pairs=len(self_pairs), self_pairs_available=len(self_all),
+                  pairs=len(matrix_pairs) + len(self_pairs))
+    info = {"strategy": "matrix", "positive_weights": pos, "negative_weights": neg, "self_ratio": cfg.self_ratio,
+            "seed": cfg.seed, "redraws": dict(redraws),
+            "members": {m.name: {**m.describe(), "kind": m.kind, "responses_from": origin[m.name]}
+                        for m in matrix.used()}}
+    write_records(rd.path / "pairs.jsonl", [*matrix_pairs, *self_pairs])
+    atomic_write_json(rd.path / "selection.json", info)
+    rd.finish(counts, selection=info)
+    console.print(f"[green]select done[/green] (pairs, matrix): {len(matrix_pairs)} matrix + {len(self_pairs)} self "
+                  f"pairs; redraws {counts['redraws_no_response']} (no response) + {counts['redraws_same_member']} "
+                  f"(same member)\n  output: {rd.path}")
+    return rd.path
+
+
 def run(cfg: SelectConfig) -> Path:
-    rd = RunDir("select", cfg, cfg.output_dir, {"ranked": cfg.ranked, "policy_scores": cfg.policy_scores})
+    matrix, inputs = None, {"ranked": cfg.ranked, "policy_scores": cfg.policy_scores}
+    if cfg.mode == "pairs" and cfg.strategy == "matrix":
+        matrix, extra = _matrix_inputs(cfg)
+        inputs.update(extra)
+    rd = RunDir("select", cfg, cfg.output_dir, inputs)
     if rd.up_to_date():
         console.print(f"[green]select: {rd.path} is up to date[/green]; nothing to do")
         return rd.path
+    if matrix is not None:
+        rd.start()
+        return _run_matrix(cfg, matrix, rd)
+    if cfg.ranked is None:
+        raise ConfigError("select needs ranked=... (ranked sets from `alignline score`)")
     rd.start()
     sets = read_records(cfg.ranked, RankedSet)
     if not sets:

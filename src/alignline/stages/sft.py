@@ -142,7 +142,7 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
     result = train(
         model, accelerator=accelerator, settings=s, out_dir=rd.path, plan=plan, collate=collate,
         count_units=count_targets, step_fn=causal_lm_loss, evaluate=evaluate if eval_examples else None,
-        resume=cfg.resume, desc=stage,
+        resume=cfg.resume and not rd.fresh, desc=stage,
     )
     if result.stopped_early:
         console.print(f"{stage}: stopped after step {result.steps} as asked (train.stop_after_step); rerun to resume")

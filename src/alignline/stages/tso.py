@@ -233,7 +233,7 @@ def run(cfg: TSOConfig) -> Path:
             plan=make_plan(mb, settings, layout), collate=lambda ix, mb=mb: collate_pairs([mb[i] for i in ix], pad_id, layout),
             count_units=lambda b: int(b["n_pairs"]), step_fn=pair_step_fn(loss_fn, normalize=normalize,
                                                                            sft_weight=cfg.loss.sft_weight),
-            metric_keys=PAIR_METRICS, resume=cfg.resume, desc=f"tso {k}/{cfg.minibatches} ({cfg.loss.type})",
+            metric_keys=PAIR_METRICS, resume=cfg.resume and not rd.fresh, desc=f"tso {k}/{cfg.minibatches} ({cfg.loss.type})",
         )
         accelerator.free_memory()
         if result.stopped_early:

@@ -310,6 +310,12 @@ def train(
 
     step, start_epoch, start_in_epoch = 0, 0, 0
     resumed_from = None
+    if not resume and complete_checkpoints(out_dir):
+        # starting over: checkpoints of an earlier run in this directory must never be resumed later
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        accelerator.wait_for_everyone()
     if resume:
         ckpts = complete_checkpoints(out_dir)
         if ckpts:

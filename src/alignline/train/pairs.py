@@ -178,8 +178,37 @@ def _model_dtype(model) -> torch.dtype:
     return torch.float32
 
 
+def padded_width(batch: dict[str, torch.Tensor], multiple: int | None = None) -> dict[str, torch.Tensor]:
+    """``batch`` with its rows right-padded to a multiple of ``multiple`` tokens (default: 16 on CUDA, else 1).
+
+    On GPUs the memory-efficient attention kernel wants the 4-D mask's last dimension aligned; an odd
+    width makes PyTorch copy and pad the mask on every layer or pick a slower kernel. Padding positions are
+    never kept (``keep`` False) and attend only to themselves, so results are unchanged.
+    """
+    ids = batch["input_ids"]
+    if multiple is None:
+        multiple = 16 if ids.is_cuda else 1
+    B, W = ids.shape
+    extra = -W % multiple
+    if extra == 0:
+        return batch
+    out = dict(batch)
+    out["input_ids"] = torch.nn.functional.pad(ids, (0, extra), value=int(ids[0, -1]))
+    out["position_ids"] = torch.nn.functional.pad(batch["position_ids"], (0, extra))
+    out["keep"] = torch.nn.functional.pad(batch["keep"], (0, extra), value=False)
+    if "allowed" in batch:
+        allowed = torch.nn.functional.pad(batch["allowed"], (0, extra, 0, extra), value=False)
+        idx = torch.arange(W, W + extra, device=ids.device)
+        allowed[:, :, idx, idx] = True
+        out["allowed"] = allowed
+    if "attention_mask" in batch:
+        out["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, extra))
+    return out
+
+
 def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """input_ids, position_ids and the attention mask (4-D additive for the shared layout)."""
+    """input_ids, position_ids and the attention mask (4-D additive for the shared layout); pass a batch
+    through :func:`padded_width` first."""
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     if "allowed" in batch:
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else _model_dtype(model)
@@ -194,7 +223,8 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, length_normalize: bool 
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen logps [B], rejected logps [B], chosen lengths [B], rejected lengths [B]), summed over tokens
     (or averaged when ``length_normalize``)."""
-    out = model(**model_inputs(model, batch), logits_to_keep=batch["keep"], use_cache=False)
+    padded = padded_width(batch)
+    out = model(**model_inputs(model, padded), logits_to_keep=padded["keep"], use_cache=False)
     logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
     token_logps = logits[batch["src"], batch["tgt"]] - torch.logsumexp(logits, dim=-1)[batch["src"]]
     B = int(batch["n_pairs"])
