@@ -138,3 +138,24 @@ def test_nan_guard_keeps_last_good_checkpoint(tiny_model, examples, tiny_tokeniz
 def test_packed_training_runs(tiny_model, examples, tiny_tokenizer, tmp_path):
     r = _run(tiny_model, examples, tmp_path, tiny_tokenizer.pad_token_id, packing=True)
     assert r.steps > 0 and r.last_metrics["loss"] > 0
+
+
+def test_gradient_checkpointing_all_or_every_other_layer_trains_the_same(tiny_model_dir, examples, tiny_tokenizer,
+                                                                         tmp_path):
+    """Recomputing activations in backward changes memory, not maths: 3 steps with checkpointing on every layer
+    and on every 2nd layer (checkpoint_every=2) end at the parameters of a run without it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from alignline.models import load_causal_lm
+
+    pad = tiny_tokenizer.pad_token_id
+    results, flags = [], []
+    for name, kw in [("off", {}), ("all", {"gradient_checkpointing": True}),
+                     ("half", {"gradient_checkpointing": True, "checkpoint_every": 2})]:
+        m = load_causal_lm(tiny_model_dir, dtype="float32")
+        _run(m, examples, tmp_path / name, pad, max_steps=3, **kw)
+        results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+        flags.append([layer.gradient_checkpointing for layer in m.modules()
+                      if isinstance(layer, GradientCheckpointingLayer)])
+    assert flags[1] == [True] * len(flags[1]) and flags[2] == [i % 2 == 0 for i in range(len(flags[2]))]
+    assert torch.allclose(results[0], results[1], atol=1e-6) and torch.allclose(results[0], results[2], atol=1e-6)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
 from alignline.data.io import atomic_write_text
 from alignline.errors import ConfigError
@@ -20,9 +20,29 @@ C = TypeVar("C", bound=BaseModel)
 
 
 class Section(BaseModel):
-    """Base of every config block: unknown keys are errors, field docstrings are descriptions."""
+    """Base of every config block: unknown keys are errors, field docstrings are descriptions.
+
+    A block whose default is a stage-specific instance (``Field(default_factory=default_dpo_train)``) is
+    *updated* by what the user gives, not replaced: ``train.lr=1e-5`` on ``dpo`` keeps DPO's other training
+    defaults (batch size, accumulation, warm-up) instead of falling back to the class defaults.
+    """
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _update_default_blocks(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name, field in cls.model_fields.items():
+            given = out.get(name)
+            if not isinstance(given, dict) or field.default_factory is None:
+                continue
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                out[name] = _merge(default.model_dump(exclude_unset=False), given)
+        return out
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -119,16 +139,22 @@ def save_resolved(cfg: BaseModel, out_dir: str | Path, name: str = "config.yaml"
     return path
 
 
-def describe(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted name, default, docstring) for every field, recursing into sections; for --help-config."""
+def describe(cls: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
+             ) -> list[tuple[str, str, str]]:
+    """(dotted name, default, docstring) for every field, recursing into sections; for --help-config. A
+    block's defaults are those of the stage (its default instance), not of the block's class."""
     rows = []
     for name, field in cls.model_fields.items():
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.extend(describe(ann, f"{prefix}{name}."))
+        if defaults is not None:
+            value, required = getattr(defaults, name), False
         else:
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            rows.append((prefix + name, default, field.description or ""))
+            required = field.is_required()
+            value = None if required else field.get_default(call_default_factory=True)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe(ann, f"{prefix}{name}.", value if isinstance(value, BaseModel) else None))
+        else:
+            rows.append((prefix + name, "required" if required else repr(value), field.description or ""))
     return rows
 
 

@@ -106,6 +106,12 @@ STAGES: tuple[StageSpec, ...] = (
               False, "eval"),
     StageSpec("tso", "alignline.stages.tso:TSOConfig",
               "Mini-batch iterative DPO (TSO): the reference is the policy after the previous mini-batch.", True),
+    StageSpec("tso-loop", "alignline.stages.tso_loop:TSOLoopConfig",
+              "Multi-stage TSO: each stage samples and scores the policy, mixes model-matrix pairs with its own "
+              "pairs, trains mini-batch iterative DPO and registers the new version in the matrix.", False),
+    StageSpec("self-reward", "alignline.stages.self_reward:SelfRewardConfig",
+              "Self-Reward baseline: each stage the policy's samples are scored by a judge, best vs worst become "
+              "pairs, DPO with the stage's starting policy as reference.", False),
     StageSpec("mtbench", "alignline.stages.eval_mtbench:MTBenchConfig",
               "MT-bench: answers turn by turn (or a FastChat answer file) graded 1-10 by an LLM judge; "
               "median of repeats.", False, "eval"),
