@@ -132,11 +132,11 @@ def build_data(args, work: Path) -> dict[str, Any]:
     from alignline.models import load_tokenizer, resolve_model
 
     t0 = time.perf_counter()
-    model_path = args.model_path or resolve_model(MODEL)
+    model_path = getattr(args, "model_path", None) or resolve_model(MODEL)  # rm_throughput's args have neither
     tokenizer = load_tokenizer(model_path)
     ensure_chat_template(tokenizer)
     L = args.max_length
-    if args.data_dir:  # the pairs an earlier run selected (e.g. carried to a GPU machine without the asset)
+    if getattr(args, "data_dir", None):  # the pairs an earlier run selected (e.g. carried to a GPU machine without the asset)
         pairs_al = [json.loads(x) for x in (args.data_dir / "pairs.jsonl").read_bytes().split(b"\n") if x.strip()]
         if args.repeat_data > 1:  # more steps for a timing that is not dominated by start-up (fast GPUs)
             pairs_al = [dict(p, id=f"{p['id']}~{k}") for k in range(args.repeat_data) for p in pairs_al]

@@ -37,7 +37,9 @@ def pair_file(tmp_path):
 def dpo_cfg(tmp_path, model_dir, pair_file, **over):
     base = {"model": str(model_dir), "output_dir": str(tmp_path / "dpo"),
             "data": {"train": str(pair_file), "eval": str(pair_file), "max_length": 128},
-            "train": {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 0}}
+            # fp32 everywhere: the exactness tests below compare runs bit for bit (no bf16 autocast on GPUs)
+            "train": {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 0,
+                      "mixed_precision": "no"}}
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump(base))
     return load_config(dpo.DPOConfig, path, [f"{k}={v}" for k, v in over.items()])
@@ -103,7 +105,8 @@ def test_dropped_pairs_are_counted_and_capped(tmp_path, tiny_model_dir, tiny_tok
 def tso_cfg(tmp_path, model_dir, pair_file, **over):
     base = {"model": str(model_dir), "output_dir": str(tmp_path / "tso"), "minibatches": 3,
             "data": {"train": str(pair_file), "max_length": 128},
-            "train": {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup_ratio": 0.0}}
+            "train": {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 1e-3, "warmup_ratio": 0.0,
+                      "mixed_precision": "no"}}
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tso.yaml"
     path.write_text(yaml.safe_dump(base))

@@ -209,3 +209,15 @@ def test_fingerprint_of_a_file_and_of_configs(tmp_path):
     assert fingerprint(f) != one
     assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_a_stage_directory_is_read_without_its_side_files(tmp_path):
+    """annotate writes pairs-00000.jsonl next to judge_cache.jsonl and failures.jsonl; reading the directory as
+    pairs must take the shard only (1 pair), not fail on the cache's {key, output} lines."""
+    from alignline.data.io import read_pairs
+
+    pair = {"id": "p1", "prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}
+    (tmp_path / "pairs-00000.jsonl").write_text(json.dumps(pair) + "\n")
+    (tmp_path / "judge_cache.jsonl").write_text(json.dumps({"key": "k", "output": "Verdict: [[A]]"}) + "\n")
+    (tmp_path / "failures.jsonl").write_text(json.dumps({"prompt_id": "p2", "reason": "no verdict"}) + "\n")
+    assert [p.id for p in read_pairs(tmp_path)] == ["p1"]

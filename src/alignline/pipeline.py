@@ -48,6 +48,7 @@ from pydantic import BaseModel, Field, ValidationError
 from alignline.config import Section, _merge, _set_dotted, config_error, parse_overrides
 from alignline.data.io import MANIFEST, atomic_write_json, read_manifest
 from alignline.errors import ConfigError
+from alignline.stages.common import ALWAYS_IGNORED
 
 # ----------------------------------------------------------------------------------------- stage table
 
@@ -380,9 +381,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Plan:
 
 # ----------------------------------------------------------------------------------------- running
 
-FINGERPRINT_IGNORED = ("resume", "stop_at")
-"""Settings the stages leave out of their config fingerprint (RunDir's ignore_in_fingerprint)."""
-RESUME_IGNORED = (*FINGERPRINT_IGNORED, "train.stop_after_step")
+FINGERPRINT_IGNORED = (*ALWAYS_IGNORED, "stop_at")
+"""Settings the stages leave out of their config fingerprint (RunDir's ALWAYS_IGNORED + tso's stop_at)."""
+RESUME_IGNORED = FINGERPRINT_IGNORED
 """Settings that may change between an interrupted run and the run that resumes it."""
 
 

@@ -237,15 +237,22 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
         yield from iter_jsonl(path)
 
 
+#: Files stages write next to their record shards (judge outputs, parse failures, training metrics):
+#: reading a stage's output directory as records skips them.
+SIDE_FILES = frozenset({"judge_cache.jsonl", "failures.jsonl", "metrics.jsonl"})
+
+
 def read_records(path: str | Path, model: type[R], adapt: Callable[[dict], dict] | None = None) -> list[R]:
     """Read and validate every row of ``path`` as ``model`` (optionally through a layout adapter).
 
-    ``path`` may be a JSONL or Parquet file or a directory of shards; errors name the shard and line.
+    ``path`` may be a JSONL or Parquet file or a directory of shards (a stage's output directory: its side
+    files :data:`SIDE_FILES` are not records and are skipped); errors name the shard and line.
     """
     path = Path(path)
     files = [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet") and not p.name.startswith("."))
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet") and not p.name.startswith(".")
+                       and p.name not in SIDE_FILES)
         if not files:
             raise DataError("directory holds no .jsonl or .parquet shards", path=str(path))
     out = []

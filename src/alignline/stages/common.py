@@ -21,6 +21,11 @@ def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | 
             for k, v in inputs.items()}
 
 
+#: Settings left out of every stage's config fingerprint: how to run, not what to compute (an interrupted run
+#: and its resumption may differ in them).
+ALWAYS_IGNORED = ("resume", "train.stop_after_step")
+
+
 class RunDir:
     """A stage's output directory: knows whether the same config and inputs already completed there, and
     whether what an earlier run left there may be resumed.
@@ -31,9 +36,16 @@ class RunDir:
     """
 
     def __init__(self, stage: str, cfg: BaseModel, out_dir: str | Path, inputs: dict[str, Any],
-                 ignore_in_fingerprint: tuple[str, ...] = ("resume",)):
+                 ignore_in_fingerprint: tuple[str, ...] = ()):
         self.stage, self.cfg, self.path = stage, cfg, Path(out_dir)
-        body = cfg.model_dump(mode="json", exclude=set(ignore_in_fingerprint))
+        body = cfg.model_dump(mode="json")
+        for dotted in (*ALWAYS_IGNORED, *ignore_in_fingerprint):  # settings that do not change the result
+            *parents, leaf = dotted.split(".")
+            node = body
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(leaf, None)
         self.config_fp = fingerprint(body)
         self.inputs = {k: str(v) if v is not None else None for k, v in inputs.items()}
         self.inputs_fp = input_fingerprints(inputs)
