@@ -227,7 +227,9 @@ def rule(answer, criterion):
 
 
 def fake_engine(monkeypatch, engine):
-    monkeypatch.setattr(feedback, "build_engine", lambda settings, device=None: engine)
+    import alignline.generate.base as engines
+
+    monkeypatch.setattr(engines, "build_engine", lambda settings, device=None: engine)
 
 
 def test_llm_feedback_failures_cache_and_fill_in(tmp_path, monkeypatch):

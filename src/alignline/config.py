@@ -107,21 +107,26 @@ def config_error(cls: type[BaseModel], exc: ValidationError, source: str) -> Con
     return ConfigError(f"invalid {cls.__name__} from {source}:\n  " + "\n  ".join(lines))
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """The mapping a YAML file holds ({} for an empty file); ``what`` names the file's role in errors."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path}: not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping of settings at the top level, found "
+                          f"{type(data).__name__}")
+    return data or {}
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Build ``cls`` from an optional YAML file plus ``key=value`` overrides (overrides win)."""
     data: dict = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level, found {type(loaded).__name__}")
-        data = loaded or {}
+        data = read_yaml_mapping(Path(path), "config file")
         source = str(path)
     if overrides:
         data = _merge(data, parse_overrides(overrides))

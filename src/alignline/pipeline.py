@@ -45,7 +45,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from alignline.config import Section, _merge, _set_dotted, config_error, parse_overrides
+from alignline.config import Section, _merge, _set_dotted, config_error, parse_overrides, read_yaml_mapping
 from alignline.data.io import MANIFEST, atomic_write_json, read_manifest
 from alignline.errors import ConfigError
 from alignline.stages.common import ALWAYS_IGNORED
@@ -201,18 +201,6 @@ class Plan:
                           + f" (stages: {', '.join(s.name for s in self.stages)})")
 
 
-def _read_mapping(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{what}: file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what}: {path} is not valid YAML: {exc}") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{what}: {path} must hold a mapping of settings, found {type(data).__name__}")
-    return data or {}
-
-
 def _dotted_tree(flat: dict[str, Any]) -> dict:
     tree: dict = {}
     for key, value in flat.items():
@@ -311,7 +299,7 @@ def _check_dirs(path: Path, root: str, stages: list[PlannedStage]) -> None:
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Plan:
     """Read, resolve and validate a pipeline file; nothing runs. Errors name the file, stage and setting."""
     path = Path(path)
-    raw = _read_mapping(path, "pipeline")
+    raw = read_yaml_mapping(path, "pipeline")
     stage_names = [s.get("name") for s in raw.get("stages") or [] if isinstance(s, dict)]
     top, per_stage = _split_overrides(path, list(overrides or []), [n for n in stage_names if isinstance(n, str)])
     try:
@@ -355,7 +343,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Plan:
         for chunk in chunks:
             if isinstance(chunk, str):
                 chunk_path = path.parent / chunk
-                chunk = _read_mapping(chunk_path, f"{path}: {where}, setting 'config'")
+                chunk = read_yaml_mapping(chunk_path, f"{path}: {where}, setting 'config':")
                 chunk.pop("output_dir", None)  # the pipeline decides where its stages write (see module doc)
             data = _merge(data, copy.deepcopy(chunk))
         data = _merge(data, _dotted_tree(entry.overrides))

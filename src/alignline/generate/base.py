@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import Field
@@ -93,3 +93,26 @@ def build_engine(settings: EngineSettings, device=None) -> Engine:
     from alignline.generate.openai_engine import OpenAIEngine, OpenAISettings
 
     return OpenAIEngine(OpenAISettings.model_validate({"model": settings.model, **settings.openai}))
+
+
+class LazyEngine:
+    """Builds the engine on the first call, so a rerun served from the cache loads no model."""
+
+    def __init__(self, settings: EngineSettings, device=None, build: Callable[..., Engine] | None = None):
+        """``build``: the engine factory (default :func:`build_engine`; stages pass their own so tests can
+        substitute a scripted engine)."""
+        self.settings, self.device, self.engine = settings, device, None
+        self.build = build or build_engine
+
+    def generate(self, prompts, n, sampling):
+        if self.engine is None:
+            device = self.device
+            if device is None and self.settings.engine == "hf":
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else None
+            self.engine = self.build(self.settings, device=device)
+        return self.engine.generate(prompts, n, sampling)
+
+    def close(self) -> None:
+        getattr(self.engine, "close", lambda: None)()

@@ -26,7 +26,7 @@ from pydantic import Field
 from alignline.config import Section
 from alignline.data.io import ShardedWriter, atomic_write_bytes, read_prompts, read_records
 from alignline.data.records import Pair, Prompt, Response
-from alignline.errors import ConfigError, DataError
+from alignline.errors import ConfigError
 from alignline.generate.base import SamplingParams
 from alignline.judges.cache import JudgeCache, judge_key
 from alignline.judges.pairwise import (
@@ -36,7 +36,7 @@ from alignline.judges.pairwise import (
     parse_pairwise,
     verifier_rating,
 )
-from alignline.stages.common import RunDir, console
+from alignline.stages.common import RunDir, console, usable_responses
 
 
 def default_judge_sampling() -> SamplingParams:
@@ -81,18 +81,10 @@ def presentation_swapped(seed: int, prompt_id: str) -> bool:
 
 
 def pick_two(prompts: dict[str, Prompt], responses: list[Response], counts: Counter, where: str):
-    grouped: dict[str, list[Response]] = defaultdict(list)
-    for r in responses:
-        if r.prompt_id not in prompts:
-            raise DataError("response for a prompt that is not in the prompts file", path=where, field="prompt_id",
-                            found=repr(r.prompt_id))
-        if r.status == "ok" and r.text.strip():
-            grouped[r.prompt_id].append(r)
-        else:
-            counts["skipped_failed_or_empty_responses"] += 1
+    grouped = usable_responses(responses, prompts, where, counts)
     out = []
     for pid in prompts:
-        rs = sorted(grouped.get(pid, []), key=lambda r: r.sample_idx)
+        rs = grouped.get(pid, [])
         if len(rs) < 2:
             counts["prompts_with_fewer_than_2_responses"] += 1
             continue

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Callable, Container, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,8 @@ from rich.console import Console
 
 from alignline.config import save_resolved
 from alignline.data.io import fingerprint, read_manifest, write_manifest
+from alignline.data.records import Response
+from alignline.errors import DataError
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -82,3 +84,19 @@ class RunDir:
             config_fingerprint=self.config_fp, inputs=self.inputs, input_fingerprints=self.inputs_fp,
             counts=dict(counts or {}), **extra,
         )
+
+
+def usable_responses(responses: Iterable[Response], prompt_ids: Container[str], where: str,
+                     counts: Counter) -> dict[str, list[Response]]:
+    """Each prompt's usable responses (status ok, non-blank text), by sample index. A response for a prompt
+    that is not in the prompts file is an error; failed or empty ones are counted and skipped."""
+    grouped: dict[str, list[Response]] = defaultdict(list)
+    for r in responses:
+        if r.prompt_id not in prompt_ids:
+            raise DataError("response for a prompt that is not in the prompts file", path=where, field="prompt_id",
+                            found=repr(r.prompt_id))
+        if r.status == "ok" and r.text.strip():
+            grouped[r.prompt_id].append(r)
+        else:
+            counts["skipped_failed_or_empty_responses"] += 1
+    return {pid: sorted(rs, key=lambda r: r.sample_idx) for pid, rs in grouped.items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import json
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -28,7 +28,7 @@ from alignline.evaluate.injection import CASE_NAMES, CASES, JudgeItem, run_suite
 from alignline.generate.base import EngineSettings, SamplingParams, build_engine
 from alignline.judges.cache import JudgeCache
 from alignline.judges.pairwise import PAIRWISE_VERSION
-from alignline.stages.common import RunDir, console
+from alignline.stages.common import RunDir, console, usable_responses
 
 
 def default_judge_sampling() -> SamplingParams:
@@ -85,16 +85,7 @@ def judge_id_of(settings: EngineSettings) -> str:
 
 
 def first_usable(responses: list[Response], prompt_ids: set[str], where: str, counts: Counter) -> dict[str, Response]:
-    by: dict[str, list[Response]] = defaultdict(list)
-    for r in responses:
-        if r.prompt_id not in prompt_ids:
-            raise DataError("response for a prompt that is not in the prompts file", path=where, field="prompt_id",
-                            found=repr(r.prompt_id))
-        if r.status == "ok" and r.text.strip():
-            by[r.prompt_id].append(r)
-        else:
-            counts["skipped_failed_or_empty_responses"] += 1
-    return {pid: min(rs, key=lambda r: r.sample_idx) for pid, rs in by.items()}
+    return {pid: rs[0] for pid, rs in usable_responses(responses, prompt_ids, where, counts).items()}
 
 
 def load_items(cfg: InjectionConfig, counts: Counter) -> list[JudgeItem]:

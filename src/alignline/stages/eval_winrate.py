@@ -27,7 +27,7 @@ from alignline.data.io import atomic_write_bytes, atomic_write_json, read_prompt
 from alignline.data.records import Rating
 from alignline.errors import DataError
 from alignline.evaluate import winrate as wr
-from alignline.generate.base import EngineSettings, SamplingParams, build_engine
+from alignline.generate.base import EngineSettings, LazyEngine, SamplingParams, build_engine
 from alignline.judges.cache import JudgeCache, ask_judge
 from alignline.judges.pairwise import PAIRWISE_VERSION, diagnose_pairwise, pairwise_prompt, parse_pairwise
 from alignline.stages.common import RunDir, console
@@ -70,18 +70,6 @@ class WinrateConfig(Section):
 
 
 OUTCOME_NAMES = {1.0: "win", 0.5: "tie", 0.0: "loss"}
-
-
-class _LazyEngine:
-    """Builds the judge on its first call, so a rerun answered from the cache never loads it."""
-
-    def __init__(self, settings: EngineSettings):
-        self.settings, self.engine = settings, None
-
-    def generate(self, prompts, n, sampling):
-        if self.engine is None:
-            self.engine = build_engine(self.settings)
-        return self.engine.generate(prompts, n, sampling)
 
 
 def judge_orders(outputs: list[str | None], tie_degrees: list[str], counts: Counter) -> tuple[list[dict], list]:
@@ -161,7 +149,7 @@ def run(cfg: WinrateConfig) -> Path:
     judge_settings = EngineSettings.model_validate(cfg.judge.model_dump(include=set(EngineSettings.model_fields)))
     judge_id = f"llm:{cfg.judge.engine}:{cfg.judge.model}"
     with JudgeCache(rd.path / "judge_cache.jsonl") as cache:
-        outputs, calls = ask_judge(_LazyEngine(judge_settings), texts, cfg.judge.sampling, cache,
+        outputs, calls = ask_judge(LazyEngine(judge_settings, build=build_engine), texts, cfg.judge.sampling, cache,
                                    judge_id=judge_id, template_version=PAIRWISE_VERSION,
                                    batch_size=cfg.judge.batch_size)
     counts["judge_calls"] = calls

@@ -30,7 +30,7 @@ from alignline.config import Section
 from alignline.data.io import atomic_write_bytes, read_prompts, read_records, write_records
 from alignline.data.records import Prompt, Response
 from alignline.errors import AlignlineError, ConfigError, DataError
-from alignline.generate.base import EngineSettings, SamplingParams, build_engine
+from alignline.generate.base import EngineSettings, LazyEngine, SamplingParams
 from alignline.judges.cache import JudgeCache, ask_judge
 from alignline.judges.evaluator import (
     DEFAULT_CRITERIA,
@@ -141,26 +141,6 @@ def verifier_feedback(items: list[tuple[Prompt, Response]], criterion: str, coun
                                   meta={**_meta(prompt, r, "verifier"), "fraction_followed": res.score}))
         counts["records"] += 1
     return out
-
-
-class LazyEngine:
-    """Builds the engine on the first call, so a rerun served from the cache loads no model."""
-
-    def __init__(self, settings: EngineSettings, device=None):
-        self.settings, self.device, self.engine = settings, device, None
-
-    def generate(self, prompts, n, sampling):
-        if self.engine is None:
-            device = self.device
-            if device is None and self.settings.engine == "hf":
-                import torch
-
-                device = "cuda" if torch.cuda.is_available() else None
-            self.engine = build_engine(self.settings, device=device)
-        return self.engine.generate(prompts, n, sampling)
-
-    def close(self) -> None:
-        getattr(self.engine, "close", lambda: None)()
 
 
 def llm_feedback(items: list[tuple[Prompt, Response]], cfg: FeedbackConfig, cache_path: Path, counts: Counter,

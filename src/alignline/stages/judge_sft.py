@@ -36,7 +36,7 @@ from alignline.data.io import (
 )
 from alignline.data.records import Conversation
 from alignline.errors import ConfigError
-from alignline.generate.base import EngineSettings, SamplingParams
+from alignline.generate.base import EngineSettings, LazyEngine, SamplingParams
 from alignline.judges.cache import JudgeCache, ask_judge
 from alignline.judges.evaluator import (
     EVALUATOR_VERSION,
@@ -51,7 +51,7 @@ from alignline.judges.evaluator import (
 from alignline.models import LoraSettings, load_tokenizer, resolve_model
 from alignline.stages import sft
 from alignline.stages.common import RunDir, console
-from alignline.stages.feedback import EVAL_FILE, TRAIN_FILE, LazyEngine
+from alignline.stages.feedback import EVAL_FILE, TRAIN_FILE
 from alignline.train.loop import TrainSettings
 
 

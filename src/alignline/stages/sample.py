@@ -34,7 +34,7 @@ from alignline.data.io import (
 )
 from alignline.data.records import Response
 from alignline.errors import ConfigError, DataError
-from alignline.generate.base import SamplingParams
+from alignline.generate.base import EngineSettings, SamplingParams, build_engine
 from alignline.matrix import MatrixMember, human_responses, load_matrix
 from alignline.stages.common import RunDir, console
 
@@ -78,16 +78,9 @@ class SampleConfig(Section):
 
 
 def make_engine(cfg: SampleConfig, device=None):
-    if cfg.engine == "hf":
-        from alignline.generate.hf import HFEngine
-
-        return HFEngine.from_path(cfg.model, dtype=cfg.dtype, device=device, max_batch=cfg.max_batch,
-                                  trust_remote_code=cfg.trust_remote_code)
-    try:
-        from alignline.generate.openai_engine import OpenAIEngine, OpenAISettings
-    except ImportError as exc:  # pragma: no cover
-        raise ConfigError(f"the openai engine is unavailable: {exc}") from None
-    return OpenAIEngine(OpenAISettings.model_validate({"model": cfg.model, **cfg.openai}))
+    return build_engine(EngineSettings(engine=cfg.engine, model=cfg.model, openai=cfg.openai, dtype=cfg.dtype,
+                                       max_batch=cfg.max_batch, trust_remote_code=cfg.trust_remote_code),
+                        device=device)
 
 
 def _copy_member(m: MatrixMember, prompt_ids: set[str], out: Path) -> dict:

@@ -30,7 +30,7 @@ from alignline.data.chat import ensure_chat_template, tokenise_prompt_response
 from alignline.data.io import ShardedWriter, atomic_write_bytes, iter_jsonl, read_prompts, read_records
 from alignline.data.records import Prompt, RankedSet, Response, Scored
 from alignline.errors import AlignlineError, ConfigError, DataError
-from alignline.generate.base import EngineSettings, SamplingParams
+from alignline.generate.base import EngineSettings, LazyEngine, SamplingParams
 from alignline.judges.cache import JudgeCache, ask_judge
 from alignline.judges.evaluator import (
     DEFAULT_CRITERIA,
@@ -42,7 +42,6 @@ from alignline.judges.evaluator import (
 from alignline.judges.reward import score_responses
 from alignline.models import load_reward_model, load_tokenizer, resolve_model
 from alignline.stages.common import RunDir, console
-from alignline.stages.feedback import LazyEngine
 
 
 class ScoreConfig(Section):
