@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import signal
 import subprocess
 import sys
@@ -303,3 +304,85 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class RssSampler(threading.Thread):
+    """Peak resident set size per named phase, sampled from /proc/self/statm every ``interval_s``."""
+
+    def __init__(self, interval_s: float = 0.01):
+        super().__init__(daemon=True)
+        self.interval, self.phase, self.peaks = interval_s, "start", {}
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.timeline: list[tuple[float, str, float]] = []
+        self.hwm: dict[str, float] = {}
+        self._halt = threading.Event()
+        self.t0 = time.perf_counter()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def set_phase(self, name: str) -> None:
+        self.hwm[f"before {name}"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3)
+        self.sample()
+        self.phase = name
+        self.sample()
+
+    def sample(self) -> None:
+        r = self.rss()
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), r)
+        t = time.perf_counter() - self.t0
+        if not self.timeline or t - self.timeline[-1][0] >= 1.0 or self.timeline[-1][1] != self.phase:
+            self.timeline.append((round(t, 2), self.phase, round(r / GB, 3)))
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> dict:
+        self._halt.set()
+        self.join(timeout=2)
+        self.set_phase("end")
+        return {"peaks_gb": {k: round(v / GB, 3) for k, v in self.peaks.items()}, "ru_maxrss_gb_at": self.hwm,
+                "timeline": self.timeline}
+
+
+def timed_trl_trainer(trainer_cls: type, sampler: RssSampler, train_batches: list[dict]) -> type:
+    """``trainer_cls`` whose training ``compute_loss`` records, per micro-batch, its shape, real tokens, loss,
+    forward seconds and RSS after the forward pass into ``train_batches``."""
+
+    class Timed(trainer_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            t0 = time.perf_counter()
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training:
+                fwd = time.perf_counter() - t0
+                loss = out[0] if isinstance(out, tuple) else out
+                ids, mask = inputs["input_ids"], inputs["attention_mask"]
+                train_batches.append({"shape": list(ids.shape), "real_tokens": int(mask.sum()),
+                                      "loss": float(loss.detach()), "fwd_s": fwd,
+                                      "rss_after_fwd_gb": round(sampler.rss() / GB, 3)})
+            return out
+
+    return Timed
+
+
+def trl_step_timer(sampler: RssSampler, timeline: list[dict]):
+    """A TrainerCallback appending {t0, t_fb (before the optimizer step), t1} per optimizer step to ``timeline``
+    and switching ``sampler`` to the "train" phase."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            sampler.set_phase("train")
+
+        def on_step_begin(self, args, state, control, **kw):
+            timeline.append({"t0": time.perf_counter()})
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            timeline[-1]["t_fb"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            timeline[-1]["t1"] = time.perf_counter()
+
+    return StepTimer()

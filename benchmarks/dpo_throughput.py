@@ -52,13 +52,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,15 +63,29 @@ from typing import Any
 try:
     from benchmarks.common import (
         GB,
+        RssSampler,
         child_env,
         machine_info,
         markdown_table,
         run_child,
+        timed_trl_trainer,
+        trl_step_timer,
         wait_until_quiet,
         write_json,
     )
 except ImportError:  # run as a script: benchmarks/ is sys.path[0]
-    from common import GB, child_env, machine_info, markdown_table, run_child, wait_until_quiet, write_json
+    from common import (
+        GB,
+        RssSampler,
+        child_env,
+        machine_info,
+        markdown_table,
+        run_child,
+        timed_trl_trainer,
+        trl_step_timer,
+        wait_until_quiet,
+        write_json,
+    )
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "dpo_throughput.json"
@@ -279,47 +290,6 @@ def finish_data(args, work, tokenizer, model_path, al_path, pairs_trl_by_index, 
 
 # --------------------------------------------------------------------------- children
 
-class RssSampler(threading.Thread):
-    """Peak resident set size per named phase, sampled from /proc/self/statm every ``interval_s``."""
-
-    def __init__(self, interval_s: float = 0.01):
-        super().__init__(daemon=True)
-        self.interval, self.phase, self.peaks = interval_s, "start", {}
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.timeline: list[tuple[float, str, float]] = []
-        self.hwm: dict[str, float] = {}
-        self._halt = threading.Event()
-        self.t0 = time.perf_counter()
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def set_phase(self, name: str) -> None:
-        self.hwm[f"before {name}"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3)
-        self.sample()
-        self.phase = name
-        self.sample()
-
-    def sample(self) -> None:
-        r = self.rss()
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), r)
-        t = time.perf_counter() - self.t0
-        if not self.timeline or t - self.timeline[-1][0] >= 1.0 or self.timeline[-1][1] != self.phase:
-            self.timeline.append((round(t, 2), self.phase, round(r / GB, 3)))
-
-    def run(self) -> None:
-        while not self._halt.wait(self.interval):
-            self.sample()
-
-    def stop(self) -> dict:
-        self._halt.set()
-        self.join(timeout=2)
-        self.set_phase("end")
-        return {"peaks_gb": {k: round(v / GB, 3) for k, v in self.peaks.items()}, "ru_maxrss_gb_at": self.hwm,
-                "timeline": self.timeline}
-
-
 def child_alignline(spec: dict) -> dict:
     import torch
 
@@ -463,7 +433,7 @@ def child_trl(spec: dict) -> dict:
     sampler.start()
     sampler.set_phase("load")
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
@@ -478,7 +448,7 @@ def child_trl(spec: dict) -> dict:
     train_batches: list[dict] = []
     timeline: list[dict] = []
 
-    class Timed(DPOTrainer):
+    class Timed(timed_trl_trainer(DPOTrainer, sampler, train_batches)):
         def _precompute_ref_logps(self, dataset, name, batch_size):
             sampler.set_phase("reference")
             t0 = time.perf_counter()
@@ -491,30 +461,6 @@ def child_trl(spec: dict) -> dict:
             ref_batches.append(list(inputs["input_ids"].shape))
             return super().compute_ref_log_probs(model, inputs)
 
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            t0 = time.perf_counter()
-            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if model.training:
-                fwd = time.perf_counter() - t0
-                loss = out[0] if isinstance(out, tuple) else out
-                ids, mask = inputs["input_ids"], inputs["attention_mask"]
-                train_batches.append({"shape": list(ids.shape), "real_tokens": int(mask.sum()),
-                                      "loss": float(loss.detach()), "fwd_s": fwd,
-                                      "rss_after_fwd_gb": round(sampler.rss() / GB, 3)})
-            return out
-
-    class StepTimer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            sampler.set_phase("train")
-
-        def on_step_begin(self, args, state, control, **kw):
-            timeline.append({"t0": time.perf_counter()})
-
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            timeline[-1]["t_fb"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            timeline[-1]["t1"] = time.perf_counter()
 
     args = DPOConfig(
         output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
@@ -527,7 +473,7 @@ def child_trl(spec: dict) -> dict:
     sampler.set_phase("prepare")
     t0 = time.perf_counter()
     trainer = Timed(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                    callbacks=[StepTimer()])
+                    callbacks=[trl_step_timer(sampler, timeline)])
     init_s = time.perf_counter() - t0
     ds = trainer.train_dataset
     expected = spec["expected"]

@@ -61,27 +61,33 @@ from typing import Any
 try:
     from benchmarks.common import (
         GB,
+        RssSampler,
         busy_processes,
         child_env,
         machine_info,
         markdown_table,
         run_child,
+        timed_trl_trainer,
+        trl_step_timer,
         wait_until_quiet,
         write_json,
     )
-    from benchmarks.dpo_throughput import RssSampler, build_data, is_contended
+    from benchmarks.dpo_throughput import build_data, is_contended
 except ImportError:  # run as a script: benchmarks/ is sys.path[0]
     from common import (
         GB,
+        RssSampler,
         busy_processes,
         child_env,
         machine_info,
         markdown_table,
         run_child,
+        timed_trl_trainer,
+        trl_step_timer,
         wait_until_quiet,
         write_json,
     )
-    from dpo_throughput import RssSampler, build_data, is_contended
+    from dpo_throughput import build_data, is_contended
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "rm_throughput.json"
@@ -316,7 +322,7 @@ def child_trl(spec: dict) -> dict:
     sampler.start()
     sampler.set_phase("load")
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
@@ -331,31 +337,7 @@ def child_trl(spec: dict) -> dict:
     train_batches: list[dict] = []
     timeline: list[dict] = []
 
-    class Timed(RewardTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            t0 = time.perf_counter()
-            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if model.training:
-                fwd = time.perf_counter() - t0
-                loss = out[0] if isinstance(out, tuple) else out
-                ids, mask = inputs["input_ids"], inputs["attention_mask"]
-                train_batches.append({"shape": list(ids.shape), "real_tokens": int(mask.sum()),
-                                      "loss": float(loss.detach()), "fwd_s": fwd,
-                                      "rss_after_fwd_gb": round(sampler.rss() / GB, 3)})
-            return out
-
-    class StepTimer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            sampler.set_phase("train")
-
-        def on_step_begin(self, args, state, control, **kw):
-            timeline.append({"t0": time.perf_counter()})
-
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            timeline[-1]["t_fb"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            timeline[-1]["t1"] = time.perf_counter()
+    Timed = timed_trl_trainer(RewardTrainer, sampler, train_batches)
 
     args = RewardConfig(
         output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
@@ -368,7 +350,7 @@ def child_trl(spec: dict) -> dict:
     sampler.set_phase("prepare")
     t0 = time.perf_counter()
     trainer = Timed(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                    callbacks=[StepTimer()])
+                    callbacks=[trl_step_timer(sampler, timeline)])
     init_s = time.perf_counter() - t0
     ds = trainer.train_dataset
     expected = spec["expected"]
