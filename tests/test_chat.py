@@ -58,6 +58,8 @@ def test_fallback_template_masks(tiny_tokenizer):
         ex = tokenise_conversation(tok, MSGS)
         eos = tok.eos_token
         assert trained_spans(tok, ex) == [f"Hello! How can I help?{eos}", f"Blue.{eos}"]
+        text = tok.apply_chat_template(MSGS, tokenize=False)
+        assert text.count(eos) == sum(m["role"] == "assistant" for m in MSGS)  # none after user/system turns
     finally:
         tok.chat_template = saved
 

@@ -229,3 +229,46 @@ def test_from_path_and_reference_sampling(tiny_model_dir):
     assert [r.sample_idx for r in ref] == [0, 1, 2] and all(r.finish_reason in ("stop", "length") for r in ref)
     assert _texts(ref) == _texts(generate_reference(engine.model, engine.tokenizer, _prompt(), 3,
                                                     SamplingParams(**SAMPLED)))
+
+
+def test_prompts_batched_together_equal_one_prompt_at_a_time(tiny_model, tiny_tokenizer):
+    # Prompts of different lengths share one left-padded batch when n * prompts fits in max_batch; the padding
+    # must be invisible: the same tokens as decoding each prompt alone, greedy and sampled, with rows leaving.
+    prompts = [_prompt("a", "hi"), _prompt("b", "a much longer question about the weather in spring"),
+               _prompt("c", "tell me a story"), _prompt("d", "x")]
+    for sampling in (SamplingParams(temperature=0, max_new_tokens=12),
+                     SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=3)):
+        together = HFEngine(tiny_model, tiny_tokenizer, max_batch=12).generate(prompts, 3, sampling)
+        alone = HFEngine(tiny_model, tiny_tokenizer, max_batch=3).generate(prompts, 3, sampling)
+        assert [_texts(r) for r in together] == [_texts(r) for r in alone]
+        assert [[r.prompt_id for r in rows] for rows in together] == [[p.id] * 3 for p in prompts]
+
+    engine = HFEngine(tiny_model, tiny_tokenizer, max_batch=12)
+    ids = [prompt_ids(tiny_tokenizer, p.messages) for p in prompts]
+    seeds = [[sample_seed(0, p.id, i) for i in range(3)] for p in prompts]
+    free = engine.sample_prompts(ids, seeds, SamplingParams(temperature=1.0, max_new_tokens=12))
+    end = free[1][0].token_ids[2]
+    engine.end_ids = engine.end_ids | {end}
+    stopped = engine.sample_prompts(ids, seeds, SamplingParams(temperature=1.0, max_new_tokens=12))
+    for a_rows, b_rows in zip(free, stopped, strict=True):
+        for a, b in zip(a_rows, b_rows, strict=True):
+            cut = a.token_ids.index(end) if end in a.token_ids else len(a.token_ids)
+            assert b.token_ids == a.token_ids[:cut]
+
+
+def test_prompts_sharing_a_batch_are_prefilled_in_one_pass(tiny_model, tiny_tokenizer):
+    shapes: list[tuple[int, int]] = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        shapes.append(tuple(ids.shape))
+
+    handle = tiny_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        prompts = [_prompt("a"), _prompt("b", "second"), _prompt("c", "third one, longer")]
+        HFEngine(tiny_model, tiny_tokenizer, max_batch=8).generate(prompts, 4, SamplingParams(max_new_tokens=5))
+    finally:
+        handle.remove()
+    prefills = [s for s in shapes if s[1] > 1]
+    assert [s[0] for s in prefills] == [2, 1]  # 8 // 4 = 2 prompts per batch: the two shortest, then one
+    assert all(s[0] <= 8 for s in shapes)

@@ -233,6 +233,32 @@ def test_vars_references_and_overrides_resolve(tmp_path, monkeypatch, tiny_model
     assert s["pick"].depends_on == []
 
 
+def test_extends_builds_on_another_pipeline(tmp_path, monkeypatch, tiny_model_dir):
+    """A file in another directory extends pipe.yaml: the base's stages first (conf/pairs.yaml still found
+    next to the base), then its own stage, reading a base stage's output; vars updated; name and output_root
+    its own (runs/<its file name>), not the base's."""
+    monkeypatch.chdir(tmp_path)
+    write_project(tmp_path, pipeline_doc(tiny_model_dir))
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "extra.yaml").write_text(yaml.safe_dump({
+        "extends": "../pipe.yaml", "vars": {"steps": 3},
+        "stages": [{"name": "again", "stage": "select", "config": {"ranked": "${pick}/../x.jsonl", "mode": "rs"}}]}))
+    plan = load_pipeline("more/extra.yaml")
+    assert [p.name for p in plan.stages] == ["pick", "pairs", "rs", "dpo", "again"]
+    s = {p.name: p for p in plan.stages}
+    assert plan.name == "extra" and plan.output_root == "runs/extra"
+    assert s["rs"].cfg.train.max_steps == 3 and s["pairs"].cfg.strategy == "best_worst"
+    assert s["again"].depends_on == ["pick"] and s["again"].cfg.ranked == "runs/extra/pick/../x.jsonl"
+
+    (tmp_path / "more" / "loop.yaml").write_text(yaml.safe_dump({"extends": "loop2.yaml"}))
+    (tmp_path / "more" / "loop2.yaml").write_text(yaml.safe_dump({"extends": "loop.yaml"}))
+    with pytest.raises(ConfigError, match="extend each other in a cycle"):
+        load_pipeline("more/loop.yaml")
+    (tmp_path / "more" / "gone.yaml").write_text(yaml.safe_dump({"extends": "nope.yaml"}))
+    with pytest.raises(ConfigError, match=r"gone.yaml: extends nope.yaml: no such file"):
+        load_pipeline("more/gone.yaml")
+
+
 def error_for(tmp_path, tiny_model_dir, edit, overrides=()) -> str:
     doc = pipeline_doc(tiny_model_dir)
     edit(doc)

@@ -148,3 +148,25 @@ def test_score_unknown_prompt_is_a_clear_error(tmp_path, tiny_model_dir):
         fh.write(json.dumps({"prompt_id": "nope", "sample_idx": 0, "text": "x", "source": "s"}) + "\n")
     with pytest.raises(DataError, match=r"prompt_id.*'nope'"):
         score.run(score_cfg(tmp_path, tiny_model_dir))
+
+
+def test_score_with_the_verifier_judge_ranks_by_instructions_followed(tmp_path):
+    """Instructions all_lowercase + no_commas: "good answer" follows both (1.0), "Good answer" only no_commas
+    (0.5), "Good, answer" neither (0.0); equal scores keep sample order (samples 0 and 3 both score 0.5)."""
+    instructions = [{"id": "all_lowercase", "kwargs": {}}, {"id": "no_commas", "kwargs": {}}]
+    (tmp_path / "prompts.jsonl").write_text(json.dumps(
+        {"id": "q0", "messages": [{"role": "user", "content": "Hi?"}], "meta": {"instructions": instructions}}) + "\n")
+    texts = ["Good answer", "Good, answer", "good answer", "Also fine"]
+    (tmp_path / "responses.jsonl").write_text("".join(
+        json.dumps({"prompt_id": "q0", "sample_idx": i, "text": t, "source": "s"}) + "\n" for i, t in enumerate(texts)))
+    cfg = load_config(score.ScoreConfig, None, [
+        "judge=verifier", f"prompts={tmp_path / 'prompts.jsonl'}", f"responses={tmp_path / 'responses.jsonl'}",
+        f"output_dir={tmp_path / 'score'}"])
+    [ranked] = read_sets(score.run(cfg))
+    assert [(r["sample_idx"], r["scores"]["verifier"], r["rank"]) for r in ranked["responses"]] == [
+        (2, 1.0, 1), (0, 0.5, 2), (3, 0.5, 3), (1, 0.0, 4)]
+
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"id": "q0", "messages": [{"role": "user", "content": "Hi"}]})
+                                            + "\n")
+    with pytest.raises(DataError, match=r"prompts.jsonl.*meta.instructions|meta.instructions.*prompts.jsonl"):
+        score.run(cfg.model_copy(update={"output_dir": str(tmp_path / "score2")}))

@@ -80,3 +80,26 @@ def test_bad_settings(tmp_path, tiny_model_dir):
     with pytest.raises(ModelError, match="not found"):
         sample.run(load_config(sample.SampleConfig, None, [*args(tmp_path, tiny_model_dir, tmp_path / "y"),
                                                            "model=no-such-model"]))
+
+
+def test_openai_engine_with_no_server_fails_before_sampling(tmp_path):
+    """Nothing listens on the port: the stage stops with a clear error naming the URL and writes no shards,
+    instead of recording every response as failed and marking the stage complete."""
+    import socket
+
+    from alignline.errors import AlignlineError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    write_prompts(tmp_path / "prompts.jsonl", 2)
+    cfg = load_config(sample.SampleConfig, None, [
+        f"prompts={tmp_path / 'prompts.jsonl'}", "model=served-model", "engine=openai", f"output_dir={tmp_path / 'o'}",
+        f"openai.base_url=http://127.0.0.1:{port}/v1", "openai.api_key_env=NO_SUCH_KEY_VAR_SET", "openai.timeout_s=2"])
+    os.environ["NO_SUCH_KEY_VAR_SET"] = "k"
+    try:
+        with pytest.raises(AlignlineError, match=f"127.0.0.1:{port}"):
+            sample.run(cfg)
+    finally:
+        del os.environ["NO_SUCH_KEY_VAR_SET"]
+    assert not list((tmp_path / "o").glob("responses-*.jsonl"))

@@ -40,8 +40,10 @@ def _print_config_help(cls: type[BaseModel]) -> None:
     table = Table(title=f"{cls.__name__} settings", show_lines=False)
     for col in ("setting", "default", "meaning"):
         table.add_column(col, overflow="fold")
-    for name, default, doc in describe(cls):
-        table.add_row(name, default, doc)
+    from rich.markup import escape
+
+    for name, default, doc in describe(cls):  # docstrings hold [..] lists, not rich markup
+        table.add_row(escape(name), escape(default), escape(doc))
     Console().print(table)
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -162,6 +163,11 @@ class PipelineStage(Section):
 class PipelineFile(Section):
     """A pipeline file."""
 
+    extends: str | None = None
+    """Another pipeline file (relative to this one) this one builds on: its stages come first (their config
+    files still relative to it), then this file's; this file's vars update its vars. name and output_root are
+    not inherited (default runs/<this file's name>; give two files one output_root to share stage outputs).
+    Chains are allowed, cycles are not."""
     name: str | None = None
     """Pipeline name; default: the file name without its suffix."""
     output_root: str | None = None
@@ -296,10 +302,51 @@ def _check_dirs(path: Path, root: str, stages: list[PlannedStage]) -> None:
                                   f"directories ({a.output_dir}, {b.output_dir}); give each its own output_dir")
 
 
+def _rebase(config: Any, base_dir: Path, here: Path) -> Any:
+    """A stage's ``config`` from a file in ``base_dir`` with its file paths made relative to ``here``."""
+    if isinstance(config, list):
+        return [_rebase(c, base_dir, here) for c in config]
+    if isinstance(config, str) and not Path(config).is_absolute():
+        return os.path.relpath(base_dir / config, here)
+    return config
+
+
+def read_pipeline_mapping(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The pipeline file's mapping with its ``extends`` chain merged in (see :class:`PipelineFile`)."""
+    raw = read_yaml_mapping(path, "pipeline")
+    base_ref = raw.get("extends")
+    if base_ref is None:
+        return raw
+    if not isinstance(base_ref, str) or not base_ref.strip():
+        raise ConfigError(f"{path}: setting 'extends': expected the path of another pipeline file, found {base_ref!r}")
+    base_path = path.parent / base_ref
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        raise ConfigError(f"{path}: extends {base_ref}: the files extend each other in a cycle "
+                          f"({' -> '.join(str(p) for p in (*chain, base_path.resolve()))})")
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: extends {base_ref}: no such file ({base_path}); give a path relative to {path}")
+    base = read_pipeline_mapping(base_path, chain)
+    stages = []
+    for entry in base.get("stages") or []:
+        if isinstance(entry, dict) and "config" in entry:
+            entry = {**entry, "config": _rebase(entry["config"], base_path.parent, path.parent)}
+        stages.append(entry)
+    for key in ("vars", "stages"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict if key == "vars" else list):
+            raise ConfigError(f"{path}: setting '{key}': expected a {'mapping' if key == 'vars' else 'list'}")
+    # name and output_root are this file's own (default: from this file's name), never the base's
+    merged = {**{k: v for k, v in base.items() if k not in ("name", "output_root")},
+              **{k: v for k, v in raw.items() if k not in ("vars", "stages")}}
+    merged["vars"] = {**(base.get("vars") or {}), **(raw.get("vars") or {})}
+    merged["stages"] = [*stages, *(raw.get("stages") or [])]
+    return merged
+
+
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Plan:
     """Read, resolve and validate a pipeline file; nothing runs. Errors name the file, stage and setting."""
     path = Path(path)
-    raw = read_yaml_mapping(path, "pipeline")
+    raw = read_pipeline_mapping(path)
     stage_names = [s.get("name") for s in raw.get("stages") or [] if isinstance(s, dict)]
     top, per_stage = _split_overrides(path, list(overrides or []), [n for n in stage_names if isinstance(n, str)])
     try:

@@ -22,10 +22,17 @@ from alignline.errors import AlignlineError
 IGNORE = -100
 
 #: Used for base models whose tokenizer has no chat template (e.g. Gemma 3 270M base). Plain-text role
-#: headers; each turn ends with the tokenizer's EOS token so generation stops after the assistant turn.
+#: headers after the tokenizer's BOS token (texts are encoded without added special tokens, and Gemma
+#: without its BOS produces garbage); assistant turns end with the EOS token, so a trained model stops
+#: after its turn.
+#: Other turns do not: an EOS inside the prompt makes a base model restart rather than answer (Gemma 3
+#: 270M then only repeats "### Assistant:"). An untrained base model does not emit EOS at its turn's end:
+#: sample it with a stop string such as "\n### " (the next role header).
 FALLBACK_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '### ' + message['role'] | capitalize + ':\\n' + message['content'] + eos_token + '\\n\\n' }}"
+    "{{ '### ' + message['role'] | capitalize + ':\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}"
 )

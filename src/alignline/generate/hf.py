@@ -9,9 +9,12 @@ from the sample's own CPU ``torch.Generator``, seeded by :func:`~alignline.gener
 A sample's text therefore depends only on (run seed, prompt id, sample index), not on how the samples are
 batched or chunked, nor on the device's RNG.
 
-All samples of a chunk advance in lock-step from the same prompt, so every row always has the same length:
-finished rows are *removed* from the batch and its cache (``batch_select_indices``) rather than padded, and
-the rows left need no padding mask; every row's next position is ``len(prompt) + step``.
+All rows of a batch advance in lock-step; finished rows are *removed* from the batch and its cache
+(``batch_select_indices``) rather than kept as padding. When ``n`` samples of a prompt leave room in
+``max_batch``, several prompts share a batch: they are prefilled together, left-padded to the longest one
+(attention mask and per-row positions make the padding invisible), and each row's next position is
+``len(its prompt) + step``. Prompts are grouped by length, so little padding is computed. Batching changes
+only floating-point rounding, not which random number a sample draws.
 
 :func:`generate_reference` is the plain ``model.generate(num_return_sequences=n)`` path (the prompt
 expanded ``n`` times and recomputed), kept as the peer for benchmarks; it is not seed-identical.
@@ -151,17 +154,24 @@ class HFEngine(Engine):
         if not isinstance(sampling, SamplingParams):
             sampling = SamplingParams.model_validate(sampling)
         params = sampling.model_dump()
-        out: list[list[Response]] = []
-        for prompt in prompts:
-            seeds = [sample_seed(sampling.seed, prompt.id, i) for i in range(n)]
-            ids = prompt_ids(self.tokenizer, prompt.messages)
-            samples = self.sample(ids, seeds, sampling)
-            out.append([
-                Response(prompt_id=prompt.id, sample_idx=i, text=s.text, source=self.source,
-                         sampling=dict(params), seed=seeds[i], finish_reason=s.finish_reason)
-                for i, s in enumerate(samples)
-            ])
-        return out
+        ids = [prompt_ids(self.tokenizer, p.messages) for p in prompts]
+        seeds = [[sample_seed(sampling.seed, p.id, i) for i in range(n)] for p in prompts]
+        samples: list[list[Sample]] = [[] for _ in prompts]
+        prompts_per_batch = max(1, self.max_batch // n)
+        by_length = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+        for start in range(0, len(by_length), prompts_per_batch):
+            group = by_length[start: start + prompts_per_batch]
+            if len(group) == 1:
+                samples[group[0]] = self.sample(ids[group[0]], seeds[group[0]], sampling)
+                continue
+            for i, got in zip(group, self.sample_prompts([ids[i] for i in group], [seeds[i] for i in group],
+                                                         sampling), strict=True):
+                samples[i] = got
+        return [
+            [Response(prompt_id=prompt.id, sample_idx=i, text=s.text, source=self.source, sampling=dict(params),
+                      seed=prompt_seeds[i], finish_reason=s.finish_reason) for i, s in enumerate(prompt_samples)]
+            for prompt, prompt_seeds, prompt_samples in zip(prompts, seeds, samples, strict=True)
+        ]
 
     @torch.inference_mode()
     def sample(self, input_ids: Sequence[int], seeds: Sequence[int], sampling: SamplingParams) -> list[Sample]:
@@ -180,8 +190,48 @@ class HFEngine(Engine):
             samples: list[Sample] = []
             for start in range(0, len(seeds), self.max_batch):
                 chunk = seeds[start: start + self.max_batch]
-                samples.extend(self._decode_chunk(base_cache, first_logits, len(input_ids), chunk, sampling))
+                cache = copy.deepcopy(base_cache)
+                cache.batch_repeat_interleave(len(chunk))
+                positions = torch.full((len(chunk),), len(input_ids), dtype=torch.long, device=self.device)
+                samples.extend(self._decode(cache, first_logits.expand(len(chunk), -1), positions, None, chunk,
+                                            sampling))
             return samples
+
+    @torch.inference_mode()
+    def sample_prompts(self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]],
+                       sampling: SamplingParams) -> list[list[Sample]]:
+        """One continuation per seed for each prompt, all prompts prefilled and decoded as one batch.
+
+        The prompts are left-padded to the longest; ``seeds[i]`` are prompt ``i``'s sample seeds. The caller
+        bounds the batch (sum of ``len(seeds[i])`` rows); :meth:`generate` keeps it within ``max_batch``.
+        """
+        if any(not ids for ids in prompts):
+            raise ConfigError("a prompt has no tokens; nothing to continue")
+        lengths = [len(ids) for ids in prompts]
+        width = max(lengths)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.end_ids, default=0)
+        rows = [[pad] * (width - len(ids)) + list(ids) for ids in prompts]
+        counts = torch.tensor([len(s) for s in seeds], device=self.device)
+        with _eval_mode(self.model):
+            input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+            mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], dtype=torch.long, device=self.device)
+            positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+            kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
+            prefill = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 **kwargs)
+            rows_of = torch.arange(len(prompts), device=self.device).repeat_interleave(counts)
+            logits = prefill.logits[:, -1, :].float()[rows_of]
+            cache = prefill.past_key_values
+            del prefill
+            cache.batch_select_indices(rows_of)  # each prompt's cache repeated once per sample
+            next_positions = torch.tensor(lengths, dtype=torch.long, device=self.device)[rows_of]
+            flat = self._decode(cache, logits, next_positions, mask[rows_of], [x for s in seeds for x in s],
+                                sampling)
+        out, at = [], 0
+        for s in seeds:
+            out.append(flat[at: at + len(s)])
+            at += len(s)
+        return out
 
     # ---------------------------------------------------------------------------------------- decoding
 
@@ -190,8 +240,13 @@ class HFEngine(Engine):
         # per character), plus a margin for tokens that decode to nothing on their own.
         return 4 * max(len(s) for s in sampling.stop) + 8
 
-    def _decode_chunk(self, base_cache, first_logits: torch.Tensor, prompt_len: int, seeds: Sequence[int],
-                      sampling: SamplingParams) -> list[Sample]:
+    def _decode(self, cache, logits: torch.Tensor, next_positions: torch.Tensor, mask: torch.Tensor | None,
+                seeds: Sequence[int], sampling: SamplingParams) -> list[Sample]:
+        """Decode one row per seed from ``cache`` (already one row per seed) and the logits of its first token.
+
+        ``next_positions`` [rows]: each row's position for its first new token; ``mask`` [rows, cached length]:
+        1 for real tokens, 0 for left padding, or None when no row is padded.
+        """
         size = len(seeds)
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         stops = [s for s in sampling.stop if s]
@@ -199,10 +254,7 @@ class HFEngine(Engine):
         tokens: list[list[int]] = [[] for _ in range(size)]
         finish: list[FinishReason] = ["length"] * size
 
-        cache = copy.deepcopy(base_cache)
-        cache.batch_repeat_interleave(size)
-        logits = first_logits.expand(size, -1)
-        alive = list(range(size))  # chunk rows still decoding, in cache order
+        alive = list(range(size))  # rows still decoding, in cache order
         for step in range(sampling.max_new_tokens):
             next_tokens = pick_tokens(logits, sampling, [generators[r] for r in alive])
             keep: list[int] = []
@@ -224,11 +276,15 @@ class HFEngine(Engine):
             if len(keep) < len(alive):
                 index = torch.tensor(keep, dtype=torch.long, device=next_tokens.device)
                 cache.batch_select_indices(index)
-                next_tokens = next_tokens[index]
+                next_tokens, next_positions = next_tokens[index], next_positions[index]
+                mask = None if mask is None else mask[index]
                 alive = [alive[j] for j in keep]
-            position = torch.full((len(alive), 1), prompt_len + step, dtype=torch.long, device=next_tokens.device)
-            out = self.model(input_ids=next_tokens.view(-1, 1), position_ids=position, past_key_values=cache,
-                             use_cache=True)
+            kwargs = {}
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+                kwargs["attention_mask"] = mask
+            out = self.model(input_ids=next_tokens.view(-1, 1), position_ids=(next_positions + step).view(-1, 1),
+                             past_key_values=cache, use_cache=True, **kwargs)
             logits = out.logits[:, -1, :].float()
             cache = out.past_key_values
         del cache

@@ -40,6 +40,8 @@ class BestOfNConfig(Section):
     """Sampling of the policy."""
     max_prompts: int | None = None
     """Only the first this many prompts."""
+    max_batch: int = Field(64, gt=0)
+    """Sequences decoded together (the n samples of max_batch // n prompts); raise it on a GPU."""
     gold: Literal["verifier"] = "verifier"
     """The gold judge."""
     gold_mode: Literal["strict", "loose"] = "strict"
@@ -102,7 +104,7 @@ def run(cfg: BestOfNConfig) -> Path:
     rd.start()
     samples_dir = sample.run(sample.SampleConfig(
         prompts=cfg.prompts, model=cfg.model, output_dir=str(rd.path / "samples"), n=cfg.n, sampling=cfg.sampling,
-        max_prompts=cfg.max_prompts))
+        max_prompts=cfg.max_prompts, max_batch=cfg.max_batch))
     ranked_dir = score.run(score.ScoreConfig(
         reward_model=cfg.reward_model, prompts=cfg.prompts, responses=str(samples_dir),
         output_dir=str(rd.path / "ranked")))

@@ -100,3 +100,9 @@ def usable_responses(responses: Iterable[Response], prompt_ids: Container[str], 
         else:
             counts["skipped_failed_or_empty_responses"] += 1
     return {pid: sorted(rs, key=lambda r: r.sample_idx) for pid, rs in grouped.items()}
+
+
+def training_dtype(requested: str) -> str:
+    """The dtype a training stage loads its model in: ``auto`` means float32 master weights on every device
+    (speed on GPUs comes from autocast); an explicit dtype is taken as given."""
+    return "float32" if requested == "auto" else requested

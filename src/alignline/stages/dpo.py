@@ -23,7 +23,7 @@ from alignline.data.chat import ensure_chat_template
 from alignline.data.io import atomic_write_json, fingerprint, read_pairs
 from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model, save_model
 from alignline.report.plots import plot_reward_curves
-from alignline.stages.common import RunDir, console
+from alignline.stages.common import RunDir, console, training_dtype
 from alignline.train.loop import TrainSettings, make_accelerator, train
 from alignline.train.pairs import collate_pairs, pair_length, pair_logps, plan_bucketed, tokenise_pairs
 
@@ -104,7 +104,9 @@ class DPOConfig(Section):
     lora: LoraSettings | None = None
     """Train LoRA adapters (merged into the saved model)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype for loading; training keeps fp32 master weights (bf16 autocast on GPUs)."""
+    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision);
+    bfloat16 / float16: the weights themselves in that dtype (half the memory, but an update smaller than the
+    weights' precision is lost, e.g. DPO's lr 5e-7)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory."""
     resume: bool = True
@@ -248,7 +250,7 @@ def run(cfg: DPOConfig) -> Path:
     counts: Counter = Counter()
     examples, eval_examples = load_pairs_for(cfg.data, tokenizer, counts)
 
-    device_dtype = "float32" if accelerator.device.type == "cpu" else cfg.dtype
+    device_dtype = training_dtype(cfg.dtype)
     model = load_causal_lm(model_path, dtype=device_dtype, trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
     model.to(accelerator.device)
     ref_model = model if cfg.reference is None else load_causal_lm(

@@ -6,7 +6,7 @@ criterion: ``{id, question, answer, criterion, evidence, score (2.0-10.0), sourc
 
 * ``verifier``: one criterion (``verifier_criterion``); the score maps the fraction of the prompt's
   verifiable instructions followed linearly onto 2.0-10.0, the evidence says which passed and which failed.
-* ``llm``: any engine (``judge.engine``: hf or an OpenAI-compatible server) with this project's evaluator
+* ``llm``: any engine (``judge.llm.engine``: hf or an OpenAI-compatible server) with this project's evaluator
   template, once per criterion. Outputs are cached in ``judge_cache.jsonl`` (a rerun makes zero calls); a
   parse failure goes to ``failures.jsonl`` with its reason and never becomes a record.
 

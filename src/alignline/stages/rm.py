@@ -22,7 +22,7 @@ from alignline.data.io import atomic_write_json
 from alignline.data.records import RATINGS
 from alignline.judges.reward import pair_rewards
 from alignline.models import LoraSettings, load_reward_model, save_model
-from alignline.stages.common import RunDir, console
+from alignline.stages.common import RunDir, console, training_dtype
 from alignline.stages.dpo import PairData, load_pairs_for, make_plan, stage_tokenizer
 from alignline.train.loop import TrainSettings, make_accelerator, train
 from alignline.train.pairs import collate_pairs
@@ -61,7 +61,9 @@ class RMConfig(Section):
     lora: LoraSettings | None = None
     """Train LoRA adapters (+ the head), merged into the saved model."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype for loading."""
+    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision);
+    bfloat16 / float16: the weights themselves in that dtype (half the memory, but an update smaller than the
+    weights' precision is lost, e.g. DPO's lr 5e-7)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory."""
     resume: bool = True
@@ -130,7 +132,7 @@ def run(cfg: RMConfig) -> Path:
             ex["margin"] = cfg.margins.get(ex.get("rating") or "", 0.0)
     counts["ratings"] = dict(Counter(ex.get("rating") or "unrated" for ex in examples))
 
-    device_dtype = "float32" if accelerator.device.type == "cpu" else cfg.dtype
+    device_dtype = training_dtype(cfg.dtype)
     model = load_reward_model(model_path, dtype=device_dtype, trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
     model.to(accelerator.device)
 

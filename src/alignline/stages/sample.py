@@ -67,7 +67,8 @@ class SampleConfig(Section):
     prompts_per_shard: int = Field(8, gt=0)
     """Prompts per output shard (a shard is the unit that survives a kill)."""
     max_batch: int = Field(64, gt=0)
-    """hf: samples of one prompt decoded together."""
+    """Samples generated together: the n samples of max(1, max_batch // n) prompts (hf: one decode batch, the
+    prompts prefilled together; openai: requests handed to the client at once, up to its max_concurrency)."""
     shard: ShardSetting = None
     """'i/N': sample only prompts i, i+N, ... (several machines); null: all (or one share per process)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -167,22 +168,28 @@ def run(cfg: SampleConfig) -> Path:
     partial = [p.id for p in todo if any((p.id, i) in done for i in range(cfg.n))]
     assert not partial, f"shards hold whole prompts, found partial prompts {partial[:3]}"
     engine = make_engine(cfg, device=state.device if cfg.engine == "hf" else None)
+    if todo and hasattr(engine, "check_connection"):
+        engine.check_connection()  # an unreachable server is an error now, not a run of failed records
     tokenizer = getattr(engine, "tokenizer", None)
     counts: Counter = Counter(resumed_prompts=len(prompts) - len(todo))
     t0, new_tokens = time.perf_counter(), 0
-    bar = tqdm(todo, desc=f"sample n={cfg.n}", disable=not state.is_local_main_process, dynamic_ncols=True)
+    per_call = max(1, cfg.max_batch // cfg.n)
+    bar = tqdm(total=len(todo), desc=f"sample n={cfg.n}", disable=not state.is_local_main_process,
+               dynamic_ncols=True)
     with writer:
-        for prompt in bar:
-            [responses] = engine.generate([prompt], cfg.n, cfg.sampling)
-            for r in responses:
-                if cfg.source:
-                    r.source = cfg.source
-                counts[f"finish_reason:{r.finish_reason}"] += 1
-                counts["failed"] += r.status == "failed"
-                if tokenizer is not None and r.status == "ok":
-                    new_tokens += len(tokenizer(r.text, add_special_tokens=False)["input_ids"])
-                writer.add(r)
-            counts["prompts"] += 1
+        for start in range(0, len(todo), per_call):
+            group = todo[start: start + per_call]
+            for responses in engine.generate(group, cfg.n, cfg.sampling):
+                for r in responses:
+                    if cfg.source:
+                        r.source = cfg.source
+                    counts[f"finish_reason:{r.finish_reason}"] += 1
+                    counts["failed"] += r.status == "failed"
+                    if tokenizer is not None and r.status == "ok":
+                        new_tokens += len(tokenizer(r.text, add_special_tokens=False)["input_ids"])
+                    writer.add(r)
+                counts["prompts"] += 1
+            bar.update(len(group))
             dt = time.perf_counter() - t0
             bar.set_postfix(prompts_s=f"{counts['prompts'] / dt:.2f}", tok_s=f"{new_tokens / dt:.0f}")
     counts["responses_cut_by_token_limit"] = counts.pop("finish_reason:length", 0)

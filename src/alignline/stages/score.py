@@ -1,4 +1,5 @@
-"""``alignline score``: rank every prompt's responses with a reward model (Xwin-Set) or an evaluator (TSO).
+"""``alignline score``: rank every prompt's responses with a reward model (Xwin-Set), an evaluator (TSO) or the
+verifier.
 
 ``judge: reward_model``: for each prompt the prompt's forward pass is done once and its key/value cache
 reused for all N responses (:func:`alignline.judges.reward.score_responses`).
@@ -9,6 +10,11 @@ the criteria whose output parsed (each criterion's score is kept as ``<scorer>/<
 that failed to parse is recorded in ``evaluator/failures.jsonl`` and counted; a response with no parsed
 criterion gets no score and is left out of its ranked set (counted). Evaluator outputs are cached in
 ``evaluator/judge_cache.jsonl``: a rerun makes zero calls (one file of each per process when sharded).
+
+``judge: verifier``: the fraction of the prompt's verifiable instructions (``meta.instructions``, from
+``prepare``'s instructions setting) each response follows, strict mode; no model. Responses that tie keep
+sample order, so a set whose samples all score the same still has a rank 1 and a last rank (``select``'s
+``best_worst`` drops pairs of equal score).
 
 Output: RankedSet records, responses sorted best first with ranks 1..N, in resumable shards (a rerun after
 a kill continues without duplicates), plus ``score_by_rank.png``: the mean score at each rank (Xwin Fig. 5).
@@ -47,8 +53,9 @@ from alignline.stages.common import RunDir, console
 class ScoreConfig(Section):
     """Configuration of ``alignline score``."""
 
-    judge: Literal["reward_model", "evaluator"] = "reward_model"
-    """reward_model: a trained RM scores each response; evaluator: an LLM evaluator scores it per criterion."""
+    judge: Literal["reward_model", "evaluator", "verifier"] = "reward_model"
+    """reward_model: a trained RM scores each response; evaluator: an LLM evaluator scores it per criterion;
+    verifier: the fraction of the prompt's verifiable instructions it follows (no model)."""
     reward_model: str | None = None
     """reward_model: an RM saved by ``alignline rm`` (or any AutoModelForSequenceClassification with 1 label)."""
     evaluator: EngineSettings | None = None
@@ -67,7 +74,7 @@ class ScoreConfig(Section):
     output_dir: str = "runs/score"
     """Where ranked-set shards, score_by_rank.png and manifest.json go."""
     scorer_id: str | None = None
-    """Key of the score in each response's ``scores``; null: 'rm' for the reward model, 'evaluator' otherwise."""
+    """Key of the score in each response's ``scores``; null: 'rm', 'evaluator' or 'verifier' (the judge)."""
     max_length: int = Field(4096, gt=8)
     """prompt + response beyond this many tokens: the response is cut (counted)."""
     chunk: int = Field(16, gt=0)
@@ -164,9 +171,11 @@ def run(cfg: ScoreConfig) -> Path:
     if cfg.judge == "evaluator" and cfg.evaluator is None:
         raise ConfigError("evaluator is required for judge=evaluator, e.g. evaluator.model=PATH (a model trained by "
                           "`alignline judge-sft`) or evaluator.engine=openai evaluator.model=NAME")
-    scorer = cfg.scorer_id or ("rm" if cfg.judge == "reward_model" else "evaluator")
+    scorer = cfg.scorer_id or {"reward_model": "rm"}.get(cfg.judge, cfg.judge)
     if cfg.judge == "reward_model":
         inputs = {"reward_model": cfg.reward_model, "prompts": cfg.prompts, "responses": cfg.responses}
+    elif cfg.judge == "verifier":
+        inputs = {"prompts": cfg.prompts, "responses": cfg.responses}
     else:
         inputs = {"evaluator": cfg.evaluator.model if cfg.evaluator.engine == "hf" else None,
                   "prompts": cfg.prompts, "responses": cfg.responses}
@@ -188,6 +197,15 @@ def run(cfg: ScoreConfig) -> Path:
                                   trust_remote_code=cfg.trust_remote_code).to(state.device).eval()
 
     prompts = {p.id: p for p in read_prompts(cfg.prompts)}
+    if cfg.judge == "verifier":
+        from alignline.judges.verifiable import VerifierJudge
+
+        verifier = VerifierJudge()
+        missing = [pid for pid, p in prompts.items() if not p.meta.get("instructions")]
+        if missing:  # a clear error now, not mid-run
+            raise DataError(f"judge=verifier needs verifiable instructions on every prompt; {len(missing)} have none "
+                            f"(first: '{missing[0]}'); attach them with prepare's instructions setting",
+                            path=cfg.prompts, field="meta.instructions")
     counts: Counter = Counter()
     grouped: dict[str, list[Response]] = defaultdict(list)
     for r in read_records(cfg.responses, Response):
@@ -260,6 +278,10 @@ def run(cfg: ScoreConfig) -> Path:
                 if not unsorted:
                     counts["skipped_prompts_without_scores"] += 1
                     continue
+            elif cfg.judge == "verifier":
+                unsorted = [Scored(**r.model_dump(), scores={**dict(getattr(r, "scores", {}) or {}),
+                                                             scorer: verifier.score(prompt, r.text)})
+                            for r in responses]
             else:
                 unsorted = rm_scored(pid, prompt, responses)
                 if unsorted is None:
@@ -274,8 +296,9 @@ def run(cfg: ScoreConfig) -> Path:
     if state.is_main_process:
         sets = [RankedSet.model_validate(obj) for shard in sorted(rd.path.glob("ranked-*.jsonl"))
                 for _, obj in iter_jsonl(shard)]
-        title = ("Mean reward-model score at each rank (Xwin Fig. 5)" if cfg.judge == "reward_model"
-                 else f"Mean evaluator score ({', '.join(cfg.criteria)}) at each rank")
+        title = {"reward_model": "Mean reward-model score at each rank (Xwin Fig. 5)",
+                 "verifier": "Mean fraction of instructions followed at each rank"}.get(
+            cfg.judge, f"Mean evaluator score ({', '.join(cfg.criteria)}) at each rank")
         plot_score_by_rank(sets, scorer, rd.path / "score_by_rank.png", title)
         rd.finish(counts, shards=[str(p) for p in sorted(rd.path.glob("ranked-*.jsonl"))], judge=cfg.judge,
                   **({"template": EVALUATOR_VERSION, "criteria": cfg.criteria} if cfg.judge == "evaluator" else {}))

@@ -13,7 +13,7 @@ from alignline.data.chat import ensure_chat_template, fit_to_length, tokenise_co
 from alignline.data.io import read_conversations
 from alignline.errors import ConfigError
 from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model, save_model
-from alignline.stages.common import RunDir, console
+from alignline.stages.common import RunDir, console, training_dtype
 from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded
 from alignline.train.lm import causal_lm_loss
 from alignline.train.loop import TrainSettings, make_accelerator, train
@@ -58,7 +58,9 @@ class SFTConfig(Section):
     lora: LoraSettings | None = None
     """Train LoRA adapters instead of all weights (merged into the saved model)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype for loading; training keeps fp32 master weights and uses bf16 autocast on GPUs."""
+    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision);
+    bfloat16 / float16: the weights themselves in that dtype (half the memory, but an update smaller than the
+    weights' precision is lost, e.g. DPO's lr 5e-7)."""
     chat_template: Literal["model", "fallback"] = "model"
     """The tokenizer's own chat template, or alignline's fallback (always used when the model has none)."""
     trust_remote_code: bool = False
@@ -127,7 +129,7 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
         def collate(ix):
             return collate_padded([examples[i] for i in ix], pad_id)
 
-    model = load_causal_lm(model_path, dtype="float32" if accelerator.device.type == "cpu" else cfg.dtype,
+    model = load_causal_lm(model_path, dtype=training_dtype(cfg.dtype),
                            trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
 
     def evaluate(m) -> dict[str, float]:

@@ -105,8 +105,9 @@ class IterationBase(Section):
     sample: SampleSettings = Field(default_factory=SampleSettings)
     """How the policy (and every sampled matrix member) is sampled: n responses per prompt, sampling, dtype."""
     score: ScoreSettings = Field(default_factory=ScoreSettings)
-    """The judge of the policy's own samples: score.reward_model=DIR, or score.judge=evaluator
-    score.evaluator.model=PATH (an evaluator from alignline judge-sft)."""
+    """The judge of the policy's own samples: score.reward_model=DIR, score.judge=evaluator
+    score.evaluator.model=PATH (an evaluator from alignline judge-sft), or score.judge=verifier (the prompts'
+    verifiable instructions)."""
     eval_prompts: str | None = None
     """Held-out prompts with verifiable instructions: every version's verifier pass rate goes to results.json
     (null: no evaluation)."""
