@@ -372,6 +372,13 @@ def test_check_connection(fake):
     assert info.value.status == 401 and fake.url in str(info.value) and KEY not in str(info.value)
 
 
+def test_check_connection_goes_on_when_the_server_has_no_models_route(fake, caplog):
+    """A gateway that answers GET /models with 404 is reachable: a warning and [], not an error."""
+    with make(fake, base_url=f"{fake.url.removesuffix('/v1')}/gateway/v1") as engine:
+        assert engine.check_connection() == []
+    assert "HTTP 404" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------ key hygiene
 
 

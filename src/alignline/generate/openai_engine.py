@@ -236,7 +236,8 @@ class OpenAIEngine(Engine):
 
         Raises :class:`OpenAIEndpointError` naming the base URL when the server is unreachable, times out or
         refuses the key. Only logs a warning if ``model`` is not among the listed ids (some servers, e.g.
-        llama.cpp, serve one model under any name).
+        llama.cpp, serve one model under any name), or if the server answers 404/405 (a gateway without
+        /models) or a retryable status (408/409/429/5xx): then it returns [].
         """
         client = self._client.with_options(max_retries=0, timeout=timeout_s or min(self.settings.timeout_s, 10.0))
         try:
@@ -253,6 +254,11 @@ class OpenAIEngine(Engine):
                 "running (e.g. `vllm serve MODEL`) and is base_url right (it usually ends in /v1)?",
                 base_url=self._url, model=self.settings.model) from None
         except openai.APIStatusError as exc:
+            if exc.status_code in (404, 405, 408, 409, 429) or exc.status_code >= 500:
+                # the server answered: it is reachable; some gateways have no /models, others are busy now
+                log.warning("the endpoint at %s answered GET /models with HTTP %s; going on (requests are retried)",
+                            self._url, exc.status_code)
+                return []
             failure = self._classify(exc)
             raise self._fatal(failure, "GET /models") from None
         if ids and self.settings.model not in ids:

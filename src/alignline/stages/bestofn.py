@@ -104,7 +104,7 @@ def run(cfg: BestOfNConfig) -> Path:
     rd.start()
     samples_dir = sample.run(sample.SampleConfig(
         prompts=cfg.prompts, model=cfg.model, output_dir=str(rd.path / "samples"), n=cfg.n, sampling=cfg.sampling,
-        max_prompts=cfg.max_prompts, max_batch=cfg.max_batch))
+        max_prompts=cfg.max_prompts, max_batch=cfg.max_batch, prompts_per_shard=max(1, cfg.max_batch // cfg.n)))
     ranked_dir = score.run(score.ScoreConfig(
         reward_model=cfg.reward_model, prompts=cfg.prompts, responses=str(samples_dir),
         output_dir=str(rd.path / "ranked")))

@@ -102,7 +102,10 @@ def usable_responses(responses: Iterable[Response], prompt_ids: Container[str], 
     return {pid: sorted(rs, key=lambda r: r.sample_idx) for pid, rs in grouped.items()}
 
 
-def training_dtype(requested: str) -> str:
-    """The dtype a training stage loads its model in: ``auto`` means float32 master weights on every device
-    (speed on GPUs comes from autocast); an explicit dtype is taken as given."""
-    return "float32" if requested == "auto" else requested
+def training_dtype(requested: str, lora: object | None = None) -> str:
+    """The dtype a training stage loads its model in. ``auto``: float32 master weights on every device (speed on
+    GPUs comes from autocast), except with LoRA, where the frozen base keeps ``auto``'s load dtype (bf16 on GPUs
+    that support it; PEFT keeps the trained adapters in float32). An explicit dtype is taken as given."""
+    if requested != "auto":
+        return requested
+    return "auto" if lora is not None else "float32"

@@ -104,9 +104,9 @@ class DPOConfig(Section):
     lora: LoraSettings | None = None
     """Train LoRA adapters (merged into the saved model)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision);
-    bfloat16 / float16: the weights themselves in that dtype (half the memory, but an update smaller than the
-    weights' precision is lost, e.g. DPO's lr 5e-7)."""
+    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision); with lora,
+    the frozen base in bf16 on GPUs that support it. bfloat16 / float16: the weights themselves in that dtype
+    (half the memory, but an update smaller than the weights' precision is lost, e.g. DPO's lr 5e-7)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory."""
     resume: bool = True
@@ -250,13 +250,15 @@ def run(cfg: DPOConfig) -> Path:
     counts: Counter = Counter()
     examples, eval_examples = load_pairs_for(cfg.data, tokenizer, counts)
 
-    device_dtype = training_dtype(cfg.dtype)
+    device_dtype = training_dtype(cfg.dtype, cfg.lora)
     model = load_causal_lm(model_path, dtype=device_dtype, trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
     model.to(accelerator.device)
+    # the reference in the policy's dtype: the same checkpoint must give rewards of exactly 0 at step 0
     ref_model = model if cfg.reference is None else load_causal_lm(
-        resolve_model(cfg.reference), dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(accelerator.device)
+        resolve_model(cfg.reference), dtype=device_dtype, trust_remote_code=cfg.trust_remote_code).to(accelerator.device)
     ref_source = resolve_model(cfg.reference) if cfg.reference else model_path
-    key = fingerprint({"reference": fingerprint(str(ref_source)), "data": fingerprint(cfg.data.train),
+    key = fingerprint({"reference": fingerprint(str(ref_source)), "dtype": str(next(ref_model.parameters()).dtype),
+                       "data": fingerprint(cfg.data.train),
                        "eval": cfg.data.eval and fingerprint(cfg.data.eval), "max_length": cfg.data.max_length,
                        "normalize": normalize, "n": len(examples), "n_eval": len(eval_examples)})
     both = examples + eval_examples

@@ -61,9 +61,9 @@ class RMConfig(Section):
     lora: LoraSettings | None = None
     """Train LoRA adapters (+ the head), merged into the saved model."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision);
-    bfloat16 / float16: the weights themselves in that dtype (half the memory, but an update smaller than the
-    weights' precision is lost, e.g. DPO's lr 5e-7)."""
+    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision); with lora,
+    the frozen base in bf16 on GPUs that support it. bfloat16 / float16: the weights themselves in that dtype
+    (half the memory, but an update smaller than the weights' precision is lost, e.g. DPO's lr 5e-7)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory."""
     resume: bool = True
@@ -132,7 +132,7 @@ def run(cfg: RMConfig) -> Path:
             ex["margin"] = cfg.margins.get(ex.get("rating") or "", 0.0)
     counts["ratings"] = dict(Counter(ex.get("rating") or "unrated" for ex in examples))
 
-    device_dtype = training_dtype(cfg.dtype)
+    device_dtype = training_dtype(cfg.dtype, cfg.lora)
     model = load_reward_model(model_path, dtype=device_dtype, trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
     model.to(accelerator.device)
 

@@ -67,8 +67,9 @@ class SampleConfig(Section):
     prompts_per_shard: int = Field(8, gt=0)
     """Prompts per output shard (a shard is the unit that survives a kill)."""
     max_batch: int = Field(64, gt=0)
-    """Samples generated together: the n samples of max(1, max_batch // n) prompts (hf: one decode batch, the
-    prompts prefilled together; openai: requests handed to the client at once, up to its max_concurrency)."""
+    """Samples generated together: the n samples of max(1, max_batch // n) prompts, at most prompts_per_shard
+    (hf: one decode batch, the prompts prefilled together; openai: requests handed to the client at once, up to
+    its max_concurrency). On a GPU raise prompts_per_shard with it."""
     shard: ShardSetting = None
     """'i/N': sample only prompts i, i+N, ... (several machines); null: all (or one share per process)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -173,12 +174,15 @@ def run(cfg: SampleConfig) -> Path:
     tokenizer = getattr(engine, "tokenizer", None)
     counts: Counter = Counter(resumed_prompts=len(prompts) - len(todo))
     t0, new_tokens = time.perf_counter(), 0
-    per_call = max(1, cfg.max_batch // cfg.n)
+    # Batches never straddle a shard: a shard is written whole or not at all, so a resumed run starts at a shard
+    # boundary and decodes every prompt with the same batch-mates as an uninterrupted run (the same rounding).
+    per_call = max(1, min(cfg.max_batch // cfg.n, cfg.prompts_per_shard))
+    groups = [todo[i: i + cfg.prompts_per_shard][j: j + per_call]
+              for i in range(0, len(todo), cfg.prompts_per_shard) for j in range(0, cfg.prompts_per_shard, per_call)]
     bar = tqdm(total=len(todo), desc=f"sample n={cfg.n}", disable=not state.is_local_main_process,
                dynamic_ncols=True)
     with writer:
-        for start in range(0, len(todo), per_call):
-            group = todo[start: start + per_call]
+        for group in (g for g in groups if g):
             for responses in engine.generate(group, cfg.n, cfg.sampling):
                 for r in responses:
                     if cfg.source:

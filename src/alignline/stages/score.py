@@ -197,15 +197,6 @@ def run(cfg: ScoreConfig) -> Path:
                                   trust_remote_code=cfg.trust_remote_code).to(state.device).eval()
 
     prompts = {p.id: p for p in read_prompts(cfg.prompts)}
-    if cfg.judge == "verifier":
-        from alignline.judges.verifiable import VerifierJudge
-
-        verifier = VerifierJudge()
-        missing = [pid for pid, p in prompts.items() if not p.meta.get("instructions")]
-        if missing:  # a clear error now, not mid-run
-            raise DataError(f"judge=verifier needs verifiable instructions on every prompt; {len(missing)} have none "
-                            f"(first: '{missing[0]}'); attach them with prepare's instructions setting",
-                            path=cfg.prompts, field="meta.instructions")
     counts: Counter = Counter()
     grouped: dict[str, list[Response]] = defaultdict(list)
     for r in read_records(cfg.responses, Response):
@@ -220,6 +211,15 @@ def run(cfg: ScoreConfig) -> Path:
             continue
         grouped[r.prompt_id].append(r)
     order = [pid for pid in prompts if pid in grouped][index::total]
+    if cfg.judge == "verifier":
+        from alignline.judges.verifiable import VerifierJudge
+
+        verifier = VerifierJudge()
+        missing = [pid for pid in order if not prompts[pid].meta.get("instructions")]
+        if missing:  # a clear error now, not mid-run
+            raise DataError(f"judge=verifier needs verifiable instructions on every prompt it scores; {len(missing)} "
+                            f"have none (first: '{missing[0]}'); attach them with prepare's instructions setting",
+                            path=cfg.prompts, field="meta.instructions")
     writer = ShardedWriter(rd.path, name=f"ranked-{index:03d}-of-{total:03d}", shard_size=cfg.shard_size,
                            key=lambda obj: obj["prompt"]["id"], fresh=rd.fresh)
     done = writer.done_keys()

@@ -58,9 +58,9 @@ class SFTConfig(Section):
     lora: LoraSettings | None = None
     """Train LoRA adapters instead of all weights (merged into the saved model)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision);
-    bfloat16 / float16: the weights themselves in that dtype (half the memory, but an update smaller than the
-    weights' precision is lost, e.g. DPO's lr 5e-7)."""
+    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision); with lora,
+    the frozen base in bf16 on GPUs that support it. bfloat16 / float16: the weights themselves in that dtype
+    (half the memory, but an update smaller than the weights' precision is lost, e.g. DPO's lr 5e-7)."""
     chat_template: Literal["model", "fallback"] = "model"
     """The tokenizer's own chat template, or alignline's fallback (always used when the model has none)."""
     trust_remote_code: bool = False
@@ -129,7 +129,7 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
         def collate(ix):
             return collate_padded([examples[i] for i in ix], pad_id)
 
-    model = load_causal_lm(model_path, dtype=training_dtype(cfg.dtype),
+    model = load_causal_lm(model_path, dtype=training_dtype(cfg.dtype, cfg.lora),
                            trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
 
     def evaluate(m) -> dict[str, float]:

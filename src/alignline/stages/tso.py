@@ -140,9 +140,9 @@ class TSOConfig(Section):
     lora: LoraSettings | None = None
     """Train LoRA adapters (merged into each saved version)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision);
-    bfloat16 / float16: the weights themselves in that dtype (half the memory, but an update smaller than the
-    weights' precision is lost, e.g. DPO's lr 5e-7)."""
+    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision); with lora,
+    the frozen base in bf16 on GPUs that support it. bfloat16 / float16: the weights themselves in that dtype
+    (half the memory, but an update smaller than the weights' precision is lost, e.g. DPO's lr 5e-7)."""
     trust_remote_code: bool = False
     """Allow model code from the checkpoint directory."""
     regenerate: RegenerateSettings | None = None
@@ -183,7 +183,7 @@ def run(cfg: TSOConfig) -> Path:
         regen_prompts = read_prompts(cfg.regenerate.prompts)
         regen_parts = [[regen_prompts[i] for i in p]
                        for p in split_minibatches(len(regen_prompts), cfg.minibatches, cfg.split_seed)]
-    device_dtype = training_dtype(cfg.dtype)
+    device_dtype = training_dtype(cfg.dtype, cfg.lora)
     model = load_causal_lm(model_path, dtype=device_dtype, trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
     model.to(accelerator.device)
     loss_fn = cfg.loss.bound()
