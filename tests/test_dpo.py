@@ -155,6 +155,26 @@ def test_tso_resume_in_the_middle_of_a_minibatch(tmp_path, tiny_model_dir, pair_
         assert torch.equal(a[k], b[k]), k
 
 
+def test_tso_redone_on_changed_pairs_retrains_every_minibatch(tmp_path, tiny_model_dir, pair_file):
+    """The same pair ids with other rejected texts: a finished run in the same directory is redone from
+    scratch (no finished mini-batch or cached reference reused), and equals a run in a new directory."""
+    first = tso.run(tso_cfg(tmp_path / "a", tiny_model_dir, pair_file, minibatches=2))
+    changed = make_pairs(24)
+    for p in changed:
+        p["rejected"] = "No idea at all, " + p["rejected"]
+    pair_file.write_text("".join(json.dumps(p) + "\n" for p in changed))
+    again = tso.run(tso_cfg(tmp_path / "a", tiny_model_dir, pair_file, minibatches=2))
+    clean = tso.run(tso_cfg(tmp_path / "b", tiny_model_dir, pair_file, minibatches=2))
+    assert again == first
+    a = load_file(str(again / "versions" / "v2" / "model.safetensors"))
+    b = load_file(str(clean / "versions" / "v2" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for k in (1, 2):
+        assert (json.loads((again / f"iter-{k}" / "ref_logps.json").read_text())["values"]
+                == json.loads((clean / f"iter-{k}" / "ref_logps.json").read_text())["values"])
+
+
 def test_tso_regenerates_self_pairs_between_minibatches(tmp_path, tiny_model_dir, pair_file):
     """With `regenerate`, mini-batches 2..K get best-vs-worst pairs from the current policy's own samples,
     ranked by a reward model, recorded in iter-k/self_pairs.jsonl with their provenance."""

@@ -194,7 +194,9 @@ def run(cfg: TSOConfig) -> Path:
         it_dir = rd.path / f"iter-{k}"
         version_dir = rd.path / "versions" / f"v{k}"
         done = read_manifest(it_dir)
-        if cfg.resume and done and done.get("status") == "complete" and (version_dir / "model.safetensors").exists():
+        # a run redone with other settings or inputs (rd.fresh) reuses nothing, not even finished mini-batches
+        if (cfg.resume and not rd.fresh and done and done.get("status") == "complete"
+                and (version_dir / "model.safetensors").exists()):
             versions.append({"version": k, "path": str(version_dir), "pairs": len(part)})
             metrics_files.append(it_dir / "metrics.jsonl")
             continue
@@ -216,8 +218,8 @@ def run(cfg: TSOConfig) -> Path:
             mb += tokenise_pairs(fresh, tokenizer, max_length=cfg.data.max_length, counts=counts,
                                  max_drop_fraction=1.0, where=str(cache))
         prev = versions[-1]["path"]
-        key = fingerprint({"reference": fingerprint(prev), "pairs": [e["id"] for e in mb], "normalize": normalize,
-                           "max_length": cfg.data.max_length})
+        key = fingerprint({"reference": fingerprint(prev), "data": fingerprint(cfg.data.train),
+                           "pairs": [e["id"] for e in mb], "normalize": normalize, "max_length": cfg.data.max_length})
         t0 = time.perf_counter()
         cached_reference(
             it_dir / "ref_logps.json", key,
