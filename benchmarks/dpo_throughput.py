@@ -60,32 +60,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks.common import (
-        GB,
-        RssSampler,
-        child_env,
-        machine_info,
-        markdown_table,
-        run_child,
-        timed_trl_trainer,
-        trl_step_timer,
-        wait_until_quiet,
-        write_json,
-    )
-except ImportError:  # run as a script: benchmarks/ is sys.path[0]
-    from common import (
-        GB,
-        RssSampler,
-        child_env,
-        machine_info,
-        markdown_table,
-        run_child,
-        timed_trl_trainer,
-        trl_step_timer,
-        wait_until_quiet,
-        write_json,
-    )
+if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import (
+    GB,
+    RssSampler,
+    child_env,
+    machine_info,
+    markdown_table,
+    run_child,
+    timed_trl_trainer,
+    trl_step_timer,
+    wait_until_quiet,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "dpo_throughput.json"

@@ -18,17 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from benchmarks.common import (
-        child_env,
-        machine_info,
-        markdown_table,
-        run_child,
-        wait_until_quiet,
-        write_json,
-    )
-except ImportError:  # run as a script
-    from common import child_env, machine_info, markdown_table, run_child, wait_until_quiet, write_json
+if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import (
+    child_env,
+    machine_info,
+    markdown_table,
+    run_child,
+    wait_until_quiet,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "generate_throughput.json"

@@ -58,36 +58,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks.common import (
-        GB,
-        RssSampler,
-        busy_processes,
-        child_env,
-        machine_info,
-        markdown_table,
-        run_child,
-        timed_trl_trainer,
-        trl_step_timer,
-        wait_until_quiet,
-        write_json,
-    )
-    from benchmarks.dpo_throughput import build_data, is_contended
-except ImportError:  # run as a script: benchmarks/ is sys.path[0]
-    from common import (
-        GB,
-        RssSampler,
-        busy_processes,
-        child_env,
-        machine_info,
-        markdown_table,
-        run_child,
-        timed_trl_trainer,
-        trl_step_timer,
-        wait_until_quiet,
-        write_json,
-    )
-    from dpo_throughput import build_data, is_contended
+if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import (
+    GB,
+    RssSampler,
+    busy_processes,
+    child_env,
+    machine_info,
+    markdown_table,
+    run_child,
+    timed_trl_trainer,
+    trl_step_timer,
+    wait_until_quiet,
+    write_json,
+)
+from benchmarks.dpo_throughput import build_data, is_contended
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "rm_throughput.json"

@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from benchmarks.common import machine_info, markdown_table, wait_until_quiet, write_json
-except ImportError:  # run as a script
-    from common import machine_info, markdown_table, wait_until_quiet, write_json
+if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import machine_info, markdown_table, wait_until_quiet, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "score_throughput.json"
