@@ -26,7 +26,8 @@ What it does:
      ``alignline-shared-gc``: shared with ``train.gradient_checkpointing`` on.
      ``alignline-lowmem``: shared, micro-batch 1 with ``--batch-size`` accumulation steps (the same pairs
      per optimizer step, hence the same losses) and gradient checkpointing: alignline's memory-lean setting.
-     alignline rows also run with ``train.return_freed_memory`` (glibc mmap threshold 128 KiB, the default).
+     ``alignline-fast``: as lowmem, with ``train.selective_layers`` and ``train.free_memory`` trim (the default)
+     instead of unmap. The rows set ``train.free_memory`` explicitly (see each row's ``train``).
    * ``trl``: ``DPOTrainer`` with ``precompute_ref_log_probs=True`` and ``ref_model=None``, as TRL recommends (it then
      computes the reference log-probs with the policy itself in ``__init__`` and holds no second model),
      ``precompute_ref_batch_size`` = the train batch size, ``truncation_mode`` keep_start (nothing is cut).
@@ -82,13 +83,21 @@ MODEL = "smollm2-135m-instruct"
 FULL = {"pairs": 64, "batch_size": 4, "max_length": 512, "ref_batch_size": 4}
 QUICK = {"pairs": 8, "batch_size": 2, "max_length": 256, "ref_batch_size": 2}
 
+SELECTIVE_LAYERS = 4  # alignline-fast: layers keeping matmul outputs, sized to stay under 1/4 of TRL's memory
+
 CONFIGS = {
     "alignline-shared": {"side": "alignline", "layout": "shared", "label": "alignline dpo (shared prefix)"},
     "alignline-separate": {"side": "alignline", "layout": "separate", "label": "alignline dpo (separate rows)"},
     "alignline-shared-gc": {"side": "alignline", "layout": "shared", "gc": True,
                             "label": "alignline dpo (shared prefix, gradient checkpointing)"},
     "alignline-lowmem": {"side": "alignline", "layout": "shared", "gc": True, "micro_batch": 1,
-                         "label": "alignline dpo (shared prefix, micro-batch 1 x accumulation, checkpointing)"},
+                         "train": {"free_memory": "unmap"},
+                         "label": "alignline dpo (shared prefix, micro-batch 1 x accumulation, checkpointing, "
+                                  "freed memory to the OS)"},
+    "alignline-fast": {"side": "alignline", "layout": "shared", "gc": True, "micro_batch": 1,
+                       "train": {"selective_layers": SELECTIVE_LAYERS, "free_memory": "trim"},
+                       "label": f"alignline dpo (shared prefix, micro-batch 1 x accumulation, checkpointing, "
+                                f"{SELECTIVE_LAYERS} of 30 layers selective, heap trimmed)"},
     "trl": {"side": "trl", "label": "TRL 1.16 DPOTrainer"},
 }
 DEFAULT_CONFIGS = ("alignline-lowmem", "trl")
@@ -367,7 +376,7 @@ def child_alignline(spec: dict) -> dict:
                "warmup_steps": 0, "schedule": "linear", "seed": spec["seed"], "log_every": 1, "save_every": None,
                "keep_checkpoints": 1, "mixed_precision": "bf16" if spec.get("device") == "cuda" else "no",
                "gradient_checkpointing": spec["gradient_checkpointing"],
-               "max_grad_norm": 1.0, "weight_decay": 0.0},
+               "max_grad_norm": 1.0, "weight_decay": 0.0, **spec.get("train", {})},
     )
     t0 = time.perf_counter()
     dpo_mod.run(cfg)
@@ -537,7 +546,7 @@ def run_config(name: str, args, data: dict, work: Path, env: dict) -> tuple[dict
         if args.batch_size % micro:
             raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of {name}'s micro-batch {micro}")
         spec.update(data=d["path"], layout=cfg["layout"], gradient_checkpointing=bool(cfg.get("gc")),
-                    batch_size=micro, grad_accum=args.batch_size // micro)
+                    batch_size=micro, grad_accum=args.batch_size // micro, train=cfg.get("train", {}))
     else:
         spec.update(data=d["trl_path"], expected=data["expected_trl"], trl_ref_model=args.trl_ref_model)
     spec_path = work / f"{name}.spec.json"
@@ -649,8 +658,10 @@ def settings_of(args) -> dict[str, Any]:
             "ref_batch_size": args.ref_batch_size, "trl_precompute_batch_size": args.batch_size, "lr": args.lr,
             "beta": args.beta, "loss": "dpo / sigmoid", "schedule": "linear, no warm-up", "seed": args.seed,
             "threads": args.threads, "dtype": "float32", "epochs": 1,
-            "grad_accum": "1, except alignline-lowmem: micro-batch 1 x batch-size accumulation steps",
-            "gradient_checkpointing": "off, except in the alignline-shared-gc and alignline-lowmem rows",
+            "grad_accum": "1, except alignline-lowmem and alignline-fast: micro-batch 1 x batch-size "
+                          "accumulation steps",
+            "gradient_checkpointing": "off, except in the alignline-shared-gc, alignline-lowmem and "
+                                      "alignline-fast rows",
             "trl_ref_model": "explicit copy" if args.trl_ref_model else "None (TRL's recommended setting)"}
 
 
@@ -659,7 +670,9 @@ def previous_rows(args, settings: dict, data_info: dict) -> list[dict]:
     if not args.out.exists():
         return []
     old = json.loads(args.out.read_text())
-    if old.get("settings") != settings or old.get("data", {}).get("tokens") != data_info["tokens"]:
+    descriptive = ("grad_accum", "gradient_checkpointing")  # texts describing the rows, not settings
+    if {k: v for k, v in old.get("settings", {}).items() if k not in descriptive} != {
+            k: v for k, v in settings.items() if k not in descriptive} or old.get("data", {}).get("tokens") != data_info["tokens"]:
         log(f"--merge: {args.out} has other settings or data; not merging")
         return []
     return old.get("results", [])

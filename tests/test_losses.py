@@ -24,7 +24,7 @@ from alignline.losses import (
     ipo_loss,
     sft_nll,
 )
-from alignline.train.pairs import collate_pairs, pair_logps, tokenise_pairs
+from alignline.train.pairs import collate_pairs, pair_logps, token_logps, tokenise_pairs
 
 D = torch.float64
 
@@ -388,3 +388,27 @@ def test_pair_logps_dpo_end_to_end(tiny_model, tiny_tokenizer, layout_examples):
     losses, rw, rl = dpo_loss(c, r, c.clone(), r.clone(), beta=0.1)
     assert torch.allclose(losses, torch.full_like(losses, math.log(2)), atol=1e-6)
     assert float(rw.abs().max()) == 0.0 and float(rl.abs().max()) == 0.0
+
+
+def test_token_logps_values_and_gradient_match_log_softmax():
+    """token_logps (chunked log-sum-exp, in-place backward) equals log_softmax gathered at (src, tgt), values
+    and logits gradient, in float64: 130 rows (3 chunks of 64), row 5 predicts two targets (the shared layout's
+    last prompt position), row 7 none; an uneven upstream gradient. Backward twice is an error, not a silent
+    wrong answer (the logits were overwritten)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(130, 50, generator=g, dtype=torch.float64)).requires_grad_()
+    src = torch.tensor([5, 5, 0, 64, 129, 100, 3])
+    tgt = torch.tensor([1, 2, 49, 0, 7, 7, 3])
+    up = torch.tensor([0.5, -1.0, 2.0, 1.0, -0.25, 3.0, 1.5], dtype=torch.float64)
+    expected = torch.log_softmax(logits, dim=-1)[src, tgt]
+    (ref_grad,) = torch.autograd.grad((expected * up).sum(), logits)
+    work = logits.detach().clone().requires_grad_()
+    mid = work * 1.0  # the backward overwrites its input: give it a non-leaf, as the LM head's output is
+    got = token_logps(mid, src, tgt)
+    assert (got - expected).abs().max() < 1e-12
+    (got * up).sum().backward(retain_graph=True)
+    assert (work.grad - ref_grad).abs().max() < 1e-12
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        (got * up).sum().backward()
+    with torch.no_grad():
+        assert (token_logps(logits, src, tgt) - expected).abs().max() < 1e-12

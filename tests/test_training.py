@@ -144,7 +144,8 @@ def test_packed_training_runs(tiny_model, examples, tiny_tokenizer, tmp_path):
 def test_gradient_checkpointing_all_or_every_other_layer_trains_the_same(tiny_model_dir, examples, tiny_tokenizer,
                                                                          tmp_path):
     """Recomputing activations in backward changes memory, not maths: 3 steps with checkpointing on every layer
-    and on every 2nd layer (checkpoint_every=2) end at the parameters of a run without it."""
+    and on every 2nd layer (checkpoint_every=2), and selective checkpointing (matmul outputs kept) on the first
+    checkpointed layer, end at the parameters of a run without it."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from alignline.models import load_causal_lm
@@ -152,11 +153,55 @@ def test_gradient_checkpointing_all_or_every_other_layer_trains_the_same(tiny_mo
     pad = tiny_tokenizer.pad_token_id
     results, flags = [], []
     for name, kw in [("off", {}), ("all", {"gradient_checkpointing": True}),
-                     ("half", {"gradient_checkpointing": True, "checkpoint_every": 2})]:
+                     ("half", {"gradient_checkpointing": True, "checkpoint_every": 2}),
+                     ("selective", {"gradient_checkpointing": True, "selective_layers": 1})]:
         m = load_causal_lm(tiny_model_dir, dtype="float32")
         _run(m, examples, tmp_path / name, pad, max_steps=3, **kw)
         results.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
         flags.append([layer.gradient_checkpointing for layer in m.modules()
                       if isinstance(layer, GradientCheckpointingLayer)])
     assert flags[1] == [True] * len(flags[1]) and flags[2] == [i % 2 == 0 for i in range(len(flags[2]))]
-    assert torch.allclose(results[0], results[1], atol=1e-6) and torch.allclose(results[0], results[2], atol=1e-6)
+    for r in results[1:]:
+        assert torch.allclose(results[0], r, atol=1e-6)
+
+
+def test_free_memory_trim_changes_memory_not_maths(tiny_model_dir, examples, tiny_tokenizer, tmp_path, monkeypatch):
+    """free_memory=trim calls malloc_trim after every micro-batch's backward and on every 10th decoder-layer
+    call in training mode, and ends at exactly the parameters of free_memory=keep. Training the same model
+    twice (tso does) keeps one hook per layer."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    import alignline.train.loop as loop_mod
+    from alignline.models import load_causal_lm
+
+    libc = loop_mod._glibc()
+    if libc is None:
+        pytest.skip("needs glibc")
+    trims = []
+
+    class CountingLibc:
+        def malloc_trim(self, pad):
+            trims.append(pad)
+            return libc.malloc_trim(pad)
+
+        def mallopt(self, *a):
+            raise AssertionError("trim must not change malloc's thresholds")
+
+    monkeypatch.setattr(loop_mod, "_glibc", lambda: CountingLibc())
+    pad = tiny_tokenizer.pad_token_id
+    params = {}
+    for mode in ("keep", "trim"):
+        m = load_causal_lm(tiny_model_dir, dtype="float32")
+        trims.clear()
+        r = _run(m, examples, tmp_path / mode, pad, max_steps=3, free_memory=mode)
+        params[mode] = torch.cat([p.detach().flatten() for p in m.parameters()])
+        n_layers = sum(isinstance(x, GradientCheckpointingLayer) for x in m.modules())
+        micro_batches = 3  # 3 steps x 1 micro-batch
+        if mode == "keep":
+            assert trims == []
+        else:
+            assert r.steps == 3
+            assert len(trims) == micro_batches + (micro_batches * n_layers) // 10
+            _run(m, examples, tmp_path / "again", pad, max_steps=1, free_memory=mode)
+            assert all(len(x._forward_pre_hooks) == 1 for x in m.modules() if isinstance(x, GradientCheckpointingLayer))
+    assert torch.equal(params["keep"], params["trim"])

@@ -219,6 +219,47 @@ def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return kwargs
 
 
+class _TargetLogps(torch.autograd.Function):
+    """``log_softmax(logits)[src, tgt]`` for flat ``logits`` [N, V], with index tensors ``src``, ``tgt`` [T];
+    returns [T]. The same values as ``logits[src, tgt] - logsumexp(logits, -1)[src]``, with less memory:
+    the log-sum-exp runs over row chunks (no [N, V] temporary), and the backward turns the saved logits
+    into their gradient in place, ``g * (onehot(tgt) - softmax)`` summed per row, instead of allocating a
+    softmax, a scattered one-hot and their sum. The logits must not be needed by anything else (they are
+    the LM head's output here; its backward needs only its input and weight)."""
+
+    @staticmethod
+    def forward(ctx, logits, src, tgt):
+        lse = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+        for s in range(0, logits.shape[0], 64):
+            lse[s: s + 64] = torch.logsumexp(logits[s: s + 64], dim=-1)
+        ctx.save_for_backward(logits, lse, src, tgt)
+        ctx.used = False
+        return logits[src, tgt] - lse[src]
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.used:
+            raise RuntimeError("token log-probs: backward ran twice over the same graph (its logits were reused "
+                               "in place); do not use retain_graph=True here")
+        ctx.used = True
+        logits, lse, src, tgt = ctx.saved_tensors
+        per_row = torch.zeros_like(lse).index_add_(0, src, grad.to(lse.dtype))
+        for s in range(0, logits.shape[0], 64):
+            chunk = logits[s: s + 64]
+            chunk.sub_(lse[s: s + 64, None]).exp_().mul_(-per_row[s: s + 64, None])
+        logits.index_put_((src, tgt), grad.to(logits.dtype), accumulate=True)
+        return logits, None, None
+
+
+def token_logps(logits: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Log-probability of token ``tgt[i]`` under row ``src[i]`` of ``logits`` [N, V]; [T]. See
+    :class:`_TargetLogps` (the logits are overwritten by the backward)."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _TargetLogps.apply(logits, src, tgt)
+    lse = torch.cat([torch.logsumexp(logits[s: s + 64], dim=-1) for s in range(0, logits.shape[0], 64)])
+    return logits[src, tgt] - lse[src]
+
+
 def pair_logps(model, batch: dict[str, torch.Tensor], *, length_normalize: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen logps [B], rejected logps [B], chosen lengths [B], rejected lengths [B]), summed over tokens
@@ -226,12 +267,13 @@ def pair_logps(model, batch: dict[str, torch.Tensor], *, length_normalize: bool 
     padded = padded_width(batch)
     out = model(**model_inputs(model, padded), logits_to_keep=padded["keep"], use_cache=False)
     logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
-    token_logps = logits[batch["src"], batch["tgt"]] - torch.logsumexp(logits, dim=-1)[batch["src"]]
+    del out  # the backward overwrites the logits in place: nothing else may hold them
+    token_logps_ = token_logps(logits, batch["src"], batch["tgt"])
     B = int(batch["n_pairs"])
     slot = batch["pair"] * 2 + batch["seg"]
-    sums = torch.zeros(2 * B, dtype=token_logps.dtype, device=token_logps.device).index_add(0, slot, token_logps)
-    counts = torch.zeros(2 * B, dtype=token_logps.dtype, device=token_logps.device).index_add(
-        0, slot, torch.ones_like(token_logps))
+    sums = torch.zeros(2 * B, dtype=token_logps_.dtype, device=token_logps_.device).index_add(0, slot, token_logps_)
+    counts = torch.zeros(2 * B, dtype=token_logps_.dtype, device=token_logps_.device).index_add(
+        0, slot, torch.ones_like(token_logps_))
     if length_normalize:
         sums = sums / counts.clamp(min=1)
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
