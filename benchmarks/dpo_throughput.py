@@ -34,7 +34,7 @@ What it does:
      The dataset is put in alignline's (shared layout) batch order and read sequentially, so every TRL
      step sees exactly the pairs of the same alignline step; losses are compared step by step.
 
-   By default ``alignline-lowmem`` and ``trl`` run; ``--configs`` picks others, and ``--merge`` keeps the rows
+   By default ``alignline-fast`` and ``trl`` run; ``--configs`` picks others, and ``--merge`` keeps the rows
    of configurations measured earlier into the same ``--out`` file (same settings and data only).
 
 3. Times, inside each child, the reference pass and the training loop separately (alignline: wrappers
@@ -100,7 +100,7 @@ CONFIGS = {
                                 f"{SELECTIVE_LAYERS} of 30 layers selective, heap trimmed)"},
     "trl": {"side": "trl", "label": "TRL 1.16 DPOTrainer"},
 }
-DEFAULT_CONFIGS = ("alignline-lowmem", "trl")
+DEFAULT_CONFIGS = ("alignline-fast", "trl")
 GOAL_SPEEDUP, GOAL_MEMORY = 1.5, 0.25
 
 # prompts are spread evenly over [PROMPT_LO, PROMPT_HI] x max_length / 512: mean 336 at 512

@@ -24,8 +24,9 @@ def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | 
 
 
 #: Settings left out of every stage's config fingerprint: how to run, not what to compute (an interrupted run
-#: and its resumption may differ in them).
-ALWAYS_IGNORED = ("resume", "train.stop_after_step")
+#: and its resumption may differ in them). train.free_memory only changes how freed memory is handed back
+#: (the trained weights are bit-identical, tests/test_training.py).
+ALWAYS_IGNORED = ("resume", "train.stop_after_step", "train.free_memory")
 
 
 class RunDir:
