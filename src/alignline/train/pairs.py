@@ -219,6 +219,11 @@ def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return kwargs
 
 
+def _row_logsumexp(logits: torch.Tensor, rows: int = 64) -> torch.Tensor:
+    """``logsumexp(logits, -1)`` for [N, V] logits, ``rows`` rows at a time (no [N, V] temporary)."""
+    return torch.cat([torch.logsumexp(logits[s: s + rows], dim=-1) for s in range(0, logits.shape[0], rows)])
+
+
 class _TargetLogps(torch.autograd.Function):
     """``log_softmax(logits)[src, tgt]`` for flat ``logits`` [N, V], with index tensors ``src``, ``tgt`` [T];
     returns [T]. The same values as ``logits[src, tgt] - logsumexp(logits, -1)[src]``, with less memory:
@@ -229,9 +234,7 @@ class _TargetLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, src, tgt):
-        lse = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
-        for s in range(0, logits.shape[0], 64):
-            lse[s: s + 64] = torch.logsumexp(logits[s: s + 64], dim=-1)
+        lse = _row_logsumexp(logits)
         ctx.save_for_backward(logits, lse, src, tgt)
         ctx.used = False
         return logits[src, tgt] - lse[src]
@@ -256,8 +259,7 @@ def token_logps(logits: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> t
     :class:`_TargetLogps` (the logits are overwritten by the backward)."""
     if torch.is_grad_enabled() and logits.requires_grad:
         return _TargetLogps.apply(logits, src, tgt)
-    lse = torch.cat([torch.logsumexp(logits[s: s + 64], dim=-1) for s in range(0, logits.shape[0], 64)])
-    return logits[src, tgt] - lse[src]
+    return logits[src, tgt] - _row_logsumexp(logits)[src]
 
 
 def pair_logps(model, batch: dict[str, torch.Tensor], *, length_normalize: bool = False
