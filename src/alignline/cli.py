@@ -180,6 +180,17 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted; rerun the same command to resume")
         sys.exit(130)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under accelerate launch / torchrun: an undestroyed process group can keep a process from exiting
+    (seen with FSDP on gloo)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -710,8 +710,12 @@ def load_reward_model(
 # -------------------------------------------------------------------------------------------- saving
 
 
-def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = False) -> Path:
+def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = False,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save ``model`` (and ``tokenizer`` unless None) to ``out_dir`` in safetensors, replacing it atomically.
+
+    ``state_dict``: the weights to write instead of the model's own (the gathered full weights of a model
+    sharded across processes, whose own parameters are shards); not with a PEFT model.
 
     A PEFT model is saved as its adapter (``adapter_config.json`` + ``adapter_model.safetensors``, whose
     ``base_model_name_or_path`` points at the base checkpoint) unless ``merge_lora`` is true, in which case
@@ -724,6 +728,7 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = Fals
         from peft import PeftModel
 
         if isinstance(model, PeftModel):
+            assert state_dict is None, "a PEFT model is saved from its own weights"
             if merge_lora:
                 import copy
 
@@ -733,7 +738,7 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = Fals
         else:
             if getattr(model, "hf_quantizer", None) is not None:
                 _strip_gguf_quantizer(model)
-            model.save_pretrained(str(tmp))
+            model.save_pretrained(str(tmp), state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         pickled = _pickled_files(tmp)

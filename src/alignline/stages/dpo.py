@@ -21,10 +21,10 @@ from alignline import losses
 from alignline.config import Section
 from alignline.data.chat import ensure_chat_template
 from alignline.data.io import atomic_write_json, fingerprint, read_pairs
-from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model, save_model
+from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model
 from alignline.report.plots import plot_reward_curves
 from alignline.stages.common import RunDir, console, training_dtype
-from alignline.train.loop import TrainSettings, make_accelerator, train
+from alignline.train.loop import TrainSettings, make_accelerator, save_trained_model, train
 from alignline.train.pairs import collate_pairs, pair_length, pair_logps, plan_bucketed, tokenise_pairs
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
@@ -181,12 +181,13 @@ def cached_reference(path: Path, key: str, compute: Callable[[], list[tuple[floa
     attach_reference(examples, values)
 
 
-def make_plan(examples: list[dict], settings: TrainSettings, layout: str):
+def make_plan(examples: list[dict], settings: TrainSettings, layout: str, processes: int = 1):
     lengths = [pair_length(e, layout) for e in examples]
 
     def plan(epoch: int):
-        # batches are drawn per optimizer step, so accumulation does not change which pairs share a step
-        return plan_bucketed(lengths, settings.batch_size * settings.grad_accum, settings.seed, epoch,
+        # batches are drawn per optimizer step (over all processes), so neither accumulation nor the number
+        # of processes changes which pairs share a step
+        return plan_bucketed(lengths, settings.batch_size * settings.grad_accum * processes, settings.seed, epoch,
                              micro_batch_size=settings.batch_size)
 
     return plan
@@ -243,8 +244,8 @@ def run(cfg: DPOConfig) -> Path:
     if rd.up_to_date():
         console.print(f"[green]dpo: {rd.path} is up to date[/green]; nothing to do")
         return rd.path
-    rd.start()
     accelerator = make_accelerator(cfg.train, rd.path)
+    rd.start(accelerator.wait_for_everyone)
     model_path, tokenizer = stage_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id, layout, normalize = tokenizer.pad_token_id, cfg.pair_layout, cfg.loss.normalize
     counts: Counter = Counter()
@@ -277,7 +278,7 @@ def run(cfg: DPOConfig) -> Path:
 
     loss_fn = cfg.loss.bound()
     result = train(
-        model, accelerator=accelerator, settings=cfg.train, out_dir=rd.path, plan=make_plan(examples, cfg.train, layout),
+        model, accelerator=accelerator, settings=cfg.train, out_dir=rd.path, plan=make_plan(examples, cfg.train, layout, accelerator.num_processes),
         collate=lambda ix: collate_pairs([examples[i] for i in ix], pad_id, layout),
         count_units=lambda b: int(b["n_pairs"]),
         step_fn=pair_step_fn(loss_fn, normalize=normalize, sft_weight=cfg.loss.sft_weight),
@@ -288,8 +289,8 @@ def run(cfg: DPOConfig) -> Path:
     if result.stopped_early:
         console.print(f"dpo: stopped after step {result.steps} as asked; rerun to resume")
         return rd.path
+    save_trained_model(accelerator, model, tokenizer, rd.path / "model")
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, rd.path / "model", merge_lora=True)
         plot_reward_curves([rd.path / "metrics.jsonl"], rd.path / "reward_curves.png",
                            title=f"{cfg.loss.type}: implicit rewards")
     accelerator.wait_for_everyone()

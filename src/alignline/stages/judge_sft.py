@@ -189,11 +189,11 @@ def run(cfg: JudgeSFTConfig) -> Path:
     if rd.up_to_date():
         console.print(f"[green]judge-sft: {rd.path} is up to date[/green]; nothing to do")
         return rd.path
-    rd.start()
     import torch
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
+    rd.start(state.wait_for_everyone)  # every process reads the old manifest before it is replaced
     counts: Counter = Counter()
     records = read_records(train_path, FeedbackRecord)
     if cfg.max_examples is not None:

@@ -21,10 +21,10 @@ from alignline.config import Section
 from alignline.data.io import atomic_write_json
 from alignline.data.records import RATINGS
 from alignline.judges.reward import pair_rewards
-from alignline.models import LoraSettings, load_reward_model, save_model
+from alignline.models import LoraSettings, load_reward_model
 from alignline.stages.common import RunDir, console, training_dtype
 from alignline.stages.dpo import PairData, load_pairs_for, make_plan, stage_tokenizer
-from alignline.train.loop import TrainSettings, make_accelerator, train
+from alignline.train.loop import TrainSettings, make_accelerator, save_trained_model, train
 from alignline.train.pairs import collate_pairs
 
 RM_METRICS = ("accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin")
@@ -121,8 +121,8 @@ def run(cfg: RMConfig) -> Path:
     if rd.up_to_date():
         console.print(f"[green]rm: {rd.path} is up to date[/green]; nothing to do")
         return rd.path
-    rd.start()
     accelerator = make_accelerator(cfg.train, rd.path)
+    rd.start(accelerator.wait_for_everyone)
     model_path, tokenizer = stage_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id, layout = tokenizer.pad_token_id, cfg.pair_layout
     counts: Counter = Counter()
@@ -144,7 +144,7 @@ def run(cfg: RMConfig) -> Path:
         return flat
 
     result = train(
-        model, accelerator=accelerator, settings=cfg.train, out_dir=rd.path, plan=make_plan(examples, cfg.train, layout),
+        model, accelerator=accelerator, settings=cfg.train, out_dir=rd.path, plan=make_plan(examples, cfg.train, layout, accelerator.num_processes),
         collate=lambda ix: collate_pairs([examples[i] for i in ix], pad_id, layout),
         count_units=lambda b: int(b["n_pairs"]), step_fn=rm_step_fn,
         evaluate=evaluate if eval_examples else None, metric_keys=RM_METRICS, resume=cfg.resume and not rd.fresh, desc="rm",
@@ -155,8 +155,8 @@ def run(cfg: RMConfig) -> Path:
     final = evaluate_rm(accelerator.unwrap_model(model), eval_examples or examples, pad_id=pad_id, layout=layout,
                         batch_size=cfg.eval_batch_size, device=accelerator.device)
     final["split"] = "eval" if eval_examples else "train (no data.eval given)"
+    save_trained_model(accelerator, model, tokenizer, rd.path / "model")
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, rd.path / "model", merge_lora=True)
         atomic_write_json(rd.path / "eval.json", final)
     accelerator.wait_for_everyone()
     rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,

@@ -153,12 +153,12 @@ def run(cfg: SampleConfig) -> Path:
     if rd.up_to_date():
         console.print(f"[green]sample: {rd.path} is up to date[/green]; nothing to do")
         return rd.path
-    rd.start()
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
     state = PartialState(cpu=not torch.cuda.is_available())
+    rd.start(state.wait_for_everyone)  # every process reads the old manifest before it is replaced
     index, total = map(int, cfg.shard.split("/")) if cfg.shard else (state.process_index, state.num_processes)
     prompts = read_prompts(cfg.prompts)[: cfg.max_prompts][index::total]
     writer = ShardedWriter(rd.path, name=f"responses-{index:03d}-of-{total:03d}",

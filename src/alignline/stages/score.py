@@ -183,11 +183,11 @@ def run(cfg: ScoreConfig) -> Path:
     if rd.up_to_date():
         console.print(f"[green]score: {rd.path} is up to date[/green]; nothing to do")
         return rd.path
-    rd.start()
     import torch
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
+    rd.start(state.wait_for_everyone)  # every process reads the old manifest before it is replaced
     index, total = (map(int, cfg.shard.split("/")) if cfg.shard else (state.process_index, state.num_processes))
     if cfg.judge == "reward_model":
         rm_path = resolve_model(cfg.reward_model)

@@ -12,11 +12,11 @@ from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, fit_to_length, tokenise_conversation
 from alignline.data.io import read_conversations
 from alignline.errors import ConfigError
-from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model, save_model
+from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model
 from alignline.stages.common import RunDir, console, training_dtype
 from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded
 from alignline.train.lm import causal_lm_loss
-from alignline.train.loop import TrainSettings, make_accelerator, train
+from alignline.train.loop import TrainSettings, make_accelerator, save_trained_model, train
 
 
 class SFTData(Section):
@@ -87,8 +87,8 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
     if rd.up_to_date():
         console.print(f"[green]{stage}: {rd.path} is up to date[/green] (same config and inputs); nothing to do")
         return rd.path
-    rd.start()
     accelerator = make_accelerator(cfg.train, rd.path)
+    rd.start(accelerator.wait_for_everyone)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     if cfg.chat_template == "fallback":
@@ -149,9 +149,7 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
     if result.stopped_early:
         console.print(f"{stage}: stopped after step {result.steps} as asked (train.stop_after_step); rerun to resume")
         return rd.path
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, rd.path / "model", merge_lora=True)
-    accelerator.wait_for_everyone()
+    save_trained_model(accelerator, model, tokenizer, rd.path / "model")
     rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
               eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start, model_dir=str(rd.path / "model"))
     console.print(

@@ -47,7 +47,7 @@ from alignline.stages.dpo import (
     reference_logps,
     stage_tokenizer,
 )
-from alignline.train.loop import TrainSettings, complete_checkpoints, make_accelerator, train
+from alignline.train.loop import TrainSettings, complete_checkpoints, is_sharded, make_accelerator, train
 from alignline.train.pairs import collate_pairs, tokenise_pairs
 
 
@@ -166,8 +166,12 @@ def run(cfg: TSOConfig) -> Path:
     if rd.up_to_date():
         console.print(f"[green]tso: {rd.path} is up to date[/green]; nothing to do")
         return rd.path
-    rd.start()
     accelerator = make_accelerator(cfg.train, rd.path)
+    rd.start(accelerator.wait_for_everyone)
+    if is_sharded(accelerator):
+        raise ConfigError("tso does not run under FSDP yet: each mini-batch recomputes the reference with the "
+                          "policy being trained, split by data across processes. Launch it data parallel "
+                          "(configs/gpu/accelerate_ddp.yaml)")
     model_path, tokenizer = stage_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id, layout, normalize = tokenizer.pad_token_id, cfg.pair_layout, cfg.loss.normalize
     counts: Counter = Counter()
@@ -234,7 +238,7 @@ def run(cfg: TSOConfig) -> Path:
             settings = settings.model_copy(update={"stop_after_step": cfg.stop_at[1]})
         result = train(
             accelerator.unwrap_model(model), accelerator=accelerator, settings=settings, out_dir=it_dir,
-            plan=make_plan(mb, settings, layout), collate=lambda ix, mb=mb: collate_pairs([mb[i] for i in ix], pad_id, layout),
+            plan=make_plan(mb, settings, layout, accelerator.num_processes), collate=lambda ix, mb=mb: collate_pairs([mb[i] for i in ix], pad_id, layout),
             count_units=lambda b: int(b["n_pairs"]), step_fn=pair_step_fn(loss_fn, normalize=normalize,
                                                                            sft_weight=cfg.loss.sft_weight),
             metric_keys=PAIR_METRICS, resume=cfg.resume and not rd.fresh, desc=f"tso {k}/{cfg.minibatches} ({cfg.loss.type})",

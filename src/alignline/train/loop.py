@@ -6,10 +6,15 @@ a ``count_units`` function (trained tokens for SFT, pairs for DPO) and a ``step_
 micro-batches and processes, so the update does not depend on how a step is split (gradient accumulation,
 data parallelism, packing). The loop never knows which loss it is running.
 
+Under ``accelerate launch`` the loop runs data parallel (DDP) or fully sharded (FSDP2: parameters, gradients
+and optimizer state split across processes, the ZeRO-3 layout); every process runs the same collectives, so a
+process without a micro-batch at the tail of an epoch runs one weighted 0.
+
 Checkpoints (``checkpoints/step-NNNNNNN``) hold safetensors weights, optimizer state (tensors in
 safetensors, the rest as JSON), scheduler state, per-process RNG state and the data position, and a
-``COMPLETE`` marker written last. ``resume=True`` continues from the newest complete checkpoint exactly:
-same batches, same RNG, same optimizer moments. A non-finite loss or gradient stops the run before the
+``COMPLETE`` marker written last. They always hold whole (gathered) tensors, whatever the sharding (an exact
+resume needs the same number of processes). ``resume=True`` continues from the newest complete checkpoint exactly: same batches, same
+RNG, same optimizer moments. A non-finite loss or gradient stops the run before the
 optimizer step, leaving the last good checkpoint untouched.
 """
 
@@ -26,12 +31,13 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignline.config import Section
 from alignline.data.io import atomic_write_bytes, atomic_write_json
 from alignline.errors import AlignlineError, TrainingDivergedError
+from alignline.models import save_model
 
 COMPLETE = "COMPLETE"
 
@@ -181,8 +187,20 @@ def enable_checkpointing(model, *, every: int = 1, selective_layers: int = 0) ->
             checkpointed += 1
 
 
+def is_sharded(accelerator) -> bool:
+    """Whether the prepared model's parameters are split across processes (FSDP)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
 def make_accelerator(settings: TrainSettings, out_dir: Path | None = None):
-    from accelerate import Accelerator
+    """The run's Accelerator: DDP or FSDP2 as ``accelerate launch`` configured it, bf16 autocast on GPUs that
+    support it (``settings.mixed_precision``). DeepSpeed and FSDP version 1 are refused with the alternative."""
+    import os
+
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     mp = settings.mixed_precision
     if mp == "auto":
@@ -192,7 +210,24 @@ def make_accelerator(settings: TrainSettings, out_dir: Path | None = None):
     if settings.report_to:
         kwargs["log_with"] = list(settings.report_to)
         kwargs["project_dir"] = str(out_dir) if out_dir else None
-    return Accelerator(**kwargs)
+    accelerator = Accelerator(**kwargs)
+    state = accelerator.state
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        raise AlignlineError(
+            "DeepSpeed is not supported by alignline's training loop (the loop accumulates micro-batches and "
+            "writes whole-tensor checkpoints itself). For ZeRO-3-style sharding launch with FSDP2 instead: "
+            "accelerate launch --config_file configs/gpu/accelerate_fsdp.yaml ...; for models that fit on each "
+            "GPU, DDP: configs/gpu/accelerate_ddp.yaml")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and state.distributed_type == DistributedType.MULTI_CPU:
+        # accelerate drops an FSDP request on CPU processes; torch's FSDP2 runs there (gloo), so honour it
+        # (as accelerate does for GPUs: every later AcceleratorState() copies the type from PartialState)
+        PartialState._shared_state["distributed_type"] = state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    if is_sharded(accelerator) and state.fsdp_plugin.fsdp_version != 2:
+        raise AlignlineError(
+            f"FSDP version {state.fsdp_plugin.fsdp_version} is not supported; alignline trains with FSDP2: set "
+            "fsdp_version: 2 in the accelerate config file (or FSDP_VERSION=2), as configs/gpu/accelerate_fsdp.yaml does")
+    return accelerator
 
 
 @dataclass
@@ -229,21 +264,70 @@ def _optimizer_to_files(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]
 
 
 def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["state"].items()}
+    def param_key(key: str) -> int | str:  # torch's own state dict numbers parameters; a sharded one names them
+        return int(key) if key.isdigit() else key
+
+    state: dict[int | str, dict] = {param_key(i): dict(v) for i, v in meta["state"].items()}
     for key, t in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = t
+        idx, name = key.rsplit(".", 1)
+        state.setdefault(param_key(idx), {})[name] = t
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _tied_groups(model) -> list[list[str]]:
+    """Names that share one parameter (tied embeddings); the first is the one a checkpoint stores."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def full_model_state(accelerator, model) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the main process (a tied parameter once, under its first name), ``{}`` on
+    the others. Every process must call it: for a sharded model it is a collective that gathers the shards."""
+    if is_sharded(accelerator):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(model, options=_full_options())
+    else:
+        state = accelerator.unwrap_model(model).state_dict() if accelerator.is_main_process else {}
+    for group in _tied_groups(accelerator.unwrap_model(model)):
+        for alias in group[1:]:
+            state.pop(alias, None)
+    return state
+
+
+def save_trained_model(accelerator, model, tokenizer, out_dir: Path) -> None:
+    """Write the trained model as an HF checkpoint (LoRA merged). Every process calls it; a sharded model's
+    weights are gathered to the main process, which writes."""
+    state = full_model_state(accelerator, model) if is_sharded(accelerator) else None
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, out_dir, merge_lora=True, state_dict=state)
+    accelerator.wait_for_everyone()
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: Path, position: dict, keep: int) -> Path:
     ckpt = out_dir / "checkpoints" / f"step-{position['step']:07d}"
+    weights = full_model_state(accelerator, model)
+    if is_sharded(accelerator):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    else:
+        optimizer_state = optimizer.state_dict() if accelerator.is_main_process else {}
     if accelerator.is_main_process:
         if ckpt.exists():
             shutil.rmtree(ckpt)
         ckpt.mkdir(parents=True)
-        save_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"))
-        tensors, meta = _optimizer_to_files(optimizer.state_dict())
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(ckpt / "model.safetensors"),
+                  metadata={"format": "pt"})
+        tensors, meta = _optimizer_to_files(optimizer_state)
         save_file(tensors, str(ckpt / "optimizer.safetensors"))
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         atomic_write_json(ckpt / "optimizer.json", meta)
@@ -267,9 +351,26 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: Path, pos
 
 
 def load_checkpoint(accelerator, model, optimizer, scheduler, ckpt: Path) -> dict:
-    load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"), device=str(accelerator.device))
+    weights = load_file(str(ckpt / "model.safetensors"))
+    for group in _tied_groups(accelerator.unwrap_model(model)):
+        stored = next((name for name in group if name in weights), None)
+        for alias in group if stored else []:
+            weights.setdefault(alias, weights[stored])
     meta = json.loads((ckpt / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), meta))
+    optimizer_state = _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), meta)
+    if is_sharded(accelerator):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        # every process holds the whole tensors (read from the shared file) and keeps its own shard
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        accelerator.unwrap_model(model).load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
     sched = scheduler.state_dict()
     sched.update(json.loads((ckpt / "scheduler.json").read_text()))
     scheduler.load_state_dict(sched)
@@ -367,6 +468,10 @@ def train(
 
     if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         enable_checkpointing(model, every=settings.checkpoint_every, selective_layers=settings.selective_layers)
+    sharded = is_sharded(accelerator)
+    if sharded and hasattr(model, "peft_config"):
+        raise AlignlineError("LoRA under FSDP is not supported: LoRA's trainable weights are small, so launch it "
+                             "data parallel (configs/gpu/accelerate_ddp.yaml) with the frozen base in bf16")
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -375,7 +480,8 @@ def train(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=settings.lr, betas=tuple(settings.adam_betas), eps=settings.adam_eps,
         # one fused kernel instead of a Python loop over ~300 tensors: ~4x faster steps on CPU
-        fused=all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None,
+        # (FSDP swaps the parameters for sharded DTensors at prepare: the default foreach kernels take those)
+        fused=None if sharded else all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None,
     )
     from transformers import get_scheduler
 
@@ -433,30 +539,30 @@ def train(
             t0 = time.perf_counter()
             loss_total, sums = 0.0, {k: 0.0 for k in metric_keys}
             step_tokens = 0
-            todo = batches if batches else [None]
-            for i, batch in enumerate(todo):
-                last_mb = i == len(todo) - 1
+            weights = [1.0] * len(batches)
+            if not batches:  # no micro-batch here at the tail: run one weighted 0 to join the collectives
+                batches, weights = [collate(group[0])], [0.0]
+            for i, (batch, weight) in enumerate(zip(batches, weights)):
+                last_mb = i == len(batches) - 1
                 ctx = accelerator.no_sync(model) if (world > 1 and not last_mb) else _null()
                 with ctx, accelerator.autocast():
-                    if batch is None:  # this process has no micro-batch at the tail: join the sync with zeros
-                        loss_sum = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-                        m: dict[str, float] = {}
-                    else:
-                        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                        step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
-                        loss_sum, _, m = step_fn(model, batch)
-                    # DDP averages gradients over processes, hence the factor `world`.
-                    accelerator.backward(loss_sum * (world / global_units))
+                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                    loss_sum, _, m = step_fn(model, batch)
+                    # DDP and FSDP average gradients over processes, hence the factor `world`.
+                    accelerator.backward(loss_sum * (weight * world / global_units))
                     after_backward()
-                loss_total += float(loss_sum.detach())
-                for k in metric_keys:
-                    sums[k] += float(m.get(k, 0.0))
+                if weight:
+                    step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+                    loss_total += float(loss_sum.detach())
+                    for k in metric_keys:
+                        sums[k] += float(m.get(k, 0.0))
             reduced = _all_sum_dict(accelerator, {"loss": loss_total, "tokens": step_tokens, **sums},
                                     ["loss", "tokens", *metric_keys])
             loss_value = reduced["loss"] / global_units
             grad_norm = None
             if settings.max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
+                norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
             if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
                 good = complete_checkpoints(out_dir)
                 log.log({"step": step + 1, "event": "non_finite", "loss": str(loss_value), "grad_norm": str(grad_norm)})
