@@ -8,6 +8,7 @@ import pytest
 from tests.test_select import ranked
 
 from alignline.config import load_config
+from alignline.errors import ConfigError, DataError
 from alignline.stages import bestofn
 
 
@@ -47,3 +48,28 @@ def test_bestofn_end_to_end(tmp_path, tiny_model_dir):
     assert oracle == sorted(oracle)  # the oracle can only improve with n
     assert all(r["gold_oracle_best"] >= r["gold_of_rm_best"] for r in res["rows"])
     assert (out / "bestofn.png").stat().st_size > 1000
+
+
+def test_bestofn_from_ranked_sets_samples_nothing(tmp_path, tiny_model_dir):
+    """The curve of sets a score stage already ranked equals the curve bestofn computes from its own."""
+    ins = [{"id": "no_commas", "kwargs": {}, "text": "Use no commas."}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({
+        "id": f"h{i}", "messages": [{"role": "user", "content": f"Say {i}. Use no commas."}],
+        "meta": {"instructions": ins}}) + "\n" for i in range(3)))
+    sampled = bestofn.run(load_config(bestofn.BestOfNConfig, None, [
+        f"model={tiny_model_dir}", f"prompts={prompts}", f"reward_model={tiny_model_dir}",
+        f"output_dir={tmp_path / 'bon'}", "n=4", "sampling.max_new_tokens=6", "sampling.temperature=1.0"]))
+    reused = bestofn.run(load_config(bestofn.BestOfNConfig, None, [
+        f"ranked={sampled / 'ranked'}", f"prompts={prompts}", f"output_dir={tmp_path / 'reused'}", "n=4"]))
+    assert not (reused / "samples").exists()
+    rows = json.loads((reused / "bestofn.json").read_text())["rows"]
+    assert rows == json.loads((sampled / "bestofn.json").read_text())["rows"]
+    other = tmp_path / "other.jsonl"
+    other.write_text(prompts.read_text().replace('"h0"', '"x0"'))
+    with pytest.raises(DataError, match="not in"):
+        bestofn.run(load_config(bestofn.BestOfNConfig, None, [
+            f"ranked={sampled / 'ranked'}", f"prompts={other}", f"output_dir={tmp_path / 'bad'}"]))
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(bestofn.BestOfNConfig, None, [f"ranked={sampled / 'ranked'}", f"prompts={prompts}",
+                                                  f"model={tiny_model_dir}"])

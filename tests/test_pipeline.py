@@ -312,3 +312,14 @@ def test_stage_table_is_the_cli_registry():
 
     assert registered(cli.app) == {s.name: (s.target, s.doc) for s in STAGES if s.group is None}
     assert registered(cli.eval_app) == {s.name: (s.target, s.doc) for s in STAGES if s.group == "eval"}
+
+
+def test_a_setting_added_since_at_null_is_not_a_change():
+    """{"a": 1} -> {"a": 1, "new": None}: unchanged (a setting added later, at its old-behaviour default);
+    {"a": 1} -> {"a": 1, "new": 0}: changed; {"a": 1, "old": None} -> {"a": 1}: changed (a setting went away)."""
+    from alignline.pipeline import _changed_settings
+
+    assert _changed_settings({"a": 1}, {"a": 1, "new": None}, ()) == []
+    assert _changed_settings({"a": 1}, {"a": 1, "new": 0}, ()) == ["new"]
+    assert _changed_settings({"a": 1, "old": None}, {"a": 1}, ()) == ["old"]
+    assert _changed_settings({"t": {"x": 1}}, {"t": {"x": 2, "y": None}}, ()) == ["t.x"]

@@ -429,8 +429,11 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _changed_settings(old: dict, new: dict, ignored: tuple[str, ...]) -> list[str]:
+    """Settings whose value differs; one that the old config lacks and the new one leaves at null is a
+    setting added since, at the default that keeps the old behaviour (the stages fingerprint it so)."""
     a, b = _flat(old), _flat(new)
-    return [k for k in dict.fromkeys([*b, *a]) if k not in ignored and a.get(k, ...) != b.get(k, ...)]
+    return [k for k in dict.fromkeys([*b, *a]) if k not in ignored and a.get(k, ...) != b.get(k, ...)
+            and not (k not in a and b[k] is None)]
 
 
 def predict(ps: PlannedStage) -> tuple[str, str]:

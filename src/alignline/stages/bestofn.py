@@ -1,7 +1,7 @@
 """``alignline eval bestofn``: best-of-n curves (Xwin Fig. 3/4).
 
 Samples N responses per held-out prompt from the policy (``sample``), ranks them with the reward model
-(``score``), then for n = 1, 2, 4, ..., N reports the gold judge's score of the reward model's best among
+(``score``), or takes sets a ``score`` stage already ranked (``ranked``), then for n = 1, 2, 4, ..., N reports the gold judge's score of the reward model's best among
 the first n samples (by sample index), and the oracle best-of-n (the gold judge's best among the first n).
 The gold judge is the ``verifier`` (the fraction of the prompt's verifiable instructions followed, strict).
 Writes ``bestofn.json`` and ``bestofn.png``.
@@ -13,11 +13,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignline.config import Section
-from alignline.data.io import atomic_write_json, read_records
+from alignline.data.io import atomic_write_json, read_prompts, read_records
 from alignline.data.records import RankedSet
+from alignline.errors import DataError
 from alignline.generate.base import SamplingParams
 from alignline.stages import sample, score
 from alignline.stages.common import RunDir, console
@@ -26,12 +27,15 @@ from alignline.stages.common import RunDir, console
 class BestOfNConfig(Section):
     """Configuration of ``alignline eval bestofn``."""
 
-    model: str
-    """The policy to evaluate."""
+    model: str | None = None
+    """The policy to evaluate (sampled here); not with ``ranked``."""
     prompts: str
     """Held-out prompts with verifiable instructions in meta (``prepare`` with ``instructions.splits``)."""
-    reward_model: str
-    """The reward model that picks the best of n."""
+    reward_model: str | None = None
+    """The reward model that picks the best of n; not with ``ranked``."""
+    ranked: str | None = None
+    """Instead of model + reward_model: a ``score`` output (ranked sets of these prompts' responses, e.g. the
+    best-of-N sets of a pipeline); nothing is sampled or scored, n up to N comes from its first N samples."""
     output_dir: str = "runs/bestofn"
     """samples/, ranked/, bestofn.json, bestofn.png."""
     n: int = Field(16, ge=1)
@@ -46,6 +50,14 @@ class BestOfNConfig(Section):
     """The gold judge."""
     gold_mode: Literal["strict", "loose"] = "strict"
     """Verifier mode of the gold score."""
+
+    @model_validator(mode="after")
+    def _check(self) -> BestOfNConfig:
+        if self.ranked is not None and (self.model is not None or self.reward_model is not None):
+            raise ValueError("give either ranked=DIR (sets already scored), or model and reward_model, not both")
+        if self.ranked is None and (self.model is None or self.reward_model is None):
+            raise ValueError("give model and reward_model (to sample and score here), or ranked=DIR")
+        return self
 
 
 def ns_up_to(n: int) -> list[int]:
@@ -96,26 +108,44 @@ def plot(rows: list[dict], out_png: Path, title: str) -> Path:
 
 
 def run(cfg: BestOfNConfig) -> Path:
-    rd = RunDir("bestofn", cfg, cfg.output_dir, {"model": cfg.model, "prompts": cfg.prompts,
-                                                 "reward_model": cfg.reward_model})
+    inputs = {"model": cfg.model, "prompts": cfg.prompts, "reward_model": cfg.reward_model}
+    # without `ranked` the fingerprints are those of the settings before it existed: such runs stay up to date
+    rd = RunDir("bestofn", cfg, cfg.output_dir, {**inputs, "ranked": cfg.ranked} if cfg.ranked else inputs,
+                () if cfg.ranked else ("ranked",))
     if rd.up_to_date():
         console.print(f"[green]bestofn: {rd.path} is up to date[/green]; nothing to do")
         return rd.path
     rd.start()
-    samples_dir = sample.run(sample.SampleConfig(
-        prompts=cfg.prompts, model=cfg.model, output_dir=str(rd.path / "samples"), n=cfg.n, sampling=cfg.sampling,
-        max_prompts=cfg.max_prompts, max_batch=cfg.max_batch, prompts_per_shard=max(1, cfg.max_batch // cfg.n)))
-    ranked_dir = score.run(score.ScoreConfig(
-        reward_model=cfg.reward_model, prompts=cfg.prompts, responses=str(samples_dir),
-        output_dir=str(rd.path / "ranked")))
+    if cfg.ranked is None:
+        samples_dir = sample.run(sample.SampleConfig(
+            prompts=cfg.prompts, model=cfg.model, output_dir=str(rd.path / "samples"), n=cfg.n,
+            sampling=cfg.sampling, max_prompts=cfg.max_prompts, max_batch=cfg.max_batch,
+            prompts_per_shard=max(1, cfg.max_batch // cfg.n)))
+        ranked_dir = score.run(score.ScoreConfig(
+            reward_model=cfg.reward_model, prompts=cfg.prompts, responses=str(samples_dir),
+            output_dir=str(rd.path / "ranked")))
+    else:
+        ranked_dir = Path(cfg.ranked)
     from alignline.judges.verifiable import VerifierJudge
 
     judge = VerifierJudge(mode=cfg.gold_mode)
     sets = [s for p in sorted(ranked_dir.glob("ranked-*.jsonl")) for s in read_records(p, RankedSet)]
+    if cfg.ranked is not None:
+        prompt_ids = [p.id for p in read_prompts(cfg.prompts)][: cfg.max_prompts]
+        known = set(prompt_ids)
+        strangers = sorted({s.prompt.id for s in sets} - known)
+        if strangers:
+            raise DataError(f"ranked set for a prompt that is not in {cfg.prompts}", path=cfg.ranked,
+                            field="prompt.id", found=repr(strangers[0]),
+                            expected="the prompts file that the score stage ranked (prompts=...)")
+        sets = [s for s in sets if s.prompt.id in known]
+        if not sets:
+            raise DataError(f"no ranked sets (ranked-*.jsonl) for the prompts of {cfg.prompts}", path=cfg.ranked)
     gold = {(s.prompt.id, r.sample_idx): judge.score(s.prompt, r.text) for s in sets for r in s.responses}
     rows = curves(sets, gold, cfg.n)
-    atomic_write_json(rd.path / "bestofn.json", {"model": cfg.model, "reward_model": cfg.reward_model, "rows": rows})
-    plot(rows, rd.path / "bestofn.png", f"best-of-n: {Path(cfg.model).name}")
+    atomic_write_json(rd.path / "bestofn.json", {"model": cfg.model, "reward_model": cfg.reward_model,
+                                                 "ranked": cfg.ranked, "rows": rows})
+    plot(rows, rd.path / "bestofn.png", f"best-of-n: {Path(cfg.model or cfg.ranked).name}")
     rd.finish(Counter(prompts=len(sets), responses=len(gold)), rows=rows)
     lines = "\n".join(f"  n={r['n']:>3}: RM best {r['gold_of_rm_best']:.3f}   oracle {r['gold_oracle_best']:.3f}"
                       f"   (RM score {r['rm_score_of_best']:.3f})" for r in rows)
