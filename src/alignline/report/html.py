@@ -375,8 +375,9 @@ def section_bestofn(runs: list[StageRun], notes: list[str]) -> str:
         fig = img(line_plot(curves, f"{r.rel}: best-of-n", "n (samples)", "gold judge score", log2_x=True),
                   f"{r.rel}: best-of-n curves") if curves else ""
         parts.append(
-            f"<h3>{esc(r.rel)}</h3><p>policy {esc(cfg.get('model', '?'))}, reward model "
-            f"{esc(cfg.get('reward_model', '?'))}</p>"
+            f"<h3>{esc(r.rel)}</h3><p>"
+            + (f"ranked sets {esc(cfg['ranked'])}" if cfg.get("ranked") else
+               f"policy {esc(cfg.get('model', '?'))}, reward model {esc(cfg.get('reward_model', '?'))}") + "</p>"
             + table(["n", "gold of RM's best", "oracle best", "RM score of best", "prompts"],
                     [[fmt(x.get("n")), fmt(x.get("gold_of_rm_best")), fmt(x.get("gold_oracle_best")),
                       fmt(x.get("rm_score_of_best")), fmt(x.get("prompts"))] for x in rows]) + fig)
@@ -406,9 +407,9 @@ def section_evolution(runs: list[StageRun], notes: list[str]) -> str:
     evals: dict[int, dict] = {}
     extra = []
     for r in runs:
-        if r.stage != "bestofn" or not (rows := bestofn_rows(r)):
-            continue
         model = (r.manifest.get("config") or {}).get("model")
+        if r.stage != "bestofn" or model is None or not (rows := bestofn_rows(r)):
+            continue  # (a curve drawn from ranked sets evaluates no policy version)
         top = max(rows, key=lambda x: x["n"])
         idx = next((i for i, v in enumerate(versions)
                     if _same_path(model, v[2]) or (v[2] and _same_path(model, Path(v[2]).parent))), None)
