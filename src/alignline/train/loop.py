@@ -13,9 +13,9 @@ process without a micro-batch at the tail of an epoch runs one weighted 0.
 Checkpoints (``checkpoints/step-NNNNNNN``) hold safetensors weights, optimizer state (tensors in
 safetensors, the rest as JSON), scheduler state, per-process RNG state and the data position, and a
 ``COMPLETE`` marker written last. They always hold whole (gathered) tensors, whatever the sharding (an exact
-resume needs the same number of processes). ``resume=True`` continues from the newest complete checkpoint exactly: same batches, same
-RNG, same optimizer moments. A non-finite loss or gradient stops the run before the
-optimizer step, leaving the last good checkpoint untouched.
+resume needs the same number of processes). ``resume=True`` continues from the newest complete checkpoint
+exactly: same batches, same RNG, same optimizer moments. A non-finite loss or gradient stops the run before
+the optimizer step, leaving the last good checkpoint untouched.
 """
 
 from __future__ import annotations

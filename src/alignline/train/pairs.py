@@ -219,9 +219,13 @@ def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return kwargs
 
 
-def _row_logsumexp(logits: torch.Tensor, rows: int = 64) -> torch.Tensor:
-    """``logsumexp(logits, -1)`` for [N, V] logits, ``rows`` rows at a time (no [N, V] temporary)."""
-    return torch.cat([torch.logsumexp(logits[s: s + rows], dim=-1) for s in range(0, logits.shape[0], rows)])
+_ROWS = 64
+"""Rows of [N, V] logits processed at a time by the token log-prob pieces (bounds their temporaries)."""
+
+
+def _row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(logits, -1)`` for [N, V] logits, ``_ROWS`` rows at a time (no [N, V] temporary)."""
+    return torch.cat([torch.logsumexp(logits[s: s + _ROWS], dim=-1) for s in range(0, logits.shape[0], _ROWS)])
 
 
 class _TargetLogps(torch.autograd.Function):
@@ -247,9 +251,9 @@ class _TargetLogps(torch.autograd.Function):
         ctx.used = True
         logits, lse, src, tgt = ctx.saved_tensors
         per_row = torch.zeros_like(lse).index_add_(0, src, grad.to(lse.dtype))
-        for s in range(0, logits.shape[0], 64):
-            chunk = logits[s: s + 64]
-            chunk.sub_(lse[s: s + 64, None]).exp_().mul_(-per_row[s: s + 64, None])
+        for s in range(0, logits.shape[0], _ROWS):
+            chunk = logits[s: s + _ROWS]
+            chunk.sub_(lse[s: s + _ROWS, None]).exp_().mul_(-per_row[s: s + _ROWS, None])
         logits.index_put_((src, tgt), grad.to(logits.dtype), accumulate=True)
         return logits, None, None
 
