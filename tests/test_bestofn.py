@@ -65,6 +65,9 @@ def test_bestofn_from_ranked_sets_samples_nothing(tmp_path, tiny_model_dir):
     assert not (reused / "samples").exists()
     rows = json.loads((reused / "bestofn.json").read_text())["rows"]
     assert rows == json.loads((sampled / "bestofn.json").read_text())["rows"]
+    first_two = bestofn.run(load_config(bestofn.BestOfNConfig, None, [
+        f"ranked={sampled / 'ranked'}", f"prompts={prompts}", f"output_dir={tmp_path / 'two'}", "n=4", "max_prompts=2"]))
+    assert [r["prompts"] for r in json.loads((first_two / "bestofn.json").read_text())["rows"]] == [2, 2, 2]
     other = tmp_path / "other.jsonl"
     other.write_text(prompts.read_text().replace('"h0"', '"x0"'))
     with pytest.raises(DataError, match="not in"):

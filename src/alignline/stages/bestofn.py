@@ -131,14 +131,14 @@ def run(cfg: BestOfNConfig) -> Path:
     judge = VerifierJudge(mode=cfg.gold_mode)
     sets = [s for p in sorted(ranked_dir.glob("ranked-*.jsonl")) for s in read_records(p, RankedSet)]
     if cfg.ranked is not None:
-        prompt_ids = [p.id for p in read_prompts(cfg.prompts)][: cfg.max_prompts]
-        known = set(prompt_ids)
-        strangers = sorted({s.prompt.id for s in sets} - known)
+        prompt_ids = [p.id for p in read_prompts(cfg.prompts)]
+        strangers = sorted({s.prompt.id for s in sets} - set(prompt_ids))
         if strangers:
             raise DataError(f"ranked set for a prompt that is not in {cfg.prompts}", path=cfg.ranked,
                             field="prompt.id", found=repr(strangers[0]),
                             expected="the prompts file that the score stage ranked (prompts=...)")
-        sets = [s for s in sets if s.prompt.id in known]
+        kept = set(prompt_ids[: cfg.max_prompts])
+        sets = [s for s in sets if s.prompt.id in kept]
         if not sets:
             raise DataError(f"no ranked sets (ranked-*.jsonl) for the prompts of {cfg.prompts}", path=cfg.ranked)
     gold = {(s.prompt.id, r.sample_idx): judge.score(s.prompt, r.text) for s in sets for r in s.responses}
