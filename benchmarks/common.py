@@ -53,11 +53,14 @@ class ChildResult:
     returncode: int
     wall_s: float
     peak_rss_bytes: int
-    """``ru_maxrss`` of the child (its own high-water mark, including anything it reaped)."""
+    """The child's peak RSS: what it reported itself (:func:`child_main`: VmHWM of its own image), else its
+    ``ru_maxrss`` (which on Linux also holds the RSS of this parent at the fork: exec keeps it)."""
     log_path: str
     timed_out: bool = False
     contention: dict[str, float] | None = None
     """CPU used outside this process tree while the child ran (see :class:`CpuMonitor`)."""
+    ru_maxrss_bytes: int | None = None
+    """The child's ``ru_maxrss`` when ``peak_rss_bytes`` holds what the child reported itself."""
 
     @property
     def peak_rss_gb(self) -> float:
@@ -386,3 +389,327 @@ def trl_step_timer(sampler: RssSampler, timeline: list[dict]):
             timeline[-1]["t1"] = time.perf_counter()
 
     return StepTimer()
+
+
+# --------------------------------------------------------------------------- the shared argument set
+
+#: Every benchmark script accepts ``--smoke``: a tiny random model, a handful of examples, no waiting for a quiet
+#: machine, a few seconds per row, peers included where installed. ``tests/test_benchmarks_smoke.py`` runs each
+#: script listed in ``SMOKE_SCRIPTS`` that way (``make test``), so an API change that breaks a benchmark fails
+#: the tests. Smoke figures measure nothing: they only show that every row still runs.
+SMOKE_SCRIPTS = ("sft_throughput.py", "dpo_throughput.py", "rm_throughput.py", "score_throughput.py",
+                 "generate_throughput.py", "rl_throughput.py")
+
+#: Benchmark scripts not (yet) in ``SMOKE_SCRIPTS``, with the reason; the smoke test fails for a
+#: ``benchmarks/*_throughput.py`` in neither. To be covered, a script must: take the shared arguments
+#: (``add_common_args`` + ``finish_args``: ``--smoke``, ``--out``, ``--work-dir``, ...); with ``--smoke``, use
+#: ``model_path(args, work)`` (the tiny random model, never a download or the real model's import) and sizes
+#: that run in seconds, skip the quiet-machine wait, include its peer rows when the peer is installed; write its
+#: result JSON to ``--out`` and exit 0 (non-zero on any failed row). A training benchmark's result also carries
+#: ``limit`` (:func:`matmul_limit`) and a positive ``share_of_limit`` in every row of ``results``.
+SMOKE_PENDING: dict[str, str] = {}
+
+
+def add_common_args(p, *, configs: Sequence[str] = (), default_configs: Sequence[str] = (),
+                    default_out: Path | None = None, max_wait: float = 600.0, timeout: float = 2400.0) -> None:
+    """The arguments every benchmark shares: the mode (``--smoke`` / ``--quick`` / full), threads, seed,
+    configurations, result file, work directory, quiet-machine gate, retries and the child-process protocol."""
+    import argparse
+
+    p.add_argument("--smoke", action="store_true",
+                   help="CI smoke run: a tiny random model and a handful of examples, no quiet-machine wait "
+                        "(seconds; figures meaningless)")
+    p.add_argument("--quick", action="store_true", help="a short run of the real model (minutes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads in every child (default 2)")
+    if configs:
+        p.add_argument("--configs", default=None, help=f"comma-separated, from {','.join(configs)} "
+                       f"(default {','.join(default_configs)})")
+    if default_out is not None:
+        p.add_argument("--out", type=Path, help=f"result JSON (default {default_out.name} in benchmarks/results; "
+                       "--quick / --smoke: *_quick.json / *_smoke.json)")
+    p.add_argument("--model-path", type=Path, help="a checkpoint directory instead of the model alias")
+    p.add_argument("--work-dir", type=Path, help="where data and runs go (default: a temporary directory)")
+    p.add_argument("--keep-work-dir", action="store_true")
+    p.add_argument("--max-wait", type=float, default=max_wait,
+                   help=f"seconds to wait for other busy processes before each configuration (default {max_wait:.0f})")
+    p.add_argument("--timeout", type=float, default=timeout, help=f"seconds allowed per child (default {timeout:.0f})")
+    p.add_argument("--retries", type=int, default=1,
+                   help="measure a configuration again when other processes used the CPU meanwhile (default 1)")
+    p.add_argument("--max-foreign-cores", type=float, default=0.1,
+                   help="mean cores used by other processes above which a measurement counts as contended")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+
+
+def finish_args(args, *, full: dict, quick: dict, smoke: dict, default_out: Path | None = None,
+                smoke_configs: Sequence[str] | None = None):
+    """Fill the sizes the mode sets (an explicit argument wins), the result file and, for ``--smoke``, the rows
+    (``smoke_configs``, TRL rows dropped where TRL is not installed) and no quiet-machine wait or retries."""
+    base = smoke if args.smoke else quick if args.quick else full
+    for key, value in base.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if default_out is not None and getattr(args, "out", None) is None:
+        suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""
+        args.out = default_out.with_name(default_out.stem + suffix + default_out.suffix)
+    if args.smoke:
+        args.max_wait, args.retries = 0.0, 0
+        if smoke_configs is not None and getattr(args, "configs", None) is None:
+            args.configs = ",".join(c for c in smoke_configs if not c.startswith("trl") or peer_installed("trl"))
+    return args
+
+
+def peer_installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def config_names(args, configs: Sequence[str], default_configs: Sequence[str]) -> list[str]:
+    names = args.configs.split(",") if getattr(args, "configs", None) else list(default_configs)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; choose from {list(configs)}")
+    return names
+
+
+def smoke_model(work: Path, *, seed: int = 0) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with alignline's byte-level test tokenizer, saved in ``work``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from alignline.models import load_tokenizer, make_tiny_tokenizer, save_model, tiny_causal_lm_config
+
+    out = work / "tiny-model"
+    if (out / "config.json").exists():
+        return out
+    make_tiny_tokenizer(work / "tiny-tokenizer")
+    tokenizer = load_tokenizer(work / "tiny-tokenizer")
+    torch.manual_seed(seed)
+    save_model(LlamaForCausalLM(tiny_causal_lm_config(vocab_size=len(tokenizer))), tokenizer, out)
+    return out
+
+
+def model_path(args, work: Path, alias: str = "smollm2-135m-instruct") -> str:
+    """``--model-path``, else the tiny model (``--smoke``), else the alias's local checkpoint."""
+    if getattr(args, "model_path", None):
+        return str(args.model_path)
+    if args.smoke:
+        return str(smoke_model(work, seed=args.seed))
+    from alignline.models import resolve_model
+
+    return str(resolve_model(alias))
+
+
+# --------------------------------------------------------------------------- the child-process harness
+
+def is_contended(contention: dict | None, max_foreign_cores: float) -> bool:
+    return bool(contention) and contention["foreign_cores_mean"] > max_foreign_cores
+
+
+def quiet_gate(max_wait_s: float, confirm_s: float = 10.0, log=print) -> dict[str, Any]:
+    """``wait_until_quiet``, then a second look ``confirm_s`` later (another benchmark's parent starts its next
+    child a few seconds after the previous one ended); at most ``max_wait_s`` in all. ``max_wait_s`` 0: no look."""
+    if max_wait_s <= 0:
+        return {"waited_s": 0.0, "quiet": None, "busy": [], "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    t0 = time.monotonic()
+    while True:
+        left = max(0.0, max_wait_s - (time.monotonic() - t0))
+        quiet = wait_until_quiet(max_wait_s=left, poll_s=30.0, log=log)
+        if not quiet["quiet"]:
+            break
+        time.sleep(confirm_s)
+        busy = busy_processes()
+        if not busy or time.monotonic() - t0 >= max_wait_s:
+            quiet.update(quiet=not busy, busy=busy)
+            break
+        log(f"  busy again {confirm_s:.0f}s later ({'; '.join(b['cmd'][:70] for b in busy)}); waiting on")
+    quiet["waited_s"] = round(time.monotonic() - t0, 1)
+    return quiet
+
+
+def run_in_child(script: str | Path, name: str, spec: dict, args, work: Path, env: dict[str, str],
+                 log=print) -> tuple[dict | None, ChildResult, dict]:
+    """Configuration ``name`` of ``script`` in its own child process (``script --child name --spec FILE``), after
+    the quiet-machine gate. The child writes its result JSON to ``spec["result"]``; returns (that result or None
+    on failure, the child's wall time / peak RSS / load, what the gate saw)."""
+    quiet = quiet_gate(args.max_wait, log=log)
+    spec = {**spec, "result": str(work / f"{name}.result.json")}
+    spec_path = work / f"{name}.spec.json"
+    write_json(spec_path, spec)
+    Path(spec["result"]).unlink(missing_ok=True)
+    log(f"[{name}] running (load average {quiet['loadavg']}) ...")
+    res = run_child([sys.executable, str(Path(script).resolve()), "--child", name, "--spec", str(spec_path)],
+                    log_path=work / f"{name}.log", env=env, cwd=Path(__file__).resolve().parent.parent,
+                    timeout_s=args.timeout, monitor_cpu=not args.smoke)
+    if res.returncode != 0 or not Path(spec["result"]).exists():
+        log(f"[{name}] FAILED (rc {res.returncode}{', timed out' if res.timed_out else ''}); log {res.log_path}"
+            f"\n{res.tail(30)}")
+        return None, res, quiet
+    child = json.loads(Path(spec["result"]).read_text())
+    res.ru_maxrss_bytes, res.peak_rss_bytes = res.peak_rss_bytes, child.get("own_peak_rss_bytes", res.peak_rss_bytes)
+    return child, res, quiet
+
+
+def child_main(args, sides: dict[str, Any]) -> int:
+    """The child side of :func:`run_in_child`: ``sides[name](spec)`` -> result JSON written to spec["result"]."""
+    from alignline.train.telemetry import peak_rss_bytes
+
+    spec = json.loads(Path(args.spec).read_text())
+    result = sides[args.child](spec)
+    result["own_peak_rss_bytes"] = peak_rss_bytes()  # the parent reads this instead of ru_maxrss
+    write_json(spec["result"], result)
+    return 0
+
+
+def measure_rows(names: Sequence[str], run_config, args, *, log=print, after_row=None
+                 ) -> tuple[list[dict], dict[str, Any]]:
+    """``run_config(name) -> (row, None) | (None, failure)`` for every configuration, one after another; a row
+    measured while other processes used more than ``--max-foreign-cores`` is measured again (``--retries``) and
+    the least disturbed attempt kept. ``after_row(rows, failures)`` runs after each configuration."""
+    rows: list[dict] = []
+    failures: dict[str, Any] = {}
+    for name in names:
+        attempts = []
+        for attempt in range(1, args.retries + 2):
+            row, failure = run_config(name)
+            if failure is not None:
+                failures[name] = failure
+                break
+            contended = is_contended(row.get("contention"), args.max_foreign_cores)
+            row["attempt"], row["contended"] = attempt, contended
+            attempts.append(row)
+            if not contended:
+                break
+            if attempt <= args.retries:
+                log(f"[{name}] other processes used {row['contention']['foreign_cores_mean']:.2f} cores on average "
+                    f"while it ran; measuring again (attempt {attempt + 1})")
+        if attempts:
+            rows.append(min(attempts, key=lambda r: (r.get("contention") or {}).get("foreign_cores_mean", 0.0)))
+        if after_row is not None:
+            after_row(rows, failures)
+    return rows, failures
+
+
+def failure_of(res: ChildResult) -> dict[str, Any]:
+    return {"returncode": res.returncode, "timed_out": res.timed_out, "tail": res.tail(30)}
+
+
+def new_work_dir(args, prefix: str) -> Path:
+    work = args.work_dir or Path(__import__("tempfile").mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def drop_work_dir(args, work: Path) -> None:
+    if not args.keep_work_dir and args.work_dir is None:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- what alignline's runs record
+
+def read_run(out_dir: str | Path) -> dict[str, Any]:
+    """A finished alignline training run's own figures: per optimizer step (``metrics.jsonl``: seconds, tokens,
+    logit positions, useful FLOPs, forward/backward/optimizer seconds, peak memory, loss, units, ...) and the
+    manifest's ``phases`` (see ``alignline.train.telemetry``)."""
+    out_dir = Path(out_dir)
+    steps = []
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if "tokens_per_s" in rec:
+            steps.append({**rec, "seconds": rec["time/step_s"], "fwd_s": rec["time/forward_s"],
+                          "bwd_s": rec["time/backward_s"], "clip_opt_s": rec["time/optimizer_s"],
+                          "pairs": int(rec["units"])})
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    return {"steps": steps, "phases": manifest.get("phases", {}), "counts": manifest.get("counts")}
+
+
+def step_split(steps: Sequence[dict]) -> dict[str, float]:
+    """Forward / backward / clip+optimizer seconds over ``steps`` (either side's per-step records)."""
+    return {"forward": sum(s.get("fwd_s", 0.0) for s in steps),
+            "backward": sum(s.get("bwd_s", s.get("bwd_clip_s", 0.0)) for s in steps),
+            "clip+optimizer": sum(s.get("clip_opt_s", s.get("opt_s", 0.0)) for s in steps)}
+
+
+# --------------------------------------------------------------------------- the hardware limit
+
+def layer_shapes(config: dict[str, Any], tokens: int) -> dict[str, tuple[int, int, int, float]]:
+    """The matmuls of one forward pass of a decoder (Llama-style) over ``tokens`` tokens, as
+    name -> (M, K, N, how many per decoder layer); the LM head once per model (1 / layers per layer)."""
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    q = config["num_attention_heads"] * head_dim
+    return {"q": (tokens, h, q, 1), "k/v": (tokens, h, kv, 2), "o": (tokens, q, h, 1),
+            "gate/up": (tokens, h, i, 2), "down": (tokens, i, h, 1),
+            "lm head": (tokens, h, config["vocab_size"], 1 / layers)}
+
+
+TRIALS = 5
+
+
+def matmul_limit(config: dict[str, Any], tokens: int, *, device: str = "cpu", threads: int | None = None,
+                 seconds: float = 2.0) -> dict[str, Any]:
+    """fp32 matmul throughput on the model's own layer shapes (:func:`layer_shapes`), measured now: each shape is
+    run for about ``seconds / shapes`` seconds after one warm-up, in ``TRIALS`` trials of which the fastest counts;
+    the limit is the whole pass's matmul FLOPs over
+    its time at the measured rates (each shape weighted by how often a pass runs it). This is the ceiling for
+    the useful-FLOP throughput a training row reports (``share of limit`` = row's / this)."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    shapes = layer_shapes(config, tokens)
+    by_shape, flops_total, time_total = {}, 0.0, 0.0
+    g = torch.Generator(device=dev).manual_seed(0)
+    for name, (m, k, n, per_layer) in shapes.items():
+        a = torch.randn(m, k, device=dev, generator=g)
+        b = torch.randn(k, n, device=dev, generator=g)
+        torch.mm(a, b)
+        sync()
+        rate = 0.0
+        for _ in range(TRIALS):  # the best trial: another process taking the CPU for a moment only lowers one
+            reps, t0 = 0, time.perf_counter()
+            while True:
+                torch.mm(a, b)
+                reps += 1
+                sync()
+                elapsed = time.perf_counter() - t0
+                if elapsed >= seconds / len(shapes) / TRIALS:
+                    break
+            rate = max(rate, 2.0 * m * k * n * reps / elapsed)
+        by_shape[name] = {"shape": [m, k, n], "gflops": round(rate / 1e9, 2)}
+        weight = per_layer * config["num_hidden_layers"]
+        flops_total += weight * 2.0 * m * k * n
+        time_total += weight * 2.0 * m * k * n / rate
+    return {"flops_per_s": flops_total / time_total, "gflops": round(flops_total / time_total / 1e9, 2),
+            "tokens": tokens, "dtype": "float32", "device": device, "threads": torch.get_num_threads(),
+            "by_shape": by_shape}
+
+
+def share_of_limit(flops: float, seconds: float, limit: dict[str, Any] | None) -> float | None:
+    """Useful FLOPs per second over the measured matmul limit (None when either is missing)."""
+    if not limit or not seconds or not flops:
+        return None
+    return flops / seconds / limit["flops_per_s"]
+
+
+def model_config(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def measure_limit(args, model_dir: str | Path, tokens: int, *, device: str = "cpu", log=print) -> dict[str, Any]:
+    """:func:`matmul_limit` for the benchmark's model at ``tokens`` tokens (a brief probe with ``--smoke``)."""
+    limit = matmul_limit(model_config(model_dir), tokens, device=device, threads=args.threads,
+                         seconds=0.3 if args.smoke else 4.0)
+    log(f"fp32 matmul limit on the model's layer shapes ({tokens} tokens): {limit['gflops']:.1f} GFLOP/s")
+    return limit
+
+
+def percent(share: float | None) -> float | None:
+    return None if share is None else 100 * share

@@ -1,7 +1,8 @@
 """DPO throughput: ``alignline dpo`` against TRL 1.16's DPOTrainer on ShareGPT pairs (2 CPU cores, fp32).
 
     .venv/bin/python benchmarks/dpo_throughput.py            # the full run (about an hour on 2 cores)
-    .venv/bin/python benchmarks/dpo_throughput.py --quick    # a smoke run (8 pairs, batch 2, max_length 256)
+    .venv/bin/python benchmarks/dpo_throughput.py --quick    # a short run (8 pairs, batch 2, max_length 256)
+    .venv/bin/python benchmarks/dpo_throughput.py --smoke    # CI smoke run (tiny random model, 4 pairs, seconds)
 
 What it does:
 
@@ -37,14 +38,21 @@ What it does:
    By default ``alignline-fast`` and ``trl`` run; ``--configs`` picks others, and ``--merge`` keeps the rows
    of configurations measured earlier into the same ``--out`` file (same settings and data only).
 
-3. Times, inside each child, the reference pass and the training loop separately (alignline: wrappers
-   around ``reference_logps``, ``train`` and ``save_checkpoint`` in the child process; TRL: a subclass timing
-   ``_precompute_ref_logps``, and ``trainer.train()``). ``train`` excludes the final resumable checkpoint
-   alignline writes (timed and reported separately; TRL runs with ``save_strategy="no"``); model loading,
+3. Times, inside each child, the reference pass and the training loop separately. alignline: the phases the
+   dpo stage records itself (``manifest.json: phases``: ``reference``, ``train``, ``checkpoint``, with their
+   tokens, useful FLOPs and peak memory) and the per-step figures of its ``metrics.jsonl`` (forward, backward,
+   clip+optimizer seconds); nothing of the package is replaced. TRL: a subclass timing
+   ``_precompute_ref_logps``, and ``trainer.train()``. ``train`` excludes the final resumable checkpoint
+   alignline writes (its own phase, reported separately; TRL runs with ``save_strategy="no"``); model loading,
    tokenisation and alignline's final model save are outside both. pairs/s = pairs / (reference + train).
    Per-step times (forward+backward+optimizer, batch collation excluded) are recorded on both sides too.
-   Peak RSS is the child's ``ru_maxrss`` (whole process, everything included); per-phase peaks come from a
-   thread sampling ``/proc/self/statm`` every 10 ms.
+   Peak RSS is the child's own high-water mark (VmHWM: whole process, everything included); per-phase peaks
+   come from the stage's phases (alignline) or a thread sampling ``/proc/self/statm`` every 10 ms (TRL).
+4. Share of the limit: useful FLOPs per second (``alignline.train.telemetry.useful_flops``: 6 x body
+   parameters x real tokens + 6 x head parameters x positions whose logits are computed; 2 x for the reference
+   pass; alignline computes logits at response positions only, TRL at every position) over the fp32 matmul
+   throughput the parent measures in the same run on the model's own layer shapes
+   (``benchmarks/common.py: matmul_limit``), for the training steps and for the reference pass.
 
 Results: a table, ratios and parity checks on stdout, and ``benchmarks/results/dpo_throughput.json``.
 """
@@ -56,7 +64,6 @@ import json
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -66,13 +73,26 @@ if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): m
 from benchmarks.common import (
     GB,
     RssSampler,
+    add_common_args,
     child_env,
+    child_main,
+    config_names,
+    drop_work_dir,
+    failure_of,
+    finish_args,
     machine_info,
     markdown_table,
-    run_child,
+    measure_limit,
+    measure_rows,
+    model_path,
+    new_work_dir,
+    percent,
+    read_run,
+    run_in_child,
+    share_of_limit,
+    step_split,
     timed_trl_trainer,
     trl_step_timer,
-    wait_until_quiet,
     write_json,
 )
 
@@ -82,6 +102,7 @@ MODEL = "smollm2-135m-instruct"
 
 FULL = {"pairs": 64, "batch_size": 4, "max_length": 512, "ref_batch_size": 4}
 QUICK = {"pairs": 8, "batch_size": 2, "max_length": 256, "ref_batch_size": 2}
+SMOKE = {"pairs": 4, "batch_size": 2, "max_length": 96, "ref_batch_size": 2}
 
 SELECTIVE_LAYERS = 4  # alignline-fast: layers keeping matmul outputs, sized to stay under 1/4 of TRL's memory
 
@@ -101,6 +122,7 @@ CONFIGS = {
     "trl": {"side": "trl", "label": "TRL 1.16 DPOTrainer"},
 }
 DEFAULT_CONFIGS = ("alignline-fast", "trl")
+SMOKE_CONFIGS = DEFAULT_CONFIGS
 GOAL_SPEEDUP, GOAL_MEMORY = 1.5, 0.25
 
 # prompts are spread evenly over [PROMPT_LO, PROMPT_HI] x max_length / 512: mean 336 at 512
@@ -137,11 +159,11 @@ def build_data(args, work: Path) -> dict[str, Any]:
 
     from alignline.data.chat import ensure_chat_template, render
     from alignline.data.io import write_records
-    from alignline.models import load_tokenizer, resolve_model
+    from alignline.models import load_tokenizer
 
     t0 = time.perf_counter()
-    model_path = getattr(args, "model_path", None) or resolve_model(MODEL)  # rm_throughput's args have neither
-    tokenizer = load_tokenizer(model_path)
+    model_dir = model_path(args, work, MODEL)
+    tokenizer = load_tokenizer(model_dir)
     ensure_chat_template(tokenizer)
     L = args.max_length
     if getattr(args, "data_dir", None):  # the pairs an earlier run selected (e.g. carried to a GPU machine without the asset)
@@ -160,7 +182,7 @@ def build_data(args, work: Path) -> dict[str, Any]:
                      f"answer, both cut at token boundaries to <= max_length - prompt tokens")
     al_path = work / "pairs.jsonl"
     write_records(al_path, pairs_al)
-    return finish_data(args, work, tokenizer, model_path, al_path, pairs_trl_by_index, scanned, cands, selection, t0)
+    return finish_data(args, work, tokenizer, model_dir, al_path, pairs_trl_by_index, scanned, cands, selection, t0)
 
 
 def select_pairs(args, tokenizer):
@@ -240,7 +262,7 @@ def select_pairs(args, tokenizer):
     return pairs_al, pairs_trl_by_index, scanned, cands, lo, hi
 
 
-def finish_data(args, work, tokenizer, model_path, al_path, pairs_trl_by_index, scanned, cands, selection, t0):
+def finish_data(args, work, tokenizer, model_dir, al_path, pairs_trl_by_index, scanned, cands, selection, t0):
     from collections import Counter
 
     from alignline.data.io import read_pairs, write_records
@@ -282,92 +304,21 @@ def finish_data(args, work, tokenizer, model_path, al_path, pairs_trl_by_index, 
     expected = [{"prompt": examples[i]["prompt"], "chosen": examples[i]["chosen"],
                  "rejected": examples[i]["rejected"], "id": examples[i]["id"]} for i in trl_order]
     return {"info": info, "plan": plan, "trl_order": trl_order, "expected_trl": expected,
-            "ids": [e["id"] for e in examples], "model_path": str(model_path)}
+            "ids": [e["id"] for e in examples], "model_path": str(model_dir)}
 
 
 # --------------------------------------------------------------------------- children
 
 def child_alignline(spec: dict) -> dict:
+    """``alignline.stages.dpo.run`` as a user runs it; the figures are the ones the stage records itself."""
     import torch
 
     torch.set_num_threads(spec["threads"])
-    import alignline.stages.dpo as dpo_mod
-    import alignline.train.loop as loop_mod
-
-    sampler = RssSampler()
-    sampler.start()
-    sampler.set_phase("load+tokenise")
-    times: dict[str, float] = {"checkpoint_save": 0.0}
-
-    ref_fn, train_fn, ckpt_fn, save_fn = (dpo_mod.reference_logps, dpo_mod.train, loop_mod.save_checkpoint,
-                                          dpo_mod.save_model)
-
-    def reference_logps(*a, **kw):
-        sampler.set_phase("reference")
-        t0 = time.perf_counter()
-        out = ref_fn(*a, **kw)
-        times["reference"] = time.perf_counter() - t0
-        sampler.set_phase("between")
-        return out
-
-    def train(*a, **kw):
-        sampler.set_phase("train")
-        t0 = time.perf_counter()
-        out = train_fn(*a, **kw)
-        times["train_loop"] = time.perf_counter() - t0
-        sampler.set_phase("save model")
-        return out
-
-    def save_checkpoint(*a, **kw):
-        t0 = time.perf_counter()
-        previous = sampler.phase
-        sampler.set_phase("checkpoint")
-        out = ckpt_fn(*a, **kw)
-        sampler.set_phase(previous)
-        times["checkpoint_save"] += time.perf_counter() - t0
-        return out
-
-    def save_model(*a, **kw):
-        t0 = time.perf_counter()
-        out = save_fn(*a, **kw)
-        times["model_save"] = time.perf_counter() - t0
-        return out
-
-    dpo_mod.reference_logps, dpo_mod.train, loop_mod.save_checkpoint, dpo_mod.save_model = (
-        reference_logps, train, save_checkpoint, save_model)
-
-    # per micro-batch: forward (step_fn) start/end and the start of gradient clipping (= end of backward)
-    marks: list[dict] = []
-    step_fn_factory, make_acc = dpo_mod.pair_step_fn, dpo_mod.make_accelerator
-
-    def pair_step_fn(*a, **kw):
-        inner = step_fn_factory(*a, **kw)
-
-        def step(model, batch):
-            t0 = time.perf_counter()
-            out = inner(model, batch)
-            marks.append({"fwd_start": t0, "fwd_end": time.perf_counter(), "rss_after_fwd": sampler.rss() / GB})
-            return out
-
-        return step
-
-    def make_accelerator(*a, **kw):
-        acc = make_acc(*a, **kw)
-        clip = acc.clip_grad_norm_
-
-        def clip_grad_norm_(*ca, **ckw):
-            if marks:
-                marks[-1]["clip_start"] = time.perf_counter()
-            return clip(*ca, **ckw)
-
-        acc.clip_grad_norm_ = clip_grad_norm_
-        return acc
-
-    dpo_mod.pair_step_fn, dpo_mod.make_accelerator = pair_step_fn, make_accelerator
+    from alignline.stages.dpo import DPOConfig, run
 
     out_dir = Path(spec["run_dir"])
     shutil.rmtree(out_dir, ignore_errors=True)
-    cfg = dpo_mod.DPOConfig(
+    cfg = DPOConfig(
         model=spec["model_path"], reference=None, output_dir=str(out_dir), dtype="float32", resume=False,
         pair_layout=spec["layout"], ref_batch_size=spec["ref_batch_size"],
         data={"train": spec["data"], "max_length": spec["max_length"], "max_drop_fraction": 0.0},
@@ -379,45 +330,38 @@ def child_alignline(spec: dict) -> dict:
                "max_grad_norm": 1.0, "weight_decay": 0.0, **spec.get("train", {})},
     )
     t0 = time.perf_counter()
-    dpo_mod.run(cfg)
+    run(cfg)
     wall = time.perf_counter() - t0
-    rss = sampler.stop()
-    steps = []
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
-        if "tokens_per_s" in rec:
-            steps.append({"step": rec["step"], "seconds": rec["tokens"] / rec["tokens_per_s"], "loss": rec["loss"],
-                          "tokens": rec["tokens"], "pairs": int(rec["units"]),
-                          "margin": rec.get("rewards/margin"), "grad_norm": rec.get("grad_norm")})
-    accum = spec["grad_accum"]
-    for k, s in enumerate(steps):  # grad_accum micro-batches per step; backward ends where the next starts
-        ms = marks[k * accum: (k + 1) * accum]
-        if len(ms) < accum:
-            break
-        s["fwd_s"] = sum(m["fwd_end"] - m["fwd_start"] for m in ms)
-        if "clip_start" in ms[-1]:
-            ends = [m["fwd_start"] for m in ms[1:]] + [ms[-1]["clip_start"]]
-            s["bwd_s"] = sum(e - m["fwd_end"] for e, m in zip(ends, ms))
-            s["clip_opt_s"] = s["seconds"] - s["fwd_s"] - s["bwd_s"]
-        s["rss_after_fwd_gb"] = round(max(m["rss_after_fwd"] for m in ms), 3)
-    manifest = json.loads((out_dir / "manifest.json").read_text())
+    recorded = read_run(out_dir)
+    ph = recorded["phases"]
+    steps = [{"step": r["step"], "seconds": r["seconds"], "loss": r["loss"], "tokens": r["tokens"],
+              "logit_positions": r["logit_positions"], "flops": r["flops"], "pairs": r["pairs"],
+              "margin": r.get("rewards/margin"), "grad_norm": r.get("grad_norm"),
+              **{k: r[k] for k in ("fwd_s", "bwd_s", "clip_opt_s")},
+              **{k: r[k] for k in r if k.startswith("mem/")}} for r in recorded["steps"]]
     ref = json.loads((out_dir / "ref_logps.json").read_text())
     return {
-        "reference_s": times["reference"], "train_s": times["train_loop"] - times["checkpoint_save"],
-        "checkpoint_save_s": times["checkpoint_save"], "model_save_s": times.get("model_save"),
-        "manifest_reference_seconds": manifest.get("reference_seconds"),
-        "manifest_train_seconds": manifest.get("train_seconds"), "run_seconds": wall, "steps": steps,
-        "ref_logps": dict(zip(ref["ids"], ref["values"])), "counts": manifest.get("counts"), "rss": rss,
-        "torch_threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW (fused)", **gpu_memory(),
+        "reference_s": ph["reference"]["seconds"], "reference_flops": ph["reference"].get("flops", 0),
+        "train_s": ph["train"]["seconds"] - ph["checkpoint"]["seconds"], "checkpoint_save_s": ph["checkpoint"]["seconds"],
+        "model_save_s": ph["save_model"]["seconds"], "run_seconds": wall, "steps": steps, "phases": ph,
+        "ref_logps": dict(zip(ref["ids"], ref["values"])), "counts": recorded["counts"],
+        "rss": {"peaks_gb": {name: ph[name]["peak_rss_gb"] for name in ("reference", "train")}},
+        "torch_threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW (fused)", **gpu_memory(ph),
     }
 
 
-def gpu_memory() -> dict:
-    """Peak CUDA memory of this process (allocated by tensors / reserved by the caching allocator), if any."""
+def gpu_memory(phases: dict | None = None) -> dict:
+    """Peak CUDA memory of this process (allocated by tensors / reserved by the caching allocator), if any: from
+    an alignline run's recorded ``phases`` (its telemetry resets torch's peak statistics at every phase and step),
+    else from torch."""
     import torch
 
     if not torch.cuda.is_available():
         return {}
+    if phases is not None:
+        peaks = phases["process"]
+        return {"gpu": torch.cuda.get_device_name(), "gpu_peak_allocated_gb": peaks.get("peak_allocated_gb"),
+                "gpu_peak_reserved_gb": peaks.get("peak_reserved_gb")}
     return {"gpu": torch.cuda.get_device_name(), "gpu_peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
             "gpu_peak_reserved_gb": torch.cuda.max_memory_reserved() / GB}
 
@@ -433,6 +377,8 @@ def child_trl(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from alignline.train.telemetry import param_counts, useful_flops
+
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
     dataset = Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
@@ -442,6 +388,7 @@ def child_trl(spec: dict) -> dict:
         ref_model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32)
     times: dict[str, float] = {"reference": 0.0}
     ref_batches: list[list[int]] = []
+    ref_tokens: list[int] = []
     train_batches: list[dict] = []
     timeline: list[dict] = []
 
@@ -456,6 +403,8 @@ def child_trl(spec: dict) -> dict:
 
         def compute_ref_log_probs(self, model, inputs):
             ref_batches.append(list(inputs["input_ids"].shape))
+            mask = inputs.get("attention_mask")
+            ref_tokens.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
             return super().compute_ref_log_probs(model, inputs)
 
 
@@ -483,14 +432,17 @@ def child_trl(spec: dict) -> dict:
     train_s = time.perf_counter() - t0
     rss = sampler.stop()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    params = param_counts(model)  # TRL computes logits at every position: useful at every real one
     steps = []
     for i, (t, b) in enumerate(zip(timeline, train_batches)):
         steps.append({"step": i + 1, "seconds": t["t1"] - t["t0"], "fwd_s": b["fwd_s"],
                       "bwd_clip_s": t["t_fb"] - t["t0"] - b["fwd_s"], "opt_s": t["t1"] - t["t_fb"],
                       "loss": b["loss"], "logged_loss": losses[i] if i < len(losses) else None,
-                      "shape": b["shape"], "real_tokens": b["real_tokens"], "rss_after_fwd_gb": b["rss_after_fwd_gb"]})
+                      "shape": b["shape"], "real_tokens": b["real_tokens"], "rss_after_fwd_gb": b["rss_after_fwd_gb"],
+                      "flops": useful_flops(*params, b["real_tokens"], b["real_tokens"], grad=True)})
     return {
         "reference_s": times["reference"], "train_s": train_s, "init_s": init_s,
+        "reference_flops": sum(useful_flops(*params, n, n, grad=False) for n in ref_tokens),
         "prepare_s": init_s - times["reference"], "steps": steps, "ref_logps": ref_logps,
         "tokenisation_equals_alignline": ids_equal, "reference_batches": ref_batches,
         "ref_model": "separate model passed" if ref_model is not None else
@@ -500,47 +452,35 @@ def child_trl(spec: dict) -> dict:
     }
 
 
-def child_main(name: str, spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    result = child_alignline(spec) if CONFIGS[name]["side"] == "alignline" else child_trl(spec)
-    Path(spec["result"]).write_text(json.dumps(result, indent=1))
-    return 0
-
-
 # --------------------------------------------------------------------------- parent
 
-def summarise(name: str, child: dict, rss_gb: float, wall_s: float, n_pairs: int) -> dict:
+def summarise(name: str, child: dict, rss_gb: float, wall_s: float, n_pairs: int, limit: dict | None) -> dict:
     steps = child["steps"]
     ref_s, train_s = child["reference_s"], child["train_s"]
     total = ref_s + train_s
     step_s = sum(s["seconds"] for s in steps)
+    flops = sum(s["flops"] for s in steps)
     peaks = child["rss"]["peaks_gb"]
-    split = {"forward": sum(s.get("fwd_s", 0.0) for s in steps),
-             "backward": sum(s.get("bwd_s", s.get("bwd_clip_s", 0.0)) for s in steps),
-             "clip+optimizer": sum(s.get("clip_opt_s", s.get("opt_s", 0.0)) for s in steps)}
     return {
+        "train_useful_gflops_s": flops / step_s / 1e9, "share_of_limit": share_of_limit(flops, step_s, limit),
+        "reference_share_of_limit": share_of_limit(child["reference_flops"], ref_s, limit),
         "config": name, "label": CONFIGS[name]["label"], "steps": len(steps), "reference_s": ref_s,
         "train_s": train_s, "total_s": total, "pairs_per_s": n_pairs / total, "s_per_pair": total / n_pairs,
         "train_pairs_per_s": n_pairs / train_s, "reference_pairs_per_s": n_pairs / ref_s,
         "step_s_sum": step_s, "s_per_step": step_s / len(steps), "peak_rss_gb": rss_gb,
         "rss_reference_gb": peaks.get("reference"), "rss_train_gb": peaks.get("train"),
-        "first_step_loss": steps[0]["loss"], "child_wall_s": wall_s, "step_split_s": split, "per_step": steps,
+        "first_step_loss": steps[0]["loss"], "child_wall_s": wall_s, "step_split_s": step_split(steps),
+        "per_step": steps,
     }
 
 
-def is_contended(contention: dict | None, max_foreign_cores: float) -> bool:
-    return bool(contention) and contention["foreign_cores_mean"] > max_foreign_cores
-
-
-def run_config(name: str, args, data: dict, work: Path, env: dict) -> tuple[dict | None, dict | None]:
+def run_config(name: str, args, data: dict, work: Path, env: dict, limit: dict | None
+               ) -> tuple[dict | None, dict | None]:
     """One configuration in its own child process; returns (result row, None) or (None, failure)."""
     cfg, d = CONFIGS[name], data["info"]
-    log(f"\n[{name}] waiting for a quiet machine ...")
-    quiet = wait_until_quiet(max_wait_s=args.max_wait, poll_s=30.0, log=log)
     spec = {"model_path": data["model_path"], "batch_size": args.batch_size, "max_length": args.max_length,
             "seed": args.seed, "threads": args.threads, "lr": args.lr, "beta": args.beta,
-            "ref_batch_size": args.ref_batch_size, "run_dir": str(work / "runs" / name), "device": args.device,
-            "result": str(work / f"{name}.result.json")}
+            "ref_batch_size": args.ref_batch_size, "run_dir": str(work / "runs" / name), "device": args.device}
     if cfg["side"] == "alignline":
         micro = cfg.get("micro_batch", args.batch_size)
         if args.batch_size % micro:
@@ -549,19 +489,12 @@ def run_config(name: str, args, data: dict, work: Path, env: dict) -> tuple[dict
                     batch_size=micro, grad_accum=args.batch_size // micro, train=cfg.get("train", {}))
     else:
         spec.update(data=d["trl_path"], expected=data["expected_trl"], trl_ref_model=args.trl_ref_model)
-    spec_path = work / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    Path(spec["result"]).unlink(missing_ok=True)
-    log(f"[{name}] running (load average {quiet['loadavg']}) ...")
-    res = run_child([sys.executable, str(Path(__file__).resolve()), "--child", name, "--spec", str(spec_path)],
-                    log_path=work / f"{name}.log", env=env, cwd=ROOT, timeout_s=args.timeout)
+    log(f"\n[{name}] waiting for a quiet machine ...")
+    child, res, quiet = run_in_child(__file__, name, spec, args, work, env, log=log)
     shutil.rmtree(work / "runs" / name, ignore_errors=True)  # alignline's checkpoint and model: ~1.6 GB
-    if res.returncode != 0 or not Path(spec["result"]).exists():
-        log(f"[{name}] FAILED (rc {res.returncode}{', timed out' if res.timed_out else ''}); log {res.log_path}"
-            f"\n{res.tail(30)}")
-        return None, {"returncode": res.returncode, "timed_out": res.timed_out, "tail": res.tail(30)}
-    child = json.loads(Path(spec["result"]).read_text())
-    row = summarise(name, child, res.peak_rss_gb, res.wall_s, d["pairs"])
+    if child is None:
+        return None, failure_of(res)
+    row = summarise(name, child, res.peak_rss_gb, res.wall_s, d["pairs"], limit)
     row["quiet_before"], row["contention"] = quiet, res.contention
     row["details"] = {k: v for k, v in child.items() if k not in ("steps", "ref_logps")}
     row["ref_logps"] = child["ref_logps"]
@@ -584,45 +517,21 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, help=f"max prompt + response tokens (default {FULL['max_length']})")
     p.add_argument("--ref-batch-size", type=int,
                    help=f"alignline ref_batch_size (default {FULL['ref_batch_size']}, TRL's precompute batch)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 8 pairs, batch 2, max_length 256")
     p.add_argument("--lr", type=float, default=5e-7, help="peak learning rate (default 5e-7, linear decay)")
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads in every child (default 2)")
-    p.add_argument("--configs", default=None, help=f"comma-separated, from {','.join(CONFIGS)} "
-                   f"(default {','.join(DEFAULT_CONFIGS)})")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of other configurations already in --out (same settings and data)")
     p.add_argument("--trl-ref-model", action="store_true",
                    help="give TRL an explicit ref_model (a second copy in memory) instead of ref_model=None")
-    p.add_argument("--out", type=Path, help=f"result JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
-                   "--quick: dpo_throughput_quick.json)")
-    p.add_argument("--work-dir", type=Path, help="where data and runs go (default: a temporary directory)")
-    p.add_argument("--keep-work-dir", action="store_true")
-    p.add_argument("--max-wait", type=float, default=600.0,
-                   help="seconds to wait for other busy processes before each configuration (default 600)")
-    p.add_argument("--timeout", type=float, default=2400.0, help="seconds allowed per child (default 2400)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="measure a configuration again when other processes used the CPU meanwhile (default 1)")
-    p.add_argument("--max-foreign-cores", type=float, default=0.1,
-                   help="mean cores used by other processes above which a measurement counts as contended")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: fp32 (the default); cuda: fp32 weights with bf16 autocast on both sides")
-    p.add_argument("--model-path", type=Path, help=f"a checkpoint dir instead of the {MODEL} alias")
     p.add_argument("--data-dir", type=Path,
                    help="use pairs.jsonl from an earlier run's work dir instead of selecting from ShareGPT")
     p.add_argument("--repeat-data", type=int, default=1, help="with --data-dir: use each pair this many times")
     p.add_argument("--build-data-only", action="store_true", help="write the pairs into --work-dir and stop")
-    p.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.out is None:
-        args.out = DEFAULT_OUT.with_name("dpo_throughput_quick.json") if args.quick else DEFAULT_OUT
-    return args
+    add_common_args(p, configs=list(CONFIGS), default_configs=DEFAULT_CONFIGS, default_out=DEFAULT_OUT)
+    return finish_args(p.parse_args(argv), full=FULL, quick=QUICK, smoke=SMOKE, default_out=DEFAULT_OUT,
+                       smoke_configs=SMOKE_CONFIGS)
 
 
 def command_line(argv: list[str]) -> str:
@@ -679,7 +588,7 @@ def previous_rows(args, settings: dict, data_info: dict) -> list[dict]:
 
 
 def report(rows: list[dict], failures: dict, args, argv: list[str], settings: dict, data_info: dict,
-           final: bool) -> int:
+           limit: dict, final: bool) -> int:
     """Ratios, goal, parity checks and the table; writes the results JSON (also after each configuration)."""
     order = list(CONFIGS)
     rows = sorted(rows, key=lambda r: order.index(r["config"]))
@@ -704,15 +613,18 @@ def report(rows: list[dict], failures: dict, args, argv: list[str], settings: di
     columns = [("label", "configuration", ""), ("reference_s", "reference pass (s)", ".1f"),
                ("train_s", "training (s)", ".1f"), ("total_s", "total (s)", ".1f"),
                ("pairs_per_s", "pairs/s", ".4f"), ("s_per_pair", "s/pair", ".2f"),
-               ("train_pairs_per_s", "train-only pairs/s", ".4f"), ("peak_rss_gb", "peak RSS (GB)", ".2f"),
+               ("train_pairs_per_s", "train-only pairs/s", ".4f"), ("share_pct", "share of limit, training (%)", ".1f"),
+               ("reference_share_pct", "share of limit, ref pass (%)", ".1f"), ("peak_rss_gb", "peak RSS (GB)", ".2f"),
                ("rss_reference_gb", "RSS ref pass (GB)", ".2f"), ("rss_train_gb", "RSS training (GB)", ".2f"),
                ("first_step_loss", "first-step loss", ".6f"), ("foreign", "other load (cores)", ".2f")]
     for r in rows:
         r["foreign"] = (r.get("contention") or {}).get("foreign_cores_mean")
+        r["share_pct"], r["reference_share_pct"] = percent(r["share_of_limit"]), percent(r["reference_share_of_limit"])
     table = markdown_table(rows, columns)
     cmd = command_line(argv)
     if final:
         log("\n" + table + "\n")
+        log(f"  limit: fp32 matmul {limit['gflops']:.1f} GFLOP/s on the model's layer shapes ({limit['tokens']} tokens)")
         for k, v in ratios.items():
             log(f"  {k}: {v:.2f}x")
         for name, g in goal.items():
@@ -728,7 +640,7 @@ def report(rows: list[dict], failures: dict, args, argv: list[str], settings: di
         "timed": "reference = the pass computing reference log-probs before training; train = the training loop "
                  "(all optimizer steps incl. batch collation) without alignline's final resumable checkpoint; "
                  "pairs/s = pairs / (reference + train). Peak RSS = the child's ru_maxrss (whole process).",
-        "machine": machine_info(), "data": data_info, "results": rows, "ratios": ratios, "goal": goal,
+        "machine": machine_info(), "limit": limit, "data": data_info, "results": rows, "ratios": ratios, "goal": goal,
         "checks": checks, "failures": failures, "table_markdown": table, "complete": final,
     }
     write_json(args.out, result)
@@ -741,15 +653,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child:
-        return child_main(args.child, args.spec)
-
-    names = args.configs.split(",") if args.configs else list(DEFAULT_CONFIGS)
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
-
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="alignline-dpo-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+        return child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
+                                 for n, c in CONFIGS.items()})
+    names = config_names(args, CONFIGS, DEFAULT_CONFIGS)
+    work = new_work_dir(args, "alignline-dpo-bench-")
     log(f"dpo throughput: pairs={args.pairs} batch={args.batch_size} max_length={args.max_length} "
         f"ref_batch={args.ref_batch_size} lr={args.lr} threads={args.threads}; configs {names}; work dir {work}")
     data = build_data(args, work)
@@ -765,31 +672,18 @@ def main(argv=None) -> int:
     rows = [r for r in previous_rows(args, settings, d) if r["config"] not in names] if args.merge else []
     if rows:
         log(f"--merge: keeping {[r['config'] for r in rows]} from {args.out}")
+    # the limit on the shapes of a typical row (a shared-layout pair: prompt + chosen + rejected)
+    limit = measure_limit(args, data["model_path"], round(t["shared_row"]["mean"]), device=args.device, log=log)
 
     env = child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
-    failures: dict[str, Any] = {}
-    for name in names:
-        attempts = []
-        for attempt in range(1, args.retries + 2):
-            row, failure = run_config(name, args, data, work, env)
-            if failure is not None:
-                failures[name] = failure
-                break
-            contended = is_contended(row["contention"], args.max_foreign_cores)
-            row["attempt"], row["contended"] = attempt, contended
-            attempts.append(row)
-            if not contended:
-                break
-            if attempt <= args.retries:
-                log(f"[{name}] other processes used {row['contention']['foreign_cores_mean']:.2f} cores on average "
-                    f"while it ran; measuring again (attempt {attempt + 1})")
-        if attempts:  # the least disturbed attempt
-            rows.append(min(attempts, key=lambda r: (r["contention"] or {}).get("foreign_cores_mean", 0.0)))
-        report(rows, failures, args, argv, settings, d, final=False)
 
-    code = report(rows, failures, args, argv, settings, d, final=True)
-    if not args.keep_work_dir and args.work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
+    def report_so_far(done: list[dict], failures: dict) -> None:
+        report(rows + done, failures, args, argv, settings, d, limit, final=False)
+
+    measured, failures = measure_rows(names, lambda n: run_config(n, args, data, work, env, limit), args, log=log,
+                                      after_row=report_so_far)
+    code = report(rows + measured, failures, args, argv, settings, d, limit, final=True)
+    drop_work_dir(args, work)
     return code
 
 

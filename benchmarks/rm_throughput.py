@@ -1,7 +1,8 @@
 """Reward-model training throughput: ``alignline rm`` against TRL 1.16's RewardTrainer (2 CPU cores, fp32).
 
     .venv/bin/python benchmarks/rm_throughput.py            # the full run (about 20-30 minutes on 2 cores)
-    .venv/bin/python benchmarks/rm_throughput.py --quick    # a smoke run (8 pairs, batch 2, max_length 256, 2 steps)
+    .venv/bin/python benchmarks/rm_throughput.py --quick    # a short run (8 pairs, batch 2, max_length 256, 2 steps)
+    .venv/bin/python benchmarks/rm_throughput.py --smoke    # CI smoke run (tiny random model, 4 pairs, seconds)
 
 What it does:
 
@@ -34,12 +35,17 @@ What it does:
      sequentially, so every TRL step sees exactly the pairs of the same alignline step.
 
 3. Times, inside each child, every optimizer step (forward + backward + clipping + optimizer; batch
-   collation outside) -- alignline: ``tokens / tokens_per_s`` of each step in ``metrics.jsonl``; TRL: a
-   callback's ``on_step_begin`` -> ``on_step_end`` -- and the training loop as a whole (alignline: its
-   ``train`` call minus the final resumable checkpoint; TRL: ``trainer.train()``). Training pairs/s =
-   pairs trained / sum of step times. The whole child's wall time (imports, model load, tokenisation,
-   training, alignline's final evaluation and model save) is reported too. Peak RSS is the child's
-   ``ru_maxrss`` (whole process); per-phase peaks come from a thread sampling ``/proc/self/statm``.
+   collation outside) -- alignline: the ``time/step_s`` (and its forward / backward / optimizer laps) the
+   training loop records for each step in ``metrics.jsonl``; TRL: a callback's ``on_step_begin`` ->
+   ``on_step_end`` -- and the training loop as a whole (alignline: the ``train`` phase minus the
+   ``checkpoint`` phase the rm stage records in ``manifest.json``; TRL: ``trainer.train()``). Nothing of the
+   package is replaced. Training pairs/s = pairs trained / sum of step times. The whole child's wall time
+   (imports, model load, tokenisation, training, alignline's final evaluation and model save) is reported
+   too. Peak RSS is the child's own high-water mark (VmHWM, whole process); per-phase peaks come from the
+   stage's phases (alignline) or a thread sampling ``/proc/self/statm`` (TRL).
+4. Share of the limit: useful FLOPs (``alignline.train.telemetry.useful_flops``, 6 x body parameters x real
+   tokens; the scalar head is negligible) per second of the timed steps, over the fp32 matmul throughput the
+   parent measures in the same run on the model's own layer shapes (``benchmarks/common.py: matmul_limit``).
    After training the TRL child also scores its first batch with alignline's prefix-shared path and with
    TRL's padded path on the same (trained) model: the two must agree (a parity check of the layouts).
 
@@ -53,7 +59,6 @@ import hashlib
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -61,19 +66,30 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (
-    GB,
     RssSampler,
-    busy_processes,
+    add_common_args,
     child_env,
+    child_main,
+    config_names,
+    drop_work_dir,
+    failure_of,
+    finish_args,
     machine_info,
     markdown_table,
-    run_child,
+    measure_limit,
+    measure_rows,
+    new_work_dir,
+    percent,
+    quiet_gate,
+    read_run,
+    run_in_child,
+    share_of_limit,
+    step_split,
     timed_trl_trainer,
     trl_step_timer,
-    wait_until_quiet,
     write_json,
 )
-from benchmarks.dpo_throughput import build_data, is_contended
+from benchmarks.dpo_throughput import build_data
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "rm_throughput.json"
@@ -81,6 +97,7 @@ MODEL = "smollm2-135m-instruct"
 
 FULL = {"pairs": 64, "batch_size": 4, "max_length": 512, "max_steps": None}
 QUICK = {"pairs": 8, "batch_size": 2, "max_length": 256, "max_steps": 2}
+SMOKE = {"pairs": 4, "batch_size": 2, "max_length": 96, "max_steps": 2}
 
 CONFIGS = {
     "alignline-shared": {"side": "alignline", "layout": "shared", "label": "alignline rm (shared prefix)"},
@@ -88,6 +105,7 @@ CONFIGS = {
     "trl": {"side": "trl", "label": "TRL 1.16 RewardTrainer"},
 }
 DEFAULT_CONFIGS = ("alignline-shared", "trl")
+SMOKE_CONFIGS = DEFAULT_CONFIGS
 
 
 def log(msg: str) -> None:
@@ -112,7 +130,8 @@ def build_rm_data(args, work: Path) -> dict[str, Any]:
     from alignline.train.pairs import pair_length, plan_bucketed, tokenise_pairs
 
     L = args.max_length
-    builder_args = argparse.Namespace(pairs=args.pairs, batch_size=args.batch_size, max_length=L - 1, seed=args.seed)
+    builder_args = argparse.Namespace(pairs=args.pairs, batch_size=args.batch_size, max_length=L - 1, seed=args.seed,
+                                      model_path=args.model_path, smoke=args.smoke)
     built = build_data(builder_args, work)  # writes work/pairs.jsonl (alignline layout) + a DPO-only TRL file
     (work / "pairs_trl.jsonl").unlink(missing_ok=True)  # DPO's plain-text layout: not used here
     t0 = time.perf_counter()
@@ -179,88 +198,22 @@ def build_rm_data(args, work: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- children
 
 def child_alignline(spec: dict) -> dict:
+    """``alignline.stages.rm.run`` as a user runs it; the figures are the ones the stage records itself."""
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from alignline.models import load_reward_model
+    from alignline.stages.rm import RMConfig, run
+
+    # the head the stage draws: a probe load after the same seed (the stage loads first thing after it)
+    torch.manual_seed(spec["seed"])
+    probe = load_reward_model(spec["model_path"], dtype="float32")
+    info = {"head": head_digest(probe), "attn_implementation": getattr(probe.config, "_attn_implementation", None)}
+    del probe
     torch.manual_seed(spec["seed"])  # the RM stage seeds only inside train(), after the head is built
-    import alignline.stages.rm as rm_mod
-    import alignline.train.loop as loop_mod
-
-    sampler = RssSampler()
-    sampler.start()
-    sampler.set_phase("load+tokenise")
-    times: dict[str, float] = {"checkpoint_save": 0.0, "final_eval": 0.0}
-    info: dict[str, Any] = {}
-    train_fn, ckpt_fn, save_fn, eval_fn, load_fn = (rm_mod.train, loop_mod.save_checkpoint, rm_mod.save_model,
-                                                    rm_mod.evaluate_rm, rm_mod.load_reward_model)
-
-    def load_reward_model(*a, **kw):
-        model = load_fn(*a, **kw)
-        info["head"] = head_digest(model)
-        info["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-        return model
-
-    def train(*a, **kw):
-        sampler.set_phase("train")
-        t0 = time.perf_counter()
-        out = train_fn(*a, **kw)
-        times["train_loop"] = time.perf_counter() - t0
-        sampler.set_phase("after train")
-        return out
-
-    def save_checkpoint(*a, **kw):
-        t0 = time.perf_counter()
-        previous = sampler.phase
-        sampler.set_phase("checkpoint")
-        out = ckpt_fn(*a, **kw)
-        sampler.set_phase(previous)
-        times["checkpoint_save"] += time.perf_counter() - t0
-        return out
-
-    def evaluate_rm(*a, **kw):
-        sampler.set_phase("final eval")
-        t0 = time.perf_counter()
-        out = eval_fn(*a, **kw)
-        times["final_eval"] += time.perf_counter() - t0
-        sampler.set_phase("save model")
-        return out
-
-    def save_model(*a, **kw):
-        t0 = time.perf_counter()
-        out = save_fn(*a, **kw)
-        times["model_save"] = time.perf_counter() - t0
-        return out
-
-    # per micro-batch: forward + loss (rm_step_fn) start/end, and the start of gradient clipping (= end of backward)
-    marks: list[dict] = []
-    step_fn, make_acc = rm_mod.rm_step_fn, rm_mod.make_accelerator
-
-    def rm_step_fn(model, batch):
-        t0 = time.perf_counter()
-        out = step_fn(model, batch)
-        marks.append({"fwd_start": t0, "fwd_end": time.perf_counter(), "rss_after_fwd": sampler.rss() / GB,
-                      "shape": list(batch["input_ids"].shape)})
-        return out
-
-    def make_accelerator(*a, **kw):
-        acc = make_acc(*a, **kw)
-        clip = acc.clip_grad_norm_
-
-        def clip_grad_norm_(*ca, **ckw):
-            if marks:
-                marks[-1]["clip_start"] = time.perf_counter()
-            return clip(*ca, **ckw)
-
-        acc.clip_grad_norm_ = clip_grad_norm_
-        return acc
-
-    (rm_mod.train, loop_mod.save_checkpoint, rm_mod.save_model, rm_mod.evaluate_rm, rm_mod.load_reward_model,
-     rm_mod.rm_step_fn, rm_mod.make_accelerator) = (train, save_checkpoint, save_model, evaluate_rm,
-                                                    load_reward_model, rm_step_fn, make_accelerator)
-
     out_dir = Path(spec["run_dir"])
     shutil.rmtree(out_dir, ignore_errors=True)
-    cfg = rm_mod.RMConfig(
+    cfg = RMConfig(
         model=spec["model_path"], output_dir=str(out_dir), dtype="float32", resume=False,
         pair_layout=spec["layout"], eval_batch_size=spec["batch_size"],
         data={"train": spec["data"], "max_length": spec["max_length"], "max_drop_fraction": 0.0},
@@ -270,33 +223,23 @@ def child_alignline(spec: dict) -> dict:
                "gradient_checkpointing": False, "max_grad_norm": 1.0, "weight_decay": 0.0},
     )
     t0 = time.perf_counter()
-    rm_mod.run(cfg)
+    run(cfg)
     wall = time.perf_counter() - t0
-    rss = sampler.stop()
-    steps = []
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
-        if "tokens_per_s" in rec:
-            steps.append({"step": rec["step"], "seconds": rec["tokens"] / rec["tokens_per_s"], "loss": rec["loss"],
-                          "tokens_computed": rec["tokens"], "pairs": int(rec["units"]),
-                          "accuracy": rec.get("accuracy"), "margin": rec.get("rewards/margin"),
-                          "grad_norm": rec.get("grad_norm")})
-    for s, m in zip(steps, marks):  # grad_accum 1: one micro-batch per step
-        s["fwd_s"] = m["fwd_end"] - m["fwd_start"]
-        if "clip_start" in m:
-            s["bwd_s"] = m["clip_start"] - m["fwd_end"]
-            s["clip_opt_s"] = s["seconds"] - s["fwd_s"] - s["bwd_s"]
-        s["shape"] = m["shape"]
-        s["rss_after_fwd_gb"] = round(m["rss_after_fwd"], 3)
-    manifest = json.loads((out_dir / "manifest.json").read_text())
+    recorded = read_run(out_dir)
+    ph = recorded["phases"]
+    steps = [{"step": r["step"], "seconds": r["seconds"], "loss": r["loss"], "tokens_computed": r["tokens"],
+              "flops": r["flops"], "pairs": r["pairs"], "accuracy": r.get("accuracy"),
+              "margin": r.get("rewards/margin"), "grad_norm": r.get("grad_norm"),
+              **{k: r[k] for k in ("fwd_s", "bwd_s", "clip_opt_s")},
+              **{k: r[k] for k in r if k.startswith("mem/")}} for r in recorded["steps"]]
     evaluation = json.loads((out_dir / "eval.json").read_text())
     return {
-        "train_s": times["train_loop"] - times["checkpoint_save"], "train_call_s": times["train_loop"],
-        "checkpoint_save_s": times["checkpoint_save"], "final_eval_s": times["final_eval"],
-        "model_save_s": times.get("model_save"), "manifest_seconds": manifest.get("seconds"),
-        "run_seconds": wall, "steps": steps, "counts": manifest.get("counts"), "rss": rss,
+        "train_s": ph["train"]["seconds"] - ph["checkpoint"]["seconds"], "train_call_s": ph["train"]["seconds"],
+        "checkpoint_save_s": ph["checkpoint"]["seconds"], "final_eval_s": ph["final_eval"]["seconds"],
+        "model_save_s": ph["save_model"]["seconds"], "run_seconds": wall, "steps": steps, "phases": ph,
+        "counts": recorded["counts"], "rss": {"peaks_gb": {"train": ph["train"]["peak_rss_gb"]}},
         "final_eval": {k: evaluation.get(k) for k in ("split", "pairs", "accuracy", "margin_mean")},
-        "torch_threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW (for-loop on CPU)", **info,
+        "torch_threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW (fused)", **info,
     }
 
 
@@ -310,6 +253,8 @@ def child_trl(spec: dict) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
+
+    from alignline.train.telemetry import param_counts, useful_flops
 
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
     dataset = Dataset.from_list(rows)
@@ -350,13 +295,15 @@ def child_trl(spec: dict) -> dict:
     parity = layout_parity(trainer, spec, ds)
     rss = sampler.stop()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    params = param_counts(model)  # the scalar head runs at every position
     steps = []
     for i, (t, b) in enumerate(zip(timeline, train_batches)):
         steps.append({"step": i + 1, "seconds": t["t1"] - t["t0"], "fwd_s": b["fwd_s"],
                       "bwd_clip_s": t["t_fb"] - t["t0"] - b["fwd_s"], "opt_s": t["t1"] - t["t_fb"],
                       "loss": b["loss"], "logged_loss": losses[i] if i < len(losses) else None,
                       "pairs": b["shape"][0] // 2, "shape": b["shape"], "real_tokens": b["real_tokens"],
-                      "tokens_computed": b["shape"][0] * b["shape"][1], "rss_after_fwd_gb": b["rss_after_fwd_gb"]})
+                      "tokens_computed": b["shape"][0] * b["shape"][1], "rss_after_fwd_gb": b["rss_after_fwd_gb"],
+                      "flops": useful_flops(*params, b["real_tokens"], b["real_tokens"], grad=True)})
     return {
         "train_s": train_s, "init_s": init_s, "steps": steps, "tokenisation_equals_alignline": ids_equal,
         "dataset_rows_after_filter": len(ds), "train_metrics": out.metrics, "rss": rss, "head": head,
@@ -388,80 +335,46 @@ def layout_parity(trainer, spec: dict, ds) -> dict[str, Any]:
             "loss_shared_path": float(-torch.nn.functional.logsigmoid(al_c - al_r).mean())}
 
 
-def child_main(name: str, spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    result = child_alignline(spec) if CONFIGS[name]["side"] == "alignline" else child_trl(spec)
-    Path(spec["result"]).write_text(json.dumps(result, indent=1))
-    return 0
-
-
 # --------------------------------------------------------------------------- parent
 
-def quiet_gate(max_wait_s: float, confirm_s: float = 10.0) -> dict[str, Any]:
-    """``wait_until_quiet``, then a second look ``confirm_s`` later (another benchmark's parent starts its next
-    child a few seconds after the previous one ended); at most ``max_wait_s`` in all."""
-    t0 = time.monotonic()
-    while True:
-        left = max(0.0, max_wait_s - (time.monotonic() - t0))
-        quiet = wait_until_quiet(max_wait_s=left, poll_s=30.0, log=log)
-        if not quiet["quiet"]:
-            break
-        time.sleep(confirm_s)
-        busy = busy_processes()
-        if not busy or time.monotonic() - t0 >= max_wait_s:
-            quiet.update(quiet=not busy, busy=busy)
-            break
-        log(f"  busy again {confirm_s:.0f}s later ({'; '.join(b['cmd'][:70] for b in busy)}); waiting on")
-    quiet["waited_s"] = round(time.monotonic() - t0, 1)
-    return quiet
-
-
-def summarise(name: str, child: dict, rss_gb: float, wall_s: float) -> dict:
+def summarise(name: str, child: dict, rss_gb: float, wall_s: float, limit: dict | None) -> dict:
     steps = child["steps"]
     pairs = sum(s["pairs"] for s in steps)
     step_s = sum(s["seconds"] for s in steps)
     later = steps[1:] or steps
     later_s = sum(s["seconds"] for s in later)
     peaks = child["rss"]["peaks_gb"]
-    split = {"forward": sum(s.get("fwd_s", 0.0) for s in steps),
-             "backward": sum(s.get("bwd_s", s.get("bwd_clip_s", 0.0)) for s in steps),
-             "clip+optimizer": sum(s.get("clip_opt_s", s.get("opt_s", 0.0)) for s in steps)}
+    flops = sum(s["flops"] for s in steps)
     return {
+        "useful_gflops_s": flops / step_s / 1e9, "share_of_limit": share_of_limit(flops, step_s, limit),
         "config": name, "label": CONFIGS[name]["label"], "steps": len(steps), "pairs": pairs,
         "step_s_sum": step_s, "s_per_step": step_s / len(steps), "train_pairs_per_s": pairs / step_s,
         "train_pairs_per_s_steps_2_on": sum(s["pairs"] for s in later) / later_s,
         "train_loop_s": child["train_s"], "loop_pairs_per_s": pairs / child["train_s"],
         "tokens_computed_per_pair": sum(s["tokens_computed"] for s in steps) / pairs,
         "peak_rss_gb": rss_gb, "rss_train_gb": peaks.get("train"), "first_step_loss": steps[0]["loss"],
-        "last_step_loss": steps[-1]["loss"], "child_wall_s": wall_s, "step_split_s": split, "per_step": steps,
+        "last_step_loss": steps[-1]["loss"], "child_wall_s": wall_s, "step_split_s": step_split(steps),
+        "per_step": steps,
     }
 
 
-def run_config(name: str, args, data: dict, work: Path, env: dict) -> tuple[dict | None, dict | None]:
+def run_config(name: str, args, data: dict, work: Path, env: dict, limit: dict | None
+               ) -> tuple[dict | None, dict | None]:
     """One configuration in its own child process; returns (result row, None) or (None, failure)."""
     cfg, d = CONFIGS[name], data["info"]
-    log(f"\n[{name}] waiting for a quiet machine ...")
-    quiet = quiet_gate(args.max_wait)
     spec = {"model_path": data["model_path"], "batch_size": args.batch_size, "max_length": args.max_length,
             "max_steps": args.max_steps, "seed": args.seed, "threads": args.threads, "lr": args.lr,
-            "run_dir": str(work / "runs" / name), "result": str(work / f"{name}.result.json")}
+            "run_dir": str(work / "runs" / name)}
     if cfg["side"] == "alignline":
         spec.update(data=d["path"], layout=cfg["layout"])
     else:
         spec.update(data=d["trl_path"], expected=data["expected_trl"], shared_examples=data["shared_examples"])
-    spec_path = work / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    Path(spec["result"]).unlink(missing_ok=True)
-    log(f"[{name}] running (load average {quiet['loadavg']}, waited {quiet['waited_s']}s) ...")
-    res = run_child([sys.executable, str(Path(__file__).resolve()), "--child", name, "--spec", str(spec_path)],
-                    log_path=work / f"{name}.log", env=env, cwd=ROOT, timeout_s=args.timeout)
+    log(f"\n[{name}] waiting for a quiet machine ...")
+    child, res, quiet = run_in_child(__file__, name, spec, args, work, env, log=log)
     shutil.rmtree(work / "runs" / name, ignore_errors=True)  # alignline's checkpoint and model
-    if res.returncode != 0 or not Path(spec["result"]).exists():
-        log(f"[{name}] FAILED (rc {res.returncode}{', timed out' if res.timed_out else ''}); log {res.log_path}"
-            f"\n{res.tail(30)}")
-        return None, {"returncode": res.returncode, "timed_out": res.timed_out, "tail": res.tail(30)}
-    child = json.loads(Path(spec["result"]).read_text())
-    row = summarise(name, child, res.peak_rss_gb, res.wall_s)
+    if child is None:
+        return None, failure_of(res)
+    row = summarise(name, child, res.peak_rss_gb, res.wall_s, limit)
     row["quiet_before"], row["contention"] = quiet, res.contention
     row["details"] = {k: v for k, v in child.items() if k != "steps"}
     c = res.contention or {}
@@ -482,34 +395,12 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, help=f"preference pairs (default {FULL['pairs']})")
     p.add_argument("--batch-size", type=int, help=f"pairs per optimizer step (default {FULL['batch_size']})")
     p.add_argument("--max-length", type=int, help=f"max prompt + response tokens (default {FULL['max_length']})")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch; --quick: 2)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 8 pairs, batch 2, max_length 256, 2 steps")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: one epoch; --quick, --smoke: 2)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5, linear decay)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads in every child (default 2)")
-    p.add_argument("--configs", default=None,
-                   help=f"comma-separated subset of {','.join(CONFIGS)} (default {','.join(DEFAULT_CONFIGS)})")
-    p.add_argument("--out", type=Path, help=f"result JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
-                   "--quick: rm_throughput_quick.json)")
-    p.add_argument("--work-dir", type=Path, help="where data and runs go (default: a temporary directory)")
-    p.add_argument("--keep-work-dir", action="store_true")
-    p.add_argument("--max-wait", type=float, default=900.0,
-                   help="seconds to wait for other busy processes before each configuration (default 900)")
-    p.add_argument("--timeout", type=float, default=2400.0, help="seconds allowed per child (default 2400)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="measure a configuration again when other processes used the CPU meanwhile (default 1)")
-    p.add_argument("--max-foreign-cores", type=float, default=0.1,
-                   help="mean cores used by other processes above which a measurement counts as contended")
-    p.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.out is None:
-        args.out = DEFAULT_OUT.with_name("rm_throughput_quick.json") if args.quick else DEFAULT_OUT
-    return args
+    add_common_args(p, configs=list(CONFIGS), default_configs=DEFAULT_CONFIGS, default_out=DEFAULT_OUT,
+                    max_wait=900.0)
+    return finish_args(p.parse_args(argv), full=FULL, quick=QUICK, smoke=SMOKE, default_out=DEFAULT_OUT,
+                       smoke_configs=SMOKE_CONFIGS)
 
 
 def command_line(argv: list[str]) -> str:
@@ -544,19 +435,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child:
-        return child_main(args.child, args.spec)
-
-    names = args.configs.split(",") if args.configs else list(DEFAULT_CONFIGS)
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
-
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="alignline-rm-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+        return child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
+                                 for n, c in CONFIGS.items()})
+    names = config_names(args, CONFIGS, DEFAULT_CONFIGS)
+    work = new_work_dir(args, "alignline-rm-bench-")
     log(f"rm throughput: pairs={args.pairs} batch={args.batch_size} max_length={args.max_length} "
         f"max_steps={args.max_steps} lr={args.lr} threads={args.threads}; work dir {work}")
     log("waiting for a quiet machine before building the data ...")
-    quiet_gate(args.max_wait)
+    quiet_gate(args.max_wait, log=log)
     data = build_rm_data(args, work)
     d = data["info"]
     t = d["tokens"]
@@ -566,20 +452,8 @@ def main(argv=None) -> int:
         f"with padding {d['computed_tokens_per_pair_with_padding']}; {d['truncated']} truncated ({d['seconds']}s)")
 
     env = child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
-    rows, failures = [], {}
-    for name in names:
-        for attempt in range(1, args.retries + 2):
-            row, failure = run_config(name, args, data, work, env)
-            if failure is not None:
-                failures[name] = failure
-                break
-            contended = is_contended(row["contention"], args.max_foreign_cores)
-            row["attempt"], row["contended"] = attempt, contended
-            if not contended or attempt == args.retries + 1:
-                rows.append(row)
-                break
-            log(f"[{name}] other processes used {row['contention']['foreign_cores_mean']:.2f} cores on average "
-                f"while it ran; measuring again (attempt {attempt + 1})")
+    limit = measure_limit(args, data["model_path"], round(t["shared_row"]["mean"]), log=log)
+    rows, failures = measure_rows(names, lambda n: run_config(n, args, data, work, env, limit), args, log=log)
 
     by = {r["config"]: r for r in rows}
     checks = parity_checks(by)
@@ -599,16 +473,19 @@ def main(argv=None) -> int:
 
     columns = [("label", "configuration", ""), ("steps", "steps", ""), ("pairs", "pairs", ""),
                ("step_s_sum", "timed steps (s)", ".1f"), ("s_per_step", "s/step", ".2f"),
-               ("train_pairs_per_s", "training pairs/s", ".3f"), ("train_loop_s", "training loop (s)", ".1f"),
+               ("train_pairs_per_s", "training pairs/s", ".3f"), ("share_pct", "share of limit (%)", ".1f"),
+               ("train_loop_s", "training loop (s)", ".1f"),
                ("tokens_computed_per_pair", "tokens computed/pair", ".0f"),
                ("child_wall_s", "child wall (s)", ".1f"), ("peak_rss_gb", "peak RSS (GB)", ".2f"),
                ("rss_train_gb", "RSS training (GB)", ".2f"), ("first_step_loss", "first-step loss", ".6f"),
                ("foreign", "other load (cores)", ".2f")]
     for r in rows:
         r["foreign"] = (r.get("contention") or {}).get("foreign_cores_mean")
+        r["share_pct"] = percent(r["share_of_limit"])
     table = markdown_table(rows, columns)
     cmd = command_line(argv)
     log("\n" + table + "\n")
+    log(f"  limit: fp32 matmul {limit['gflops']:.1f} GFLOP/s on the model's layer shapes ({limit['tokens']} tokens)")
     for k, v in ratios.items():
         log(f"  {k}: {v:.2f}x")
     for k, v in checks.items():
@@ -618,7 +495,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "rm_throughput", "command": cmd, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "settings": {"model": MODEL, "pairs": args.pairs, "batch_size": args.batch_size,
+        "settings": {"model": data["model_path"] if args.smoke else MODEL, "smoke": args.smoke, "pairs": args.pairs, "batch_size": args.batch_size,
                      "max_length": args.max_length, "max_steps": args.max_steps, "lr": args.lr,
                      "loss": "Bradley-Terry, mean over pairs", "schedule": "linear, no warm-up", "seed": args.seed,
                      "threads": args.threads, "dtype": "float32", "gradient_checkpointing": False,
@@ -628,13 +505,12 @@ def main(argv=None) -> int:
                  "resumable checkpoint / TRL's trainer.train(). child wall = the whole child process (imports, "
                  "load, tokenisation, training, alignline's final evaluation over the pairs and model save). "
                  "Peak RSS = the child's ru_maxrss (whole process).",
-        "machine": machine_info(), "data": d, "results": rows, "ratios": ratios, "checks": checks,
+        "machine": machine_info(), "limit": limit, "data": d, "results": rows, "ratios": ratios, "checks": checks,
         "failures": failures, "table_markdown": table,
     }
     write_json(args.out, result)
     log(f"\nwrote {args.out}\ncommand: {cmd}")
-    if not args.keep_work_dir and args.work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
+    drop_work_dir(args, work)
     return 1 if failures else 0
 
 

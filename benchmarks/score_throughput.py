@@ -2,7 +2,8 @@
 responses) vs plain batched scoring (every prompt + response its own row), SmolLM2-135M-sized RM.
 
     .venv/bin/python benchmarks/score_throughput.py             # N in (16, 64) x prompt in (256, 1024)
-    .venv/bin/python benchmarks/score_throughput.py --quick     # smoke run
+    .venv/bin/python benchmarks/score_throughput.py --quick     # short run (N 4, prompt 64, responses of 16)
+    .venv/bin/python benchmarks/score_throughput.py --smoke     # CI smoke run (the same on a tiny random model)
 
 The RM is SmolLM2-135M-Instruct with a freshly initialised scalar head (speed does not depend on the
 head's values). Token ids are random (fixed seed) with the requested lengths: prompt P tokens, N
@@ -19,37 +20,50 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine_info, markdown_table, wait_until_quiet, write_json
+from benchmarks.common import (
+    add_common_args,
+    drop_work_dir,
+    finish_args,
+    machine_info,
+    markdown_table,
+    model_path,
+    new_work_dir,
+    quiet_gate,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "score_throughput.json"
+FULL = {"ns": "16,64", "prompts": "256,1024", "response_tokens": 128}
+QUICK = {"ns": "4", "prompts": "64", "response_tokens": 16}
+SMOKE = QUICK
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ns", default="16,64")
-    p.add_argument("--prompts", default="256,1024", help="prompt lengths in tokens")
-    p.add_argument("--response-tokens", type=int, default=128)
+    p.add_argument("--ns", help=f"responses per prompt (default {FULL['ns']})")
+    p.add_argument("--prompts", help=f"prompt lengths in tokens (default {FULL['prompts']})")
+    p.add_argument("--response-tokens", type=int, help=f"tokens per response (default {FULL['response_tokens']})")
     p.add_argument("--chunk", type=int, default=16, help="responses per forward on the prefix-shared path")
     p.add_argument("--batch", type=int, default=8, help="rows per forward on the plain path")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true")
-    a = p.parse_args(argv)
+    add_common_args(p, default_out=OUT, max_wait=300.0)
+    a = finish_args(p.parse_args(argv), full=FULL, quick=QUICK, smoke=SMOKE, default_out=OUT)
     if a.quick:
-        a.ns, a.prompts, a.response_tokens = "4", "64", 16
+        a.max_wait = 0.0
     import torch
 
     torch.set_num_threads(a.threads)
     from alignline.judges.reward import score_plain, score_responses
-    from alignline.models import load_reward_model, resolve_model
+    from alignline.models import load_reward_model
 
-    model = load_reward_model(resolve_model("smollm2-135m-instruct"), dtype="float32").eval()
+    work = new_work_dir(a, "alignline-score-bench-")
+    model = load_reward_model(model_path(a, work), dtype="float32").eval()
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     rows = []
     for plen in map(int, a.prompts.split(",")):
         for n in map(int, a.ns.split(",")):
-            quiet = wait_until_quiet(max_wait_s=0 if a.quick else 300)
+            quiet = quiet_gate(a.max_wait)
             prompt = torch.randint(10, vocab, (plen,), generator=g).tolist()
             resps = [torch.randint(10, vocab, (a.response_tokens,), generator=g).tolist() for _ in range(n)]
             t0 = time.perf_counter()
@@ -67,9 +81,10 @@ def main(argv=None) -> int:
                                   ("plain_resp_s", "plain resp/s", ".2f"), ("speedup", "speed-up", ".2f"),
                                   ("max_abs_diff", "max |diff|", ".1e")])
     print(table)
-    write_json(OUT if not a.quick else OUT.with_name("score_throughput_quick.json"), {
+    write_json(a.out, {
         "command": " ".join([".venv/bin/python", "benchmarks/score_throughput.py", *(argv or sys.argv[1:])]),
         "settings": vars(a), "machine": machine_info(), "rows": rows})
+    drop_work_dir(a, work)
     return 0 if all(r["max_abs_diff"] < 1e-4 for r in rows) else 1
 
 

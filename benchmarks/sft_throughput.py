@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/sft_throughput.py                 # about 15 minutes on 2 CPU cores
     .venv/bin/python benchmarks/sft_throughput.py --steps 4       # about 10 minutes (3 timed steps)
     .venv/bin/python benchmarks/sft_throughput.py --trl-packing   # + a TRL packing row (about 6 minutes more)
-    .venv/bin/python benchmarks/sft_throughput.py --quick         # smoke run (2 steps, max_length 128)
+    .venv/bin/python benchmarks/sft_throughput.py --quick         # short run (2 steps, max_length 128)
+    .venv/bin/python benchmarks/sft_throughput.py --smoke         # CI smoke run (tiny random model, seconds)
 
 What it does:
 
@@ -24,11 +25,16 @@ What it does:
      micro-batch becomes one row with ``position_ids`` restarting per sequence).
 
 3. Times optimizer steps 2..N (step 1 is warm-up) from per-step timestamps on each side: from the start of
-   the step's forward to the end of the optimizer step (alignline: the ``tokens_per_s`` of each step in
-   ``metrics.jsonl``; TRL: a callback's ``on_step_begin`` -> ``on_step_end``). Data loading, collation,
-   logging and checkpointing are outside the window. Real tokens are non-pad tokens; tokens/s = real
-   tokens in the window / time in the window. Peak RSS is each child's ``ru_maxrss`` (whole process:
-   data preparation, model, optimizer, training).
+   the step's forward to the end of the optimizer step (alignline: the ``time/step_s`` the training loop
+   records for each step in ``metrics.jsonl``; TRL: a callback's ``on_step_begin`` -> ``on_step_end``). Data
+   loading, collation, logging and checkpointing are outside the window. Real tokens are non-pad tokens;
+   tokens/s = real tokens in the window / time in the window. Peak RSS is each child's ``ru_maxrss`` (whole
+   process: data preparation, model, optimizer, training).
+4. Share of the limit: useful FLOPs (``alignline.train.telemetry.useful_flops``: 6 x body parameters x real
+   tokens + 6 x head parameters x positions whose logits are computed: alignline's trained positions, as its
+   loop records them; every real position for TRL, which computes logits everywhere) per second of the timed
+   steps, over the fp32 matmul throughput measured by the parent in the same run on the model's own layer
+   shapes (``benchmarks/common.py: matmul_limit``).
 
 Results: a table and ratios on stdout, and ``benchmarks/results/sft_throughput.json``.
 """
@@ -40,7 +46,6 @@ import json
 import random
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,11 +53,23 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (
+    add_common_args,
     child_env,
+    child_main,
+    config_names,
+    drop_work_dir,
+    failure_of,
+    finish_args,
     machine_info,
     markdown_table,
-    run_child,
-    wait_until_quiet,
+    measure_limit,
+    measure_rows,
+    model_path,
+    new_work_dir,
+    percent,
+    read_run,
+    run_in_child,
+    share_of_limit,
     write_json,
 )
 
@@ -62,6 +79,8 @@ MODEL = "smollm2-135m-instruct"
 
 FULL = {"steps": 6, "batch_size": 2, "max_length": 1024, "conversations": 64}
 QUICK = {"steps": 2, "batch_size": 2, "max_length": 128, "conversations": 16}
+SMOKE = {"steps": 2, "batch_size": 2, "max_length": 96, "conversations": 6}
+SMOKE_CONFIGS = ("alignline-packing", "trl-padding")
 
 CONFIGS = {
     "alignline-packing": {"side": "alignline", "packing": True, "label": "alignline packing"},
@@ -84,12 +103,12 @@ def build_data(args, work: Path) -> dict[str, Any]:
     from alignline.data.chat import ensure_chat_template, fit_to_length, tokenise_conversation
     from alignline.data.io import write_records
     from alignline.data.sharegpt import normalise_sharegpt, read_sharegpt
-    from alignline.models import load_tokenizer, resolve_model
+    from alignline.models import load_tokenizer
     from alignline.train.batching import plan_packed, plan_padded, shuffled
 
     t0 = time.perf_counter()
-    model_path = resolve_model(MODEL)
-    tokenizer = load_tokenizer(model_path)
+    model_dir = model_path(args, work, MODEL)
+    tokenizer = load_tokenizer(model_dir)
     ensure_chat_template(tokenizer)
     raw, _ = read_sharegpt()
     convs, _ = normalise_sharegpt(raw, strip_leading_assistant=True)
@@ -160,7 +179,7 @@ def build_data(args, work: Path) -> dict[str, Any]:
         "padded_order": shuffled(len(lengths), args.seed, 0),
         "padded_batches": padded_plan[: args.steps],
     }
-    return {"info": info, "plans": plans, "model_path": str(model_path)}
+    return {"info": info, "plans": plans, "model_path": model_dir}
 
 
 # --------------------------------------------------------------------------- children
@@ -184,16 +203,13 @@ def child_alignline(spec: dict) -> dict:
     t0 = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t0
-    steps = []
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
-        if "tokens_per_s" in rec:
-            steps.append({"step": rec["step"], "seconds": rec["tokens"] / rec["tokens_per_s"],
-                          "reported_tokens": rec["tokens"], "reported_trained": int(rec["units"]),
-                          "loss": rec["loss"]})
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    return {"steps": steps, "run_seconds": wall, "manifest_counts": manifest.get("counts"),
-            "torch_threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW (default: for-loop on CPU)"}
+    recorded = read_run(out_dir)  # the loop's own per-step figures and the stage's phases
+    steps = [{"step": r["step"], "seconds": r["seconds"], "reported_tokens": r["tokens"],
+              "reported_trained": int(r["units"]), "flops": r["flops"], "loss": r["loss"],
+              **{k: r[k] for k in ("fwd_s", "bwd_s", "clip_opt_s", "mem/peak_rss_gb")}} for r in recorded["steps"]]
+    return {"steps": steps, "run_seconds": wall, "manifest_counts": recorded["counts"],
+            "phases": recorded["phases"], "torch_threads": torch.get_num_threads(),
+            "optimizer": "torch.optim.AdamW (fused)"}
 
 
 def child_trl(spec: dict) -> dict:
@@ -203,6 +219,8 @@ def child_trl(spec: dict) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from alignline.train.telemetry import param_counts, useful_flops
 
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
     dataset = Dataset.from_list(rows)
@@ -247,7 +265,10 @@ def child_trl(spec: dict) -> dict:
     out = trainer.train()
     wall = time.perf_counter() - t0
     ds = trainer.train_dataset
-    steps = [{"step": i + 1, "seconds": t["t1"] - t["t0"], **b} for i, (t, b) in enumerate(zip(timeline, batches))]
+    params = param_counts(model)  # TRL computes logits at every position: useful at every real one
+    steps = [{"step": i + 1, "seconds": t["t1"] - t["t0"], **b,
+              "flops": useful_flops(*params, b["real_tokens"], b["real_tokens"], grad=True)}
+             for i, (t, b) in enumerate(zip(timeline, batches))]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     for s, loss in zip(steps, losses):
         s["loss"] = loss
@@ -257,66 +278,51 @@ def child_trl(spec: dict) -> dict:
             "loss_on": "assistant tokens" if args.assistant_only_loss else "all tokens (TRL default)"}
 
 
-def child_main(name: str, spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    result = child_alignline(spec) if CONFIGS[name]["side"] == "alignline" else child_trl(spec)
-    Path(spec["result"]).write_text(json.dumps(result, indent=1))
-    return 0
-
-
 # --------------------------------------------------------------------------- parent
 
-def summarise(name: str, child: dict, plan: list[dict] | None, rss_gb: float, wall_s: float) -> dict:
+def summarise(name: str, child: dict, plan: list[dict] | None, rss_gb: float, wall_s: float,
+              limit: dict | None) -> dict:
     steps = child["steps"]
-    if plan is not None:  # alignline: token counts from its plan (metrics' "tokens" counts pad in packed rows)
+    if plan is not None:  # alignline: token counts from its plan, checked against what its loop recorded
         steps = [{**s, **p} for s, p in zip(steps, plan)]
     timed = steps[1:] if len(steps) > 1 else steps
     secs = sum(s["seconds"] for s in timed)
     real = sum(s["real_tokens"] for s in timed)
     padded = sum(s["padded_tokens"] for s in timed)
     trained = sum(s["trained_tokens"] for s in timed)
+    flops = sum(s["flops"] for s in timed)
     return {
         "config": name, "label": CONFIGS[name]["label"], "steps_run": len(steps),
         "steps_timed": f"{timed[0]['step']}..{timed[-1]['step']}", "timed_s": secs,
         "s_per_step": secs / len(timed), "real_tokens": real, "padded_tokens": padded,
         "pad_fraction": 1 - real / padded if padded else 0.0, "trained_tokens": trained,
         "real_tok_s": real / secs, "trained_tok_s": trained / secs, "processed_tok_s": padded / secs,
+        "useful_flops": flops, "useful_gflops_s": flops / secs / 1e9, "share_of_limit": share_of_limit(flops, secs, limit),
         "peak_rss_gb": rss_gb, "child_wall_s": wall_s, "per_step": steps,
     }
 
 
-def is_contended(contention: dict | None, max_foreign_cores: float) -> bool:
-    return bool(contention) and contention["foreign_cores_mean"] > max_foreign_cores
-
-
-def run_config(name: str, args, data: dict, work: Path, env: dict) -> tuple[dict | None, dict | None]:
+def run_config(name: str, args, data: dict, work: Path, env: dict, limit: dict | None
+               ) -> tuple[dict | None, dict | None]:
     """One configuration in its own child process; returns (result row, None) or (None, failure)."""
     cfg, d = CONFIGS[name], data["info"]
-    log(f"\n[{name}] waiting for a quiet machine ...")
-    quiet = wait_until_quiet(max_wait_s=args.max_wait, poll_s=30.0, log=log)
     spec = {"model_path": data["model_path"], "data": d["path"], "steps": args.steps,
             "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed,
             "threads": args.threads, "packing": cfg["packing"], "run_dir": str(work / "runs" / name),
-            "result": str(work / f"{name}.result.json"), "padded_order": data["plans"]["padded_order"]}
-    spec_path = work / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    Path(spec["result"]).unlink(missing_ok=True)
-    log(f"[{name}] running (load average {quiet['loadavg']}) ...")
-    res = run_child([sys.executable, str(Path(__file__).resolve()), "--child", name, "--spec", str(spec_path)],
-                    log_path=work / f"{name}.log", env=env, cwd=ROOT, timeout_s=args.timeout)
+            "padded_order": data["plans"]["padded_order"]}
+    log(f"\n[{name}] waiting for a quiet machine ...")
+    child, res, quiet = run_in_child(__file__, name, spec, args, work, env, log=log)
     shutil.rmtree(work / "runs" / name, ignore_errors=True)  # alignline's final checkpoint: ~1.6 GB
-    if res.returncode != 0 or not Path(spec["result"]).exists():
-        log(f"[{name}] FAILED (rc {res.returncode}{', timed out' if res.timed_out else ''}); log {res.log_path}"
-            f"\n{res.tail(30)}")
-        return None, {"returncode": res.returncode, "timed_out": res.timed_out, "tail": res.tail(30)}
-    child = json.loads(Path(spec["result"]).read_text())
-    row = summarise(name, child, data["plans"].get(name), res.peak_rss_gb, res.wall_s)
+    if child is None:
+        return None, failure_of(res)
+    row = summarise(name, child, data["plans"].get(name), res.peak_rss_gb, res.wall_s, limit)
     row["quiet_before"], row["contention"] = quiet, res.contention
     row["details"] = {k: v for k, v in child.items() if k != "steps"}
     c = res.contention or {}
     log(f"[{name}] {row['real_tok_s']:.1f} real tok/s over steps {row['steps_timed']} ({row['timed_s']:.1f}s), "
-        f"peak RSS {row['peak_rss_gb']:.2f} GB, child wall {res.wall_s:.0f}s, "
-        f"other processes {c.get('foreign_cores_mean', 0):.2f} cores (max {c.get('foreign_cores_max', 0):.2f})")
+        f"{row['useful_gflops_s']:.2f} useful GFLOP/s, peak RSS {row['peak_rss_gb']:.2f} GB, child wall "
+        f"{res.wall_s:.0f}s, other processes {c.get('foreign_cores_mean', 0):.2f} cores "
+        f"(max {c.get('foreign_cores_max', 0):.2f})")
     return row, None
 
 
@@ -329,34 +335,12 @@ def parse_args(argv=None):
                    "rows of max_length tokens with packing)")
     p.add_argument("--max-length", type=int, help=f"max sequence length (default {FULL['max_length']})")
     p.add_argument("--conversations", type=int, help=f"conversations in the data (default {FULL['conversations']})")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny smoke run of all four rows: 2 steps, batch 2, max_length 128, 16 conversations")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads in every child (default 2)")
-    p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--trl-packing", action="store_true",
                    help="add a TRL packing=True row (BFD + padding-free; about 6 more minutes; on with --quick)")
-    p.add_argument("--out", type=Path, help=f"result JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
-                   "--quick: sft_throughput_quick.json)")
-    p.add_argument("--work-dir", type=Path, help="where data and runs go (default: a temporary directory)")
-    p.add_argument("--keep-work-dir", action="store_true")
-    p.add_argument("--max-wait", type=float, default=600.0,
-                   help="seconds to wait for other busy processes before each configuration (default 600)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per child (default 1800)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="measure a configuration again when other processes used the CPU meanwhile (default 1)")
-    p.add_argument("--max-foreign-cores", type=float, default=0.1,
-                   help="mean cores used by other processes above which a measurement counts as contended")
-    p.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    base = QUICK if args.quick else FULL
-    for key, value in base.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.out is None:
-        args.out = DEFAULT_OUT.with_name("sft_throughput_quick.json") if args.quick else DEFAULT_OUT
-    return args
+    add_common_args(p, configs=list(CONFIGS), default_configs=[n for n in CONFIGS if n != "trl-packing"],
+                    default_out=DEFAULT_OUT, timeout=1800.0)
+    return finish_args(p.parse_args(argv), full=FULL, quick=QUICK, smoke=SMOKE, default_out=DEFAULT_OUT,
+                       smoke_configs=SMOKE_CONFIGS)
 
 
 def command_line(argv: list[str]) -> str:
@@ -367,18 +351,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child:
-        return child_main(args.child, args.spec)
-
-    if args.configs:
-        names = args.configs.split(",")
-    else:
-        names = [n for n in CONFIGS if n != "trl-packing" or args.trl_packing or args.quick]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
-
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="alignline-sft-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+        return child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
+                                 for n, c in CONFIGS.items()})
+    defaults = [n for n in CONFIGS if n != "trl-packing" or args.trl_packing or args.quick]
+    names = config_names(args, CONFIGS, defaults)
+    work = new_work_dir(args, "alignline-sft-bench-")
     log(f"sft throughput: steps={args.steps} batch={args.batch_size} max_length={args.max_length} "
         f"conversations={args.conversations} threads={args.threads}; work dir {work}")
     data = build_data(args, work)
@@ -386,23 +363,10 @@ def main(argv=None) -> int:
     log(f"data: {d['conversations']} conversations, untruncated tokens mean {d['tokens_untruncated']['mean']} "
         f"median {d['tokens_untruncated']['median']}; {d['truncated_to_max_length']} truncated to "
         f"{args.max_length}; {d['tokens_after_truncation']['total']} tokens after truncation ({d['seconds']}s)")
+    limit = measure_limit(args, data["model_path"], args.batch_size * args.max_length, log=log)
 
     env = child_env(args.threads)
-    rows, failures = [], {}
-    for name in names:
-        for attempt in range(1, args.retries + 2):
-            row, failure = run_config(name, args, data, work, env)
-            if failure is not None:
-                failures[name] = failure
-                break
-            contended = is_contended(row["contention"], args.max_foreign_cores)
-            row["attempt"], row["contended"] = attempt, contended
-            if not contended or attempt == args.retries + 1:
-                rows.append(row)
-                break
-            log(f"[{name}] other processes used {row['contention']['foreign_cores_mean']:.2f} cores on average "
-                f"while it ran; measuring again (attempt {attempt + 1})")
-
+    rows, failures = measure_rows(names, lambda n: run_config(n, args, data, work, env, limit), args, log=log)
     by = {r["config"]: r for r in rows}
     checks = consistency_checks(by, data)
     ratios = {}
@@ -420,14 +384,17 @@ def main(argv=None) -> int:
     columns = [("label", "configuration", ""), ("steps_timed", "steps timed", ""), ("timed_s", "time (s)", ".1f"),
                ("s_per_step", "s/step", ".2f"), ("real_tokens", "real tokens", ""),
                ("pad_pct", "pad %", ".1f"), ("real_tok_s", "real tok/s", ".1f"),
-               ("trained_tok_s", "trained tok/s", ".0f"), ("peak_rss_gb", "peak RSS (GB)", ".2f"),
+               ("trained_tok_s", "trained tok/s", ".0f"), ("useful_gflops_s", "useful GFLOP/s", ".1f"),
+               ("share_pct", "share of limit (%)", ".1f"), ("peak_rss_gb", "peak RSS (GB)", ".2f"),
                ("foreign", "other load (cores)", ".2f")]
     for r in rows:
         r["pad_pct"] = 100 * r["pad_fraction"]
+        r["share_pct"] = percent(r["share_of_limit"])
         r["foreign"] = (r.get("contention") or {}).get("foreign_cores_mean")
     table = markdown_table(rows, columns)
     cmd = command_line(argv)
     log("\n" + table + "\n")
+    log(f"  limit: fp32 matmul {limit['gflops']:.1f} GFLOP/s on the model's layer shapes ({limit['tokens']} tokens)")
     for k, v in ratios.items():
         log(f"  {k}: {v:.2f}x (real tokens/s)")
     for k, v in checks.items():
@@ -437,20 +404,20 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "sft_throughput", "command": cmd, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "settings": {"model": MODEL, "steps": args.steps, "batch_size": args.batch_size,
-                     "max_length": args.max_length, "conversations": args.conversations, "seed": args.seed,
-                     "threads": args.threads, "dtype": "float32", "gradient_checkpointing": False,
-                     "grad_accum": 1},
+        "settings": {"model": data["model_path"] if args.smoke else MODEL, "steps": args.steps,
+                     "batch_size": args.batch_size, "max_length": args.max_length,
+                     "conversations": args.conversations, "seed": args.seed, "threads": args.threads,
+                     "dtype": "float32", "gradient_checkpointing": False, "grad_accum": 1, "smoke": args.smoke},
         "timed": "optimizer steps 2..N (step 1 = warm-up), each from the start of its forward to the end of the "
                  "optimizer step; data loading, collation, logging and checkpointing excluded. real tok/s = "
-                 "non-pad tokens / time; trained tok/s = tokens with a loss / time.",
-        "machine": machine_info(), "data": d, "results": rows, "ratios": ratios, "checks": checks,
+                 "non-pad tokens / time; trained tok/s = tokens with a loss / time; share of limit = useful "
+                 "FLOPs / time / the fp32 matmul limit measured in this run.",
+        "machine": machine_info(), "limit": limit, "data": d, "results": rows, "ratios": ratios, "checks": checks,
         "failures": failures, "table_markdown": table,
     }
     write_json(args.out, result)
     log(f"\nwrote {args.out}\ncommand: {cmd}")
-    if not args.keep_work_dir and args.work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
+    drop_work_dir(args, work)
     return 1 if failures else 0
 
 
@@ -465,8 +432,8 @@ def consistency_checks(by: dict[str, dict], data: dict) -> dict[str, Any]:
     pack = by.get("alignline-packing")
     if pack is not None:
         reported = [s["reported_tokens"] for s in pack["per_step"]]
-        planned = [s["padded_tokens"] for s in data["plans"]["alignline-packing"]]
-        checks["alignline packing: metrics tokens == planned row tokens"] = reported == planned[: len(reported)]
+        planned = [s["real_tokens"] for s in data["plans"]["alignline-packing"]]
+        checks["alignline packing: metrics tokens == planned real tokens"] = reported == planned[: len(reported)]
     for name in ("alignline-padding", "alignline-packing"):
         r = by.get(name)
         if r is not None:

@@ -54,3 +54,14 @@ def conversation(i: int, turns: int = 1, system: bool = False) -> dict:
         msgs.append({"role": "user", "content": f"question {i}.{t}: what is {i} plus {t}?"})
         msgs.append({"role": "assistant", "content": f"The answer is {i + t}." + " ok" * ((i * 7 + t) % 5)})
     return {"id": f"c{i}", "messages": msgs}
+
+
+def tokenised_examples(tokenizer, n: int) -> list[dict]:
+    """``n`` training examples (input_ids, labels) from ``conversation(i, turns=1 + i % 3)``."""
+    from alignline.data.chat import tokenise_conversation
+
+    out = []
+    for i in range(n):
+        ex = tokenise_conversation(tokenizer, conversation(i, turns=1 + i % 3)["messages"])
+        out.append({"input_ids": ex.input_ids, "labels": ex.labels})
+    return out

@@ -137,20 +137,12 @@ def test_different_seed_gives_different_text(tiny_model, tiny_tokenizer):
 
 
 def test_prompt_is_prefilled_once_per_prompt(tiny_model, tiny_tokenizer):
-    lengths: list[int] = []
-
-    def hook(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        lengths.append(ids.shape[1])
-
-    handle = tiny_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        engine = HFEngine(tiny_model, tiny_tokenizer, max_batch=2)  # n=5 -> 3 chunks per prompt
-        engine.generate([_prompt("a"), _prompt("b", "second")], 5, SamplingParams(temperature=1.0, max_new_tokens=6))
-    finally:
-        handle.remove()
-    assert sum(1 for n in lengths if n > 1) == 2
-    assert len(lengths) <= 2 + 2 * 3 * 5  # then at most max_new_tokens - 1 one-token steps per chunk
+    engine = HFEngine(tiny_model, tiny_tokenizer, max_batch=2)  # n=5 in 2 slots: each slot takes several samples
+    prompts = [_prompt("a"), _prompt("b", "second")]
+    engine.generate(prompts, 5, SamplingParams(temperature=1.0, max_new_tokens=6))
+    lengths = [len(prompt_ids(tiny_tokenizer, p.messages)) for p in prompts]
+    assert engine.stats["prefill_tokens"] == sum(lengths)  # each prompt once, not once per sample or chunk
+    assert engine.stats["decode_steps"] <= 2 * 5 * 5  # at most max_new_tokens - 1 fed tokens per sample
 
 
 def test_stop_strings_cut_the_text(tiny_model, tiny_tokenizer):
@@ -256,19 +248,113 @@ def test_prompts_batched_together_equal_one_prompt_at_a_time(tiny_model, tiny_to
             assert b.token_ids == a.token_ids[:cut]
 
 
-def test_prompts_sharing_a_batch_are_prefilled_in_one_pass(tiny_model, tiny_tokenizer):
-    shapes: list[tuple[int, int]] = []
+def test_continuous_batching_keeps_every_slot_busy_while_samples_wait(tiny_model, tiny_tokenizer, monkeypatch):
+    # A common token ends samples: lengths vary from 1 to 24 tokens. While the queue holds samples, every slot
+    # must hold one (a finished sample's slot is refilled in the same step, from the same or the next prompt).
+    from alignline.generate.continuous import ContinuousBatch
 
-    def hook(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        shapes.append(tuple(ids.shape))
+    seen: list[tuple[int, int, int]] = []
+    advance = ContinuousBatch._advance
 
-    handle = tiny_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        prompts = [_prompt("a"), _prompt("b", "second"), _prompt("c", "third one, longer")]
-        HFEngine(tiny_model, tiny_tokenizer, max_batch=8).generate(prompts, 4, SamplingParams(max_new_tokens=5))
-    finally:
-        handle.remove()
-    prefills = [s for s in shapes if s[1] > 1]
-    assert [s[0] for s in prefills] == [2, 1]  # 8 // 4 = 2 prompts per batch: the two shortest, then one
-    assert all(s[0] <= 8 for s in shapes)
+    def traced(self):
+        seen.append((len(self.queue), sum(job is not None for job in self.job), len(self.job)))
+        return advance(self)
+
+    monkeypatch.setattr(ContinuousBatch, "_advance", traced)
+    engine = HFEngine(tiny_model, tiny_tokenizer, max_batch=5)
+    prompts = [_prompt("a", "hi"), _prompt("b", "a much longer question about spring"), _prompt("c", "x")]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=24, seed=2)
+    free = engine.generate(prompts, 4, sampling)
+    engine.end_ids = engine.end_ids | {tiny_tokenizer.convert_tokens_to_ids("e")}
+    seen.clear()
+    out = engine.generate(prompts, 4, sampling)
+    lengths = [len(tiny_tokenizer(r.text)["input_ids"]) for rows in out for r in rows]
+    assert min(lengths) < 6 and max(lengths) > 12  # very different lengths
+    waiting = [(live, slots) for queued, live, slots in seen if queued]
+    assert waiting and all(live == slots == 5 for live, slots in waiting)
+    for a, b in zip(free, out, strict=True):  # the end token cuts each sample; nothing else changes
+        for x, y in zip(a, b, strict=True):
+            assert x.text.startswith(y.text)
+
+
+def test_texts_do_not_depend_on_batch_size_or_prompt_order(tiny_model, tiny_tokenizer):
+    prompts = [_prompt(f"p{i}", "question " + "word " * (3 * i)) for i in range(6)]
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=14, seed=11)
+    texts = {}
+    for max_batch in (1, 7, 64):
+        rows = HFEngine(tiny_model, tiny_tokenizer, max_batch=max_batch).generate(prompts, 4, sampling)
+        texts[max_batch] = {(r.prompt_id, r.sample_idx): r.text for rs in rows for r in rs}
+    shuffled = [prompts[i] for i in (3, 0, 5, 1, 4, 2)]
+    rows = HFEngine(tiny_model, tiny_tokenizer, max_batch=7).generate(shuffled, 4, sampling)
+    texts["shuffled"] = {(r.prompt_id, r.sample_idx): r.text for rs in rows for r in rs}
+    assert texts[1] == texts[7] == texts[64] == texts["shuffled"]
+    assert len(set(texts[1].values())) > 12  # samples differ
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2", "qwen3"])
+def test_greedy_equals_model_generate_across_decoder_families(kind, tiny_tokenizer):
+    import transformers
+
+    from alignline.models import tiny_causal_lm_config
+
+    base = tiny_causal_lm_config(vocab_size=len(tiny_tokenizer), num_key_value_heads=2).to_dict()
+    keep = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "max_position_embeddings", "eos_token_id", "pad_token_id", "tie_word_embeddings")
+    settings = {k: base[k] for k in keep}
+    config = {"llama-gqa": lambda: transformers.LlamaConfig(**settings),
+              "qwen2": lambda: transformers.Qwen2Config(**settings),
+              "qwen3": lambda: transformers.Qwen3Config(**settings, head_dim=16)}[kind]()
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    engine = HFEngine(model, tiny_tokenizer)
+    assert engine.fallback_reason is None
+    prompts = [prompt_ids(tiny_tokenizer, _prompt(text=t).messages) for t in ("hello", "a longer prompt here")]
+    ours = engine.sample_prompts(prompts, [[0, 1], [2]], SamplingParams(temperature=0, max_new_tokens=16))
+    for ids, rows in zip(prompts, ours, strict=True):
+        x = torch.tensor([ids])
+        ref = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=16,
+                             pad_token_id=tiny_tokenizer.pad_token_id)[0, len(ids):].tolist()
+        ref = ref[: ref.index(tiny_tokenizer.eos_token_id)] if tiny_tokenizer.eos_token_id in ref else ref
+        assert all(r.token_ids == ref for r in rows)
+
+
+def test_fallback_path_gives_the_same_samples(tiny_model, tiny_tokenizer):
+    prompts = [_prompt("a"), _prompt("b", "second question")]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12, stop=["ab"], seed=4)
+    fast = HFEngine(tiny_model, tiny_tokenizer, max_batch=3)
+    generic = HFEngine(tiny_model, tiny_tokenizer, max_batch=3)
+    generic.fallback_reason = "forced by the test"
+    assert [_texts(r) for r in fast.generate(prompts, 4, sampling)] == \
+        [_texts(r) for r in generic.generate(prompts, 4, sampling)]
+
+
+def test_no_deprecation_warning_from_our_calls(tiny_model, tiny_tokenizer):
+    import warnings
+
+    for forced in (None, "generic"):
+        engine = HFEngine(tiny_model, tiny_tokenizer, max_batch=3)
+        engine.fallback_reason = forced or engine.fallback_reason
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.generate([_prompt()], 4, SamplingParams(temperature=1.0, max_new_tokens=6))
+        bad = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+        assert not bad, [str(w.message) for w in bad]
+
+
+def test_a_prompt_that_fills_the_context_is_a_clear_error(tiny_model, tiny_tokenizer):
+    engine = HFEngine(tiny_model, tiny_tokenizer, max_context=16)
+    with pytest.raises(ConfigError, match="context of 16 tokens"):
+        engine.sample(list(range(3, 19)), [0], SamplingParams(max_new_tokens=4))
+    short = engine.sample(list(range(3, 13)), [0], SamplingParams(temperature=0, max_new_tokens=40))[0]
+    assert len(short.token_ids) <= 6 and short.finish_reason in ("stop", "length")  # cut at the context
+
+
+def test_half_precision_weights_decode(tiny_model_dir, tiny_tokenizer):
+    from alignline.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir, dtype="bfloat16")
+    engine = HFEngine(model, tiny_tokenizer)
+    engine.end_ids = frozenset()
+    rows = engine.generate([_prompt(), _prompt("b", "another")], 3, SamplingParams(temperature=1.0, max_new_tokens=7))
+    assert all(r.finish_reason == "length" and r.text for rs in rows for r in rs)
+    assert engine.stats["decode_rows"] == 6 * 6  # 6 samples, each fed 6 tokens after its first

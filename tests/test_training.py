@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from tests.conftest import conversation
+from tests.conftest import tokenised_examples
 
-from alignline.data.chat import tokenise_conversation
 from alignline.errors import TrainingDivergedError
 from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded
 from alignline.train.lm import causal_lm_loss
@@ -17,11 +16,7 @@ from alignline.train.loop import TrainSettings, complete_checkpoints, make_accel
 
 @pytest.fixture(scope="module")
 def examples(tiny_tokenizer):
-    out = []
-    for i in range(12):
-        ex = tokenise_conversation(tiny_tokenizer, conversation(i, turns=1 + i % 3)["messages"])
-        out.append({"input_ids": ex.input_ids, "labels": ex.labels})
-    return out
+    return tokenised_examples(tiny_tokenizer, 12)
 
 
 def test_packing_equals_padding(tiny_model, examples, tiny_tokenizer):

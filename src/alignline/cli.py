@@ -64,7 +64,10 @@ def _stage(cls_path: str, args: list[str], help_config: bool, extra: list[str] |
         _print_config_help(cls)
         return
     cfg = _load(cls, args, extra or [])
-    module.run(cfg)
+    from alignline.stages.common import failures_recorded
+
+    with failures_recorded():  # a failed stage's run directory says "failed" and why, not "running"
+        module.run(cfg)
 
 
 RESUME_HELP = "Continue from the newest complete checkpoint (default: yes)."

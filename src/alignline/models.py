@@ -43,6 +43,7 @@ from pydantic import Field
 
 from alignline.config import Section
 from alignline.errors import ModelError
+from alignline.gguf_layout import read_gguf_layout
 
 if TYPE_CHECKING:
     import transformers
@@ -250,61 +251,13 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 # ---------------------------------------------------------------------------------------------- GGUF
 
 
-_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _gguf_architecture_fast(path: Path) -> str | None:
-    """Scan a little-endian GGUF v2/v3 header for ``general.architecture`` without reading the rest.
-
-    GGUFReader parses every metadata array (a 262k-token vocabulary takes tens of seconds); the
-    architecture is normally the first key. Returns None when unsure, and the caller falls back.
-    """
-    import struct
-
-    def read(fh, n: int) -> bytes:
-        data = fh.read(n)
-        if len(data) != n:
-            raise EOFError
-        return data
-
-    def skip(fh, vtype: int) -> None:
-        if vtype in _GGUF_SCALAR_SIZES:
-            fh.seek(_GGUF_SCALAR_SIZES[vtype], os.SEEK_CUR)
-        elif vtype == _GGUF_STRING:
-            fh.seek(struct.unpack("<Q", read(fh, 8))[0], os.SEEK_CUR)
-        elif vtype == _GGUF_ARRAY:
-            itype, count = struct.unpack("<IQ", read(fh, 12))
-            if itype in _GGUF_SCALAR_SIZES:
-                fh.seek(_GGUF_SCALAR_SIZES[itype] * count, os.SEEK_CUR)
-            else:
-                for _ in range(count):
-                    skip(fh, itype)
-        else:
-            raise ValueError(vtype)
-
-    try:
-        with open(path, "rb") as fh:
-            magic, version, _tensors, n_kv = struct.unpack("<4sIQQ", read(fh, 24))
-            if magic != b"GGUF" or version not in (2, 3):
-                return None
-            for _ in range(min(n_kv, 64)):
-                key = read(fh, struct.unpack("<Q", read(fh, 8))[0])
-                vtype = struct.unpack("<I", read(fh, 4))[0]
-                if key == b"general.architecture" and vtype == _GGUF_STRING:
-                    return read(fh, struct.unpack("<Q", read(fh, 8))[0]).decode("utf-8")
-                skip(fh, vtype)
-    except (OSError, EOFError, ValueError, UnicodeDecodeError, struct.error):
-        return None
-    return None
-
-
 def gguf_architecture(gguf_path: str | Path) -> str:
-    """``general.architecture`` from a GGUF file's metadata (ModelError if the file cannot be read)."""
+    """``general.architecture`` from a GGUF file's metadata (ModelError if the file cannot be read, or is cut
+    or damaged: :func:`alignline.gguf_layout.read_gguf_layout` checks the header and the tensor data's size)."""
     path = Path(gguf_path)
-    fast = _gguf_architecture_fast(path)
-    if fast:
-        return fast
+    layout = read_gguf_layout(path)
+    if layout is not None and layout.architecture:
+        return layout.architecture
     try:
         from gguf import GGUFReader
 

@@ -111,6 +111,9 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("tso-loop", "alignline.stages.tso_loop:TSOLoopConfig",
               "Multi-stage TSO: each stage samples and scores the policy, mixes model-matrix pairs with its own "
               "pairs, trains mini-batch iterative DPO and registers the new version in the matrix.", False),
+    StageSpec("rl", "alignline.stages.rl:RLConfig",
+              "Online RL: G samples per prompt from the current policy, verifier / reward model / judge rewards, "
+              "GRPO, Dr. GRPO, RLOO, REINFORCE++ or PPO (GAE + critic), KL to a reference.", True),
     StageSpec("self-reward", "alignline.stages.self_reward:SelfRewardConfig",
               "Self-Reward baseline: each stage the policy's samples are scored by a judge, best vs worst become "
               "pairs, DPO with the stage's starting policy as reference.", False),
@@ -622,7 +625,7 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None, *, from_s
         return PipelineResult(plan, [StageResult(ps.name, ps.spec.key, "planned" if ps.name in names else "excluded",
                                                  ps.output_dir) for ps in plan.stages])
 
-    from alignline.stages.common import console
+    from alignline.stages.common import console, failures_recorded
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results: list[StageResult] = []
@@ -639,7 +642,8 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None, *, from_s
         module, _ = ps.spec.load()
         t0 = time.perf_counter()
         try:
-            module.run(ps.cfg)
+            with failures_recorded():
+                module.run(ps.cfg)
         except BaseException as exc:  # noqa: BLE001 (recorded in pipeline.json, then re-raised below)
             failure = exc
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"

@@ -108,6 +108,9 @@ class Tokenised:
     input_ids: list[int]
     labels: list[int]  # IGNORE where not trained
     source_id: str = ""
+    truncated: bool = False
+    """Only a prefix of the conversation was tokenised (``max_tokens``): positions up to that many tokens are those
+    of the whole conversation, later ones are not."""
 
     @property
     def n_trained(self) -> int:
@@ -116,20 +119,53 @@ class Tokenised:
 
 def tokenise_conversation(
     tokenizer, messages, *, train_on: Literal["all", "last"] = "all", where: str = "conversation",
-    eos_ids: set[int] | None = None,
+    eos_ids: set[int] | None = None, max_tokens: int | None = None,
 ) -> Tokenised:
     """Token ids and labels of a conversation ending in an assistant turn.
 
     ``train_on="all"`` trains every assistant turn, ``"last"`` only the final one (rejection sampling).
+    ``max_tokens``: only the first that many tokens are wanted (truncation), so only a prefix of the text is
+    tokenised: the messages are cut after a character budget (4 characters a token, plus a margin) that grows
+    until the prefix yields ``max_tokens`` + :data:`PREFIX_MARGIN` tokens. The work is bounded by ``max_tokens``,
+    not by the record's size, and the first ``max_tokens`` positions are those of the whole conversation.
     """
     msgs = _dicts(messages)
     eos_ids = end_token_ids(tokenizer) if eos_ids is None else eos_ids
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if train_on == "last":
+        turns = turns[-1:]
+    if max_tokens is None:
+        return _tokenise_turns(tokenizer, msgs, turns, where, eos_ids)
+    budget = 4 * (max_tokens + PREFIX_MARGIN) + 256
+    while True:
+        cut = _cut_messages(msgs, budget)
+        ex = _tokenise_turns(tokenizer, cut, [i for i in turns if i < len(cut)], where, eos_ids)
+        if cut is msgs or len(ex.input_ids) >= max_tokens + PREFIX_MARGIN:
+            ex.truncated = cut is not msgs
+            return ex
+        budget *= 4
+
+
+PREFIX_MARGIN = 32
+"""Tokens past ``max_tokens`` that a cut prefix must also yield: the tokens at the cut (a word cut in two, the
+template's end of the cut turn) differ from the whole conversation's."""
+
+
+def _cut_messages(msgs: list[dict], budget: int) -> list[dict]:
+    """``msgs`` itself when their contents hold at most ``budget`` characters; else the messages up to that many
+    characters (the message that crosses it cut, the later ones left out)."""
+    used = 0
+    for k, m in enumerate(msgs):
+        if used + len(m["content"]) > budget:
+            return [*msgs[:k], {**m, "content": m["content"][: budget - used]}]
+        used += len(m["content"])
+    return msgs
+
+
+def _tokenise_turns(tokenizer, msgs: list[dict], turns: list[int], where: str, eos_ids: set[int]) -> Tokenised:
     full = encode(tokenizer, render(tokenizer, msgs, add_generation_prompt=False))
     labels = [IGNORE] * len(full)
-    assistant_idx = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-    if train_on == "last":
-        assistant_idx = assistant_idx[-1:]
-    for i in assistant_idx:
+    for i in turns:
         prefix = encode(tokenizer, render(tokenizer, msgs[:i], add_generation_prompt=True))
         upto = encode(tokenizer, render(tokenizer, msgs[: i + 1], add_generation_prompt=False))
         if upto[: len(prefix)] != prefix:

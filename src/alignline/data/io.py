@@ -19,7 +19,15 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from alignline.data.records import Conversation, Message, Pair, Prompt, content_id, validate
+from alignline.data.records import (
+    Conversation,
+    Message,
+    Pair,
+    Prompt,
+    content_id,
+    lone_surrogate_field,
+    validate,
+)
 from alignline.errors import DataError
 
 R = TypeVar("R", bound=BaseModel)
@@ -183,12 +191,19 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             if not text.strip():
                 continue
             try:
-                yield line_no, json.loads(text)
+                obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"malformed JSON ({exc.msg} at column {exc.colno})", path=str(path), line=line_no,
                     expected="one JSON object per line", found=repr(text[:60].rstrip()),
                 ) from None
+            bad = lone_surrogate_field(obj, text)
+            if bad is not None:
+                raise DataError(
+                    "text holds a lone surrogate escape (e.g. \\ud800: half of a UTF-16 pair, not a character); "
+                    "remove it or replace it by the character it was meant to be", path=str(path), line=line_no,
+                    field=bad, expected="valid Unicode text")
+            yield line_no, obj
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -242,11 +257,16 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
 SIDE_FILES = frozenset({"judge_cache.jsonl", "failures.jsonl", "metrics.jsonl"})
 
 
-def read_records(path: str | Path, model: type[R], adapt: Callable[[dict], dict] | None = None) -> list[R]:
-    """Read and validate every row of ``path`` as ``model`` (optionally through a layout adapter).
+def iter_records(path: str | Path, model: type[R], adapt: Callable[[dict], dict] | None = None, *,
+                 drop: Callable[[dict], str | None] | None = None, dropped: list[str] | None = None,
+                 ) -> Iterator[tuple[str, int, R]]:
+    """(file, line, record) for every row of ``path``, validated as ``model`` (optionally through a layout
+    adapter).
 
     ``path`` may be a JSONL or Parquet file or a directory of shards (a stage's output directory: its side
-    files :data:`SIDE_FILES` are not records and are skipped); errors name the shard and line.
+    files :data:`SIDE_FILES` are not records and are skipped); errors name the shard and line. ``drop``: a row
+    (after ``adapt``) for which it returns a reason is skipped and noted in ``dropped`` as ``"file:line:
+    reason"``.
     """
     path = Path(path)
     files = [path]
@@ -255,7 +275,6 @@ def read_records(path: str | Path, model: type[R], adapt: Callable[[dict], dict]
                        and p.name not in SIDE_FILES)
         if not files:
             raise DataError("directory holds no .jsonl or .parquet shards", path=str(path))
-    out = []
     for file in files:
         where = str(file)
         for line, obj in iter_rows(file):
@@ -264,8 +283,18 @@ def read_records(path: str | Path, model: type[R], adapt: Callable[[dict], dict]
                     obj = adapt(obj)
                 except DataError as exc:
                     raise DataError(str(exc), path=where, line=line) from None
-            out.append(validate(model, obj, path=where, line=line))
-    return out
+            reason = drop(obj) if drop is not None and isinstance(obj, dict) else None
+            if reason is not None:
+                if dropped is not None:
+                    dropped.append(f"{where}:{line}: {reason}")
+                continue
+            yield where, line, validate(model, obj, path=where, line=line)
+
+
+def read_records(path: str | Path, model: type[R], adapt: Callable[[dict], dict] | None = None, *,
+                 drop: Callable[[dict], str | None] | None = None, dropped: list[str] | None = None) -> list[R]:
+    """Every record of ``path`` (see :func:`iter_records`)."""
+    return [r for _, _, r in iter_records(path, model, adapt, drop=drop, dropped=dropped)]
 
 
 # --------------------------------------------------------------------------- TRL / generic layouts
@@ -329,16 +358,18 @@ def adapt_pair(obj: dict) -> dict:
     return obj
 
 
-def read_conversations(path: str | Path) -> list[Conversation]:
-    return read_records(path, Conversation, adapt_conversation)
+def read_conversations(path: str | Path, *, drop: Callable[[dict], str | None] | None = None,
+                       dropped: list[str] | None = None) -> list[Conversation]:
+    return read_records(path, Conversation, adapt_conversation, drop=drop, dropped=dropped)
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
     return read_records(path, Prompt, adapt_prompt)
 
 
-def read_pairs(path: str | Path) -> list[Pair]:
-    return read_records(path, Pair, adapt_pair)
+def read_pairs(path: str | Path, *, drop: Callable[[dict], str | None] | None = None,
+               dropped: list[str] | None = None) -> list[Pair]:
+    return read_records(path, Pair, adapt_pair, drop=drop, dropped=dropped)
 
 
 def messages_of(records: Iterable[dict]) -> list[Message]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -154,6 +155,30 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "<record>"
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+"""A lone UTF-16 surrogate in a Python string (what ``\\ud800`` in JSON decodes to)."""
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate_field(obj: Any, raw_json: str | None = None) -> str | None:
+    """The field (``messages[1].content``) of the first string in ``obj`` holding a lone UTF-16 surrogate
+    (JSON such as ``"\\ud800"`` decodes to one: it cannot be encoded as UTF-8, tokenised or written back), else
+    None. With ``raw_json`` (the text ``obj`` was parsed from), text without such an escape is not searched."""
+    if raw_json is not None and not _SURROGATE_ESCAPE.search(raw_json):
+        return None
+    stack: list[tuple[tuple, Any]] = [((), obj)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, str):
+            if SURROGATE.search(value):
+                return _loc(loc)
+        elif isinstance(value, dict):
+            stack.extend(((*loc, str(k)), v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend(((*loc, i), v) for i, v in reversed(list(enumerate(value))))
+    return None
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignline.data.records import Conversation, Message
+from alignline.data.records import SURROGATE, Conversation, Message
 from alignline.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,6 @@ class RecoveryReport:
 
 _WS = re.compile(r"[ \t\n\r]*")
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _STRUCTURAL = set(',:[]{}"')
 
 
@@ -120,7 +119,7 @@ def _is_truncation(text: str, exc: json.JSONDecodeError) -> bool:
 def _fix_surrogates(obj: Any) -> Any:
     """Replace lone surrogates (escaped invalid bytes or bad ``\\uXXXX`` escapes) in every string by U+FFFD."""
     if isinstance(obj, str):
-        return _SURROGATE.sub("\ufffd", obj)
+        return SURROGATE.sub("\ufffd", obj)
     if isinstance(obj, list):
         return [_fix_surrogates(v) for v in obj]
     if isinstance(obj, dict):
@@ -299,8 +298,8 @@ def normalise_sharegpt(
             if not value or value.isspace():
                 counts["empty_turn"] += 1
                 continue
-            if not value.isascii() and _SURROGATE.search(value):
-                value = _SURROGATE.sub("\ufffd", value)
+            if not value.isascii() and SURROGATE.search(value):
+                value = SURROGATE.sub("\ufffd", value)
                 counts["invalid_unicode_fixed"] += 1
             msgs.append((role, value))
         if strip_leading_assistant:

@@ -17,6 +17,7 @@ from pydantic import Field
 from alignline.config import Section
 from alignline.data.records import Prompt, Response
 from alignline.errors import ConfigError
+from alignline.generate.endpoint import OpenAIConnection
 
 
 class SamplingParams(Section):
@@ -72,9 +73,9 @@ class EngineSettings(Section):
     """hf: transformers in this process; openai: an OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, llama.cpp)."""
     model: str
     """hf: a local HF checkpoint dir, .gguf file or alias; openai: the model name as the server knows it."""
-    openai: dict = Field(default_factory=dict)
-    """openai engine settings (base_url, api_key_env, max_concurrency, max_retries, timeout_s); the key itself
-    comes from the environment and is never written anywhere."""
+    openai: OpenAIConnection = Field(default_factory=OpenAIConnection)
+    """openai engine settings (base_url, api_key_env, api_key, max_concurrency, max_retries, timeout_s, ...);
+    a key (api_key, or credentials in base_url) is used but never written to a file."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """hf: weights dtype (auto: bf16 on GPUs that support it, fp32 on CPU)."""
     max_batch: int = Field(64, gt=0)
@@ -92,7 +93,7 @@ def build_engine(settings: EngineSettings, device=None) -> Engine:
                                   trust_remote_code=settings.trust_remote_code)
     from alignline.generate.openai_engine import OpenAIEngine, OpenAISettings
 
-    return OpenAIEngine(OpenAISettings.model_validate({"model": settings.model, **settings.openai}))
+    return OpenAIEngine(OpenAISettings.of(settings.model, settings.openai))
 
 
 class LazyEngine:

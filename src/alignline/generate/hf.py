@@ -1,20 +1,16 @@
-"""The in-process engine (design section 6): transformers models, the prompt prefilled once per prompt.
+"""The in-process engine (design section 6): transformers models, each prompt prefilled once for its samples.
 
-For each prompt, :class:`HFEngine` runs the prompt through the model once (one forward pass with the
-key/value cache on) and then decodes all ``n`` samples as a batch that starts from a copy of that cache,
-repeated once per sample (in chunks of at most ``max_batch`` samples to bound memory). The decode loop is
-hand-written: every step runs the last token of each unfinished sample through the model, filters the
-logits (temperature, top-k, top-p) and draws the next token by inverse-CDF sampling with a uniform number
-from the sample's own CPU ``torch.Generator``, seeded by :func:`~alignline.generate.base.sample_seed`.
-A sample's text therefore depends only on (run seed, prompt id, sample index), not on how the samples are
-batched or chunked, nor on the device's RNG.
+:class:`HFEngine` decodes with continuous batching (:mod:`alignline.generate.continuous`) on preallocated
+key/value caches (:mod:`alignline.generate.decoder`): a prompt's keys are computed once and stored once for
+all of its samples, each sample keeps only its own new tokens, and a finished sample's slot takes the next
+queued sample at once, so up to ``max_batch`` samples decode together until the queue is empty. Tokens are
+drawn by inverse-CDF sampling with the sample's own uniform numbers (its CPU ``torch.Generator``, seeded by
+:func:`~alignline.generate.base.sample_seed`): a sample's text depends only on (run seed, prompt id, sample
+index), not on the batch size, the slot, the other prompts or their order.
 
-All rows of a batch advance in lock-step; finished rows are *removed* from the batch and its cache
-(``batch_select_indices``) rather than kept as padding. When ``n`` samples of a prompt leave room in
-``max_batch``, several prompts share a batch: they are prefilled together, left-padded to the longest one
-(attention mask and per-row positions make the padding invisible), and each row's next position is
-``len(its prompt) + step``. Prompts are grouped by length, so little padding is computed. Batching changes
-only floating-point rounding, not which random number a sample draws.
+Models outside the Llama family the decoder supports (e.g. Gemma 3) take
+:func:`alignline.generate.hf_generic.decode_lockstep`, transformers' own forward and cache, with the same
+sampling and the same per-sample seeds.
 
 :func:`generate_reference` is the plain ``model.generate(num_return_sequences=n)`` path (the prompt
 expanded ``n`` times and recomputed), kept as the peer for benchmarks; it is not seed-identical.
@@ -23,8 +19,6 @@ expanded ``n`` times and recomputed), kept as the peer for benchmarks; it is not
 from __future__ import annotations
 
 import contextlib
-import copy
-import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +29,10 @@ from alignline.data.chat import end_token_ids, ensure_chat_template, prompt_ids
 from alignline.data.records import Prompt, Response
 from alignline.errors import ConfigError
 from alignline.generate.base import Engine, SamplingParams, check_n, sample_seed
+from alignline.generate.decoder import unsupported_reason
+from alignline.generate.sampling import draw, filter_logits, pick_tokens, stop_candidates
+
+__all__ = ["HFEngine", "Sample", "cut_at_stop", "draw", "filter_logits", "generate_reference", "pick_tokens"]
 
 FinishReason = str  # "stop" | "length"
 
@@ -49,44 +47,12 @@ class Sample:
     finish_reason: FinishReason
 
 
-# ------------------------------------------------------------------------------------------- sampling
+class EngineStats(dict):
+    """Running totals of an engine's work: prefill and decode seconds, tokens, steps and rows."""
 
-
-def filter_logits(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
-    """Probabilities [B, V] after temperature, top-k and top-p (float32); temperature must be > 0."""
-    logits = logits.float() / sampling.temperature
-    vocab = logits.shape[-1]
-    if 0 < sampling.top_k < vocab:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        drop_sorted = mass_before >= sampling.top_p  # the most likely token is always kept (mass before it = 0)
-        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-    return probs
-
-
-def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: for each row the first token whose cumulative probability exceeds u * total."""
-    cdf = probs.double().cumsum(-1)
-    total = cdf[:, -1:]
-    x = torch.minimum(uniforms.to(cdf.device, torch.float64).view(-1, 1) * total,
-                      torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x, right=True).view(-1).clamp_(max=probs.shape[-1] - 1)
-
-
-def pick_tokens(logits: torch.Tensor, sampling: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """Next token [B] for each row: greedy at temperature 0, else drawn with that row's own generator."""
-    if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
-    uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])
-    return draw(filter_logits(logits, sampling), uniforms)
-
-
-# --------------------------------------------------------------------------------------------- engine
+    def add(self, **values) -> None:
+        for key, value in values.items():
+            self[key] = self.get(key, 0) + value
 
 
 @contextlib.contextmanager
@@ -105,15 +71,17 @@ def _model_source(model) -> str:
 
 
 class HFEngine(Engine):
-    """Sampling with a transformers causal LM in this process, the prompt prefilled once per prompt.
+    """Sampling with a transformers causal LM in this process (continuous batching, prompts prefilled once).
 
-    ``max_batch`` bounds how many samples of one prompt are decoded together (the prompt's cache is copied
-    and repeated per chunk). ``source`` is written into every response (default: the model's path/name).
+    ``max_batch``: samples decoded together (the slots). ``max_context``: prompt plus new tokens at most
+    (default: the model's ``max_position_embeddings``); a sample reaching it ends with "length", a prompt
+    that fills it is an error. ``source`` is written into every response (default: the model's path/name).
     """
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 64, source: str | None = None):
+    def __init__(self, model, tokenizer, *, max_batch: int = 64, source: str | None = None,
+                 max_context: int | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, found {max_batch!r}")
         ensure_chat_template(tokenizer)
@@ -121,16 +89,16 @@ class HFEngine(Engine):
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.source = source or _model_source(model)
+        config = getattr(model, "config", None)
+        self.max_context = int(max_context or getattr(config, "max_position_embeddings", None) or 1 << 30)
         ends = set(end_token_ids(tokenizer))
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if gen_eos is not None:
             ends.update([gen_eos] if isinstance(gen_eos, int) else list(gen_eos))
         self.end_ids: frozenset[int] = frozenset(int(t) for t in ends)
-        try:
-            params = inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self._logits_to_keep = "logits_to_keep" in params
+        self.fallback_reason = unsupported_reason(model)
+        self.stats = EngineStats()
+        self._stop_flags: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_path(cls, path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
@@ -146,6 +114,12 @@ class HFEngine(Engine):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def stop_flags(self, stops: tuple[str, ...], vocab: int) -> torch.Tensor:
+        """Tokens that can complete one of ``stops`` (computed once per set of stop strings)."""
+        if stops not in self._stop_flags:
+            self._stop_flags[stops] = stop_candidates(self.tokenizer, stops, vocab)
+        return self._stop_flags[stops]
+
     # ------------------------------------------------------------------------------------- public API
 
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[list[Response]]:
@@ -156,145 +130,47 @@ class HFEngine(Engine):
         params = sampling.model_dump()
         ids = [prompt_ids(self.tokenizer, p.messages) for p in prompts]
         seeds = [[sample_seed(sampling.seed, p.id, i) for i in range(n)] for p in prompts]
-        samples: list[list[Sample]] = [[] for _ in prompts]
-        prompts_per_batch = max(1, self.max_batch // n)
-        by_length = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-        for start in range(0, len(by_length), prompts_per_batch):
-            group = by_length[start: start + prompts_per_batch]
-            if len(group) == 1:
-                samples[group[0]] = self.sample(ids[group[0]], seeds[group[0]], sampling)
-                continue
-            for i, got in zip(group, self.sample_prompts([ids[i] for i in group], [seeds[i] for i in group],
-                                                         sampling), strict=True):
-                samples[i] = got
+        samples = self.sample_prompts(ids, seeds, sampling)
         return [
             [Response(prompt_id=prompt.id, sample_idx=i, text=s.text, source=self.source, sampling=dict(params),
                       seed=prompt_seeds[i], finish_reason=s.finish_reason) for i, s in enumerate(prompt_samples)]
             for prompt, prompt_seeds, prompt_samples in zip(prompts, seeds, samples, strict=True)
         ]
 
-    @torch.inference_mode()
     def sample(self, input_ids: Sequence[int], seeds: Sequence[int], sampling: SamplingParams) -> list[Sample]:
         """One continuation of ``input_ids`` per seed; the prompt's forward pass is done once for all of them."""
-        if not input_ids:
-            raise ConfigError("the prompt has no tokens; nothing to continue")
-        if not seeds:
-            return []
-        with _eval_mode(self.model):
-            prompt = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)
-            kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
-            prefill = self.model(input_ids=prompt, use_cache=True, **kwargs)
-            first_logits = prefill.logits[:, -1, :].float()
-            base_cache = prefill.past_key_values
-            del prefill
-            samples: list[Sample] = []
-            for start in range(0, len(seeds), self.max_batch):
-                chunk = seeds[start: start + self.max_batch]
-                cache = copy.deepcopy(base_cache)
-                cache.batch_repeat_interleave(len(chunk))
-                positions = torch.full((len(chunk),), len(input_ids), dtype=torch.long, device=self.device)
-                samples.extend(self._decode(cache, first_logits.expand(len(chunk), -1), positions, None, chunk,
-                                            sampling))
-            return samples
+        return self.sample_prompts([input_ids], [seeds], sampling)[0]
 
     @torch.inference_mode()
     def sample_prompts(self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]],
                        sampling: SamplingParams) -> list[list[Sample]]:
-        """One continuation per seed for each prompt, all prompts prefilled and decoded as one batch.
-
-        The prompts are left-padded to the longest; ``seeds[i]`` are prompt ``i``'s sample seeds. The caller
-        bounds the batch (sum of ``len(seeds[i])`` rows); :meth:`generate` keeps it within ``max_batch``.
-        """
-        if any(not ids for ids in prompts):
-            raise ConfigError("a prompt has no tokens; nothing to continue")
-        lengths = [len(ids) for ids in prompts]
-        width = max(lengths)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.end_ids, default=0)
-        rows = [[pad] * (width - len(ids)) + list(ids) for ids in prompts]
-        counts = torch.tensor([len(s) for s in seeds], device=self.device)
+        """One continuation per seed for each prompt (``seeds[i]`` are prompt ``i``'s sample seeds), all of them
+        decoded with continuous batching in at most ``max_batch`` slots."""
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise ConfigError(f"prompt {i} has no tokens; nothing to continue")
+            if len(ids) >= self.max_context:
+                raise ConfigError(
+                    f"prompt {i} has {len(ids)} tokens, which fills the model's context of {self.max_context} "
+                    f"tokens (max_position_embeddings) with no room for an answer; shorten it (e.g. the "
+                    f"stage's data.max_length) or drop it")
+        if not any(seeds):
+            return [[] for _ in prompts]
         with _eval_mode(self.model):
-            input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
-            mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], dtype=torch.long, device=self.device)
-            positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-            kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
-            prefill = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                 **kwargs)
-            rows_of = torch.arange(len(prompts), device=self.device).repeat_interleave(counts)
-            logits = prefill.logits[:, -1, :].float()[rows_of]
-            cache = prefill.past_key_values
-            del prefill
-            cache.batch_select_indices(rows_of)  # each prompt's cache repeated once per sample
-            next_positions = torch.tensor(lengths, dtype=torch.long, device=self.device)[rows_of]
-            flat = self._decode(cache, logits, next_positions, mask[rows_of], [x for s in seeds for x in s],
-                                sampling)
-        out, at = [], 0
-        for s in seeds:
-            out.append(flat[at: at + len(s)])
-            at += len(s)
-        return out
+            if self.fallback_reason is None:
+                from alignline.generate.continuous import ContinuousBatch
 
-    # ---------------------------------------------------------------------------------------- decoding
+                decoded = ContinuousBatch(self, prompts, seeds, sampling).run()
+            else:
+                from alignline.generate.hf_generic import decode_lockstep
 
-    def _stop_window(self, sampling: SamplingParams) -> int:
-        # Enough trailing tokens to contain any stop string even with one byte per token (UTF-8: <= 4 bytes
-        # per character), plus a margin for tokens that decode to nothing on their own.
-        return 4 * max(len(s) for s in sampling.stop) + 8
+                decoded = decode_lockstep(self, prompts, seeds, sampling)
+        return [[self._finish(tokens, reason, sampling) for tokens, reason in rows] for rows in decoded]
 
-    def _decode(self, cache, logits: torch.Tensor, next_positions: torch.Tensor, mask: torch.Tensor | None,
-                seeds: Sequence[int], sampling: SamplingParams) -> list[Sample]:
-        """Decode one row per seed from ``cache`` (already one row per seed) and the logits of its first token.
-
-        ``next_positions`` [rows]: each row's position for its first new token; ``mask`` [rows, cached length]:
-        1 for real tokens, 0 for left padding, or None when no row is padded.
-        """
-        size = len(seeds)
-        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        stops = [s for s in sampling.stop if s]
-        window = self._stop_window(sampling) if stops else 0
-        tokens: list[list[int]] = [[] for _ in range(size)]
-        finish: list[FinishReason] = ["length"] * size
-
-        alive = list(range(size))  # rows still decoding, in cache order
-        for step in range(sampling.max_new_tokens):
-            next_tokens = pick_tokens(logits, sampling, [generators[r] for r in alive])
-            keep: list[int] = []
-            for j, (row, tok) in enumerate(zip(alive, next_tokens.tolist(), strict=True)):
-                if tok in self.end_ids:
-                    finish[row] = "stop"
-                    continue
-                tokens[row].append(tok)
-                if stops:
-                    tail = self.tokenizer.decode(tokens[row][-window:], skip_special_tokens=True)
-                    if any(s in tail for s in stops):
-                        finish[row] = "stop"
-                        continue
-                if len(tokens[row]) >= sampling.max_new_tokens:
-                    continue  # finish stays "length"
-                keep.append(j)
-            if not keep:
-                break
-            if len(keep) < len(alive):
-                index = torch.tensor(keep, dtype=torch.long, device=next_tokens.device)
-                cache.batch_select_indices(index)
-                next_tokens, next_positions = next_tokens[index], next_positions[index]
-                mask = None if mask is None else mask[index]
-                alive = [alive[j] for j in keep]
-            kwargs = {}
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-                kwargs["attention_mask"] = mask
-            out = self.model(input_ids=next_tokens.view(-1, 1), position_ids=(next_positions + step).view(-1, 1),
-                             past_key_values=cache, use_cache=True, **kwargs)
-            logits = out.logits[:, -1, :].float()
-            cache = out.past_key_values
-        del cache
-
-        samples = []
-        for row in range(size):
-            text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
-            text, cut = cut_at_stop(text, stops)
-            samples.append(Sample(tokens[row], text, "stop" if cut else finish[row]))
-        return samples
+    def _finish(self, tokens: list[int], reason: FinishReason, sampling: SamplingParams) -> Sample:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text, cut = cut_at_stop(text, sampling.stop)
+        return Sample(tokens, text, "stop" if cut else reason)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

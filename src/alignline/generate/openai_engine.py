@@ -12,7 +12,7 @@ and empty ``text``, never an "ok" empty answer. 400, 401, 403, 404 and other cli
 better by retrying: the run stops at once with an :class:`OpenAIEndpointError` naming the status, the
 base URL, the model and the server's message.
 
-The API key comes from ``api_key`` (a ``SecretStr`` left out of dumps, reprs and manifests) or from the
+The API key comes from ``api_key`` (a ``SecretStr``, '**********' in dumps, reprs and manifests) or from the
 environment variable named by ``api_key_env``; it is replaced by ``***`` in every message this module
 writes, logs or raises.
 """
@@ -22,87 +22,33 @@ from __future__ import annotations
 import email.utils
 import http
 import logging
-import os
 import random
-import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import openai
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
-from alignline.config import Section, config_error
-from alignline.data.records import Prompt, Response
+from alignline.config import config_error
+from alignline.data.records import SURROGATE, Prompt, Response
 from alignline.errors import AlignlineError
 from alignline.generate.base import Engine, SamplingParams, check_n, sample_seed
+from alignline.generate.endpoint import DEFAULT_BASE_URL, OpenAISettings, display_url
+
+__all__ = ["DEFAULT_BASE_URL", "OpenAIEndpointError", "OpenAIEngine", "OpenAISettings", "display_url",
+           "retry_after_s"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 NO_KEY = "EMPTY"
 """Sent as the key when none is configured: local servers started without ``--api-key`` ignore it."""
 RETRY_AFTER_CAP_S = 120.0
 """A server's Retry-After is honoured up to max(backoff_max_s, this many seconds)."""
 RETRYABLE_STATUS = frozenset({408, 409, 429})
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_HIDDEN = "<hidden: not a variable name>"
-
-
-class OpenAISettings(Section):
-    """Where and how to reach an OpenAI-compatible endpoint."""
-
-    base_url: str | None = None
-    """Endpoint URL, usually ending in /v1 (e.g. http://localhost:8000/v1 for `vllm serve`); unset: the
-    OPENAI_BASE_URL environment variable, else https://api.openai.com/v1."""
-    model: str
-    """Model name as the server knows it (vLLM: the served model name; `GET <base_url>/models` lists them)."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable that holds the API key (the name, not the key)."""
-    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
-    """The API key itself; never written to dumps, manifests or logs. Prefer api_key_env."""
-    max_concurrency: int = Field(default=8, ge=1)
-    """At most this many requests in flight at once."""
-    max_retries: int = Field(default=5, ge=0)
-    """Retries per request after the first attempt (429, 5xx, timeouts, connection errors)."""
-    timeout_s: float = Field(default=60.0, gt=0)
-    """Seconds to wait for a response (connect, read and write, each) before the attempt counts as timed out."""
-    backoff_base_s: float = Field(default=0.5, ge=0)
-    """Backoff before retry k is uniform in [0, min(backoff_max_s, backoff_base_s * 2**(k-1))] (full jitter)."""
-    backoff_max_s: float = Field(default=30.0, ge=0)
-    """Cap on one backoff wait (a server's Retry-After is honoured up to max(this, 120 s))."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _hide_key_like_env(cls, data: Any) -> Any:
-        # A key pasted into api_key_env must not be echoed back by the validation error.
-        if isinstance(data, Mapping):
-            value = data.get("api_key_env")
-            if isinstance(value, str) and not _ENV_NAME.fullmatch(value):
-                data = {**data, "api_key_env": _HIDDEN}
-        return data
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, v: str) -> str:
-        if not _ENV_NAME.fullmatch(v):
-            raise ValueError("must be the name of an environment variable (e.g. OPENAI_API_KEY), not the key itself")
-        return v
-
-    def resolved_base_url(self) -> str:
-        """``base_url``, else ``$OPENAI_BASE_URL``, else the OpenAI API, without a trailing slash."""
-        url = self.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        return url.rstrip("/")
-
-    def resolved_api_key(self) -> str | None:
-        """``api_key``, else the value of ``$<api_key_env>``, else None."""
-        if self.api_key is not None and self.api_key.get_secret_value():
-            return self.api_key.get_secret_value()
-        return os.environ.get(self.api_key_env) or None
 
 
 class OpenAIEndpointError(AlignlineError):
@@ -111,20 +57,6 @@ class OpenAIEndpointError(AlignlineError):
     def __init__(self, message: str, *, status: int | None = None, base_url: str = "", model: str = ""):
         super().__init__(message)
         self.status, self.base_url, self.model = status, base_url, model
-
-
-def display_url(url: str) -> str:
-    """``url`` without any ``user:password@`` part, for messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -242,7 +174,11 @@ class OpenAIEngine(Engine):
         client = self._client.with_options(max_retries=0, timeout=timeout_s or min(self.settings.timeout_s, 10.0))
         try:
             page = client.models.list()
-            ids = [str(m.id) for m in getattr(page, "data", []) or []]
+            ids = [str(getattr(m, "id", m)) for m in getattr(page, "data", []) or []]
+        except ValueError as exc:  # it answered, with a body that is not JSON: requests will say more
+            log.warning("the endpoint at %s answered GET /models with a body that is not JSON (%s); going on",
+                        self._url, self.scrub(_short(exc, 120)))
+            return []
         except openai.APITimeoutError:
             raise OpenAIEndpointError(
                 f"the OpenAI-compatible endpoint at {self._url} did not answer GET /models in time; "
@@ -342,10 +278,13 @@ class OpenAIEngine(Engine):
                     stats["retries"] += 1
             try:
                 completion = self._client.chat.completions.create(**kwargs)
+                if isinstance(completion, (str, bytes)):  # a 200 whose body is not JSON (a proxy's error page)
+                    raise ValueError(f"not JSON: {_short(completion, 120)!r}")
             except (openai.APIConnectionError, openai.APIStatusError) as exc:
                 failure = self._classify(exc)
-            except openai.OpenAIError as exc:  # e.g. a malformed body from a flaky proxy
-                failure = _Failure(self.scrub(_short(f"{type(exc).__name__}: {exc}")), retryable=True)
+            except (openai.OpenAIError, ValueError) as exc:  # a malformed or non-JSON body: like a 5xx
+                failure = _Failure(self.scrub(_short(f"the server answered with a body that cannot be read "
+                                                     f"({type(exc).__name__}: {exc})")), retryable=True)
             else:
                 return self._to_response(completion, base, stats)
             if not failure.retryable:
@@ -382,7 +321,8 @@ class OpenAIEngine(Engine):
             detail = f"finish_reason={finish!r}" + (f", refusal: {_short(refusal)}" if refusal else "")
             return Response(**base, text="", finish_reason=finish, status="failed",
                             error=self.scrub(f"the server returned no text ({detail})"))
-        return Response(**base, text=content, finish_reason=finish)
+        # a lone surrogate (JSON "\\ud800") cannot be written as UTF-8: keep the text, mark the damage
+        return Response(**base, text=SURROGATE.sub("\ufffd", content), finish_reason=finish)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         s = self.settings

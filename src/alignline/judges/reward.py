@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from alignline.generate.hf_generic import cache_keyword, cache_of
 from alignline.train.pairs import model_inputs, padded_width
 
 
@@ -48,8 +49,8 @@ def score_responses(model, prompt_ids: Sequence[int], responses: Sequence[Sequen
     backbone, head = _backbone(model), _head(model)
     P = len(prompt_ids)
     prompt = torch.tensor([list(prompt_ids)], device=device)
-    prefill = backbone(input_ids=prompt, use_cache=True)
-    base_cache = prefill.past_key_values
+    keyword = cache_keyword(backbone)
+    base_cache = cache_of(backbone(input_ids=prompt, use_cache=True))
     scores: list[float] = []
     for s in range(0, len(responses), chunk):
         group = responses[s: s + chunk]
@@ -63,8 +64,8 @@ def score_responses(model, prompt_ids: Sequence[int], responses: Sequence[Sequen
         cache = copy.deepcopy(base_cache)
         cache.batch_repeat_interleave(n)
         pos = torch.arange(P, P + width, device=device).unsqueeze(0).expand(n, -1)
-        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                          use_cache=True).last_hidden_state
+        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                          **{keyword: cache}).last_hidden_state
         last = torch.tensor([len(r) - 1 for r in group], device=device)
         scores.extend(head(hidden[torch.arange(n, device=device), last]).squeeze(-1).float().tolist())
     return scores

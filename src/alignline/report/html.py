@@ -4,9 +4,11 @@ RUN_DIR is a stage's run directory or a directory of them: it is searched recurs
 ``manifest.json``. The page holds what it finds: the stages' summaries (status, counts, seconds), training
 curves from ``metrics.jsonl`` (loss; chosen/rejected rewards and margin for DPO, TSO and the reward model),
 the reward model's accuracy per rating (``eval.json``), the mean score by rank of ranked sets (``score``),
-best-of-n curves (``bestofn.json``), the evolution across policy versions when there are several, the judge
-injection suite's table (``eval_injection``), and a filterable table of sample records (pairs and ranked
-sets). A piece whose files are missing or unreadable is left out with a note; the page never fails for it.
+best-of-n curves (``bestofn.json``), online-RL runs (``rl``: per-iteration curves from ``iterations.jsonl`` and
+the held-out evaluation, :mod:`alignline.report.rl`), the evolution across policy versions when there are
+several, the judge injection suite's table (``eval_injection``), and a filterable table of sample records
+(pairs and ranked sets). A piece whose files are missing or unreadable is left out with a note; the page never
+fails for it.
 
 The page needs nothing else: figures are PNGs inside ``data:`` URIs, the CSS is inline, and the only script
 is a few lines that filter the sample tables. Every text from the data is HTML-escaped.
@@ -33,7 +35,7 @@ from alignline.config import Section
 from alignline.data.io import MANIFEST, atomic_write_text
 from alignline.errors import ConfigError
 
-POLICY_STAGES = ("sft", "rs", "dpo", "tso")
+POLICY_STAGES = ("sft", "rs", "dpo", "tso", "rl")
 """Stages whose output is a new policy: the rows of the evolution table."""
 NOT_SAMPLES = {"metrics.jsonl", "judge_cache.jsonl", "failures.jsonl", "verdicts.jsonl"}
 """JSONL files of a run dir that are never sample records."""
@@ -466,6 +468,12 @@ def section_injection(runs: list[StageRun], notes: list[str]) -> str:
     return "".join(parts)
 
 
+def section_rl(runs: list[StageRun], notes: list[str]) -> str:
+    from alignline.report.rl import section_rl as build  # (report/rl.py builds on this module's helpers)
+
+    return build(runs, notes)
+
+
 def text_block(text, label: str = "") -> str:
     s = str(text)
     cut = f'<span class="note"> &hellip; ({len(s) - MAX_TEXT} more characters)</span>' if len(s) > MAX_TEXT else ""
@@ -583,10 +591,12 @@ document.querySelectorAll("input[data-filter]").forEach(function (box) {
 
 SECTIONS = (
     ("stages", "Stages", section_stages, "no stage summaries"),
-    ("training", "Training curves", section_training, "no metrics.jsonl (sft, rs, dpo, tso or rm runs write one)"),
+    ("training", "Training curves", section_training,
+     "no metrics.jsonl (sft, rs, dpo, tso, rm or rl runs write one)"),
     ("rm", "Reward model accuracy per rating", section_rm, "no reward-model run (rm writes eval.json)"),
     ("score", "Reward-model score by rank", section_score_by_rank, "no score run with ranked sets"),
     ("bestofn", "Best-of-n", section_bestofn, "no best-of-n run (alignline eval bestofn)"),
+    ("rl", "Online RL", section_rl, "no rl run (alignline rl)"),
     ("evolution", "Across policy versions", section_evolution, "needs two or more policy runs or versions"),
     ("injection", "Judge robustness (injection suite)", section_injection, "no eval_injection run"),
 )

@@ -52,3 +52,36 @@ def plot_reward_curves(metrics_paths: list[str | Path], out_png: str | Path, tit
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return out_png
+
+
+RL_CURVES = (("reward_mean", "reward mean"), ("pass_rate", "verifier pass rate"), ("kl", "KL to reference"),
+             ("clip_fraction", "clip fraction"), ("entropy", "entropy"), ("response_length_mean", "response tokens"))
+RL_SE = {"reward_mean": "reward_se", "pass_rate": "pass_rate_se"}
+"""The standard error logged with a quantity of iterations.jsonl."""
+
+
+def plot_rl_curves(rows: list[dict], out_png: str | Path, title: str = "rl") -> Path:
+    """Per-iteration curves of ``alignline rl`` (iterations.jsonl rows): one panel per logged quantity, three
+    to a row; a quantity with a standard error (RL_SE: reward mean, pass rate) gets a band of +- 1 SE."""
+    plt = _plt()
+    panels = [(k, label) for k, label in RL_CURVES if any(r.get(k) is not None for r in rows)]
+    cols = min(max(len(panels), 1), 3)
+    nrows = -(-max(len(panels), 1) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, label) in zip(axes.flat, panels):
+        pts = [(r["iteration"], r[key], r.get(RL_SE.get(key, ""))) for r in rows if r.get(key) is not None]
+        xs, ys = [x for x, _, _ in pts], [y for _, y, _ in pts]
+        ax.plot(xs, ys, marker=".")
+        if pts and all(se is not None for _, _, se in pts):
+            ax.fill_between(xs, [y - se for _, y, se in pts], [y + se for _, y, se in pts], alpha=0.25)
+            label += " (band: +- 1 SE)"
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

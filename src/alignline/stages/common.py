@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +79,53 @@ class RunDir:
         write_manifest(self.path, stage=self.stage, status="running", config_fingerprint=self.config_fp,
                        input_fingerprints=self.inputs_fp, previous=previous)
         save_resolved(self.cfg, self.path)
+        _RUNNING.append(self)
+
+    def fail(self, error: BaseException) -> Path:
+        """Mark the run as failed with ``error``'s message; its fingerprints stay, so a rerun of the same
+        settings still resumes what it left (checkpoints, shards)."""
+        if self in _RUNNING:
+            _RUNNING.remove(self)
+        return write_manifest(self.path, stage=self.stage, status="failed", error=f"{type(error).__name__}: {error}",
+                              config_fingerprint=self.config_fp, input_fingerprints=self.inputs_fp)
 
     def finish(self, counts: Counter | dict | None = None, **extra: Any) -> Path:
+        if self in _RUNNING:
+            _RUNNING.remove(self)
         return write_manifest(
             self.path, stage=self.stage, status="complete", config=self.cfg.model_dump(mode="json"),
             config_fingerprint=self.config_fp, inputs=self.inputs, input_fingerprints=self.inputs_fp,
             counts=dict(counts or {}), **extra,
         )
+
+
+_RUNNING: list[RunDir] = []
+"""Runs started (manifest "running") and not yet finished, innermost last."""
+
+
+@contextmanager
+def failures_recorded() -> Iterator[None]:
+    """Run a stage so that an error leaves each run it started marked "failed" with the error (not "running");
+    an interrupt (Ctrl-C) leaves them "running": a rerun resumes them either way."""
+    outer = len(_RUNNING)
+    try:
+        yield
+    except Exception as exc:
+        while len(_RUNNING) > outer:
+            _RUNNING[-1].fail(exc)
+        raise
+    finally:
+        del _RUNNING[outer:]
+
+
+def record_drops(counts: Counter, key: str, lines: list[str], what: str) -> None:
+    """Count records dropped when read (``counts[key]``), keep where they were (``dropped_lines``: "file:line:
+    reason", the first 100, in the manifest's counts) and say so."""
+    if not lines:
+        return
+    counts[key] += len(lines)
+    counts["dropped_lines"] = [*counts.get("dropped_lines", []), *lines][:100]
+    console.print(f"dropped {len(lines)} {what}: {', '.join(lines[:5])}" + (" ..." if len(lines) > 5 else ""))
 
 
 def usable_responses(responses: Iterable[Response], prompt_ids: Container[str], where: str,

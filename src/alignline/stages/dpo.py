@@ -23,9 +23,10 @@ from alignline.data.chat import ensure_chat_template
 from alignline.data.io import atomic_write_json, fingerprint, read_pairs
 from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model
 from alignline.report.plots import plot_reward_curves
-from alignline.stages.common import RunDir, console, training_dtype
+from alignline.stages.common import RunDir, console, record_drops, training_dtype
 from alignline.train.loop import TrainSettings, make_accelerator, save_trained_model, train
 from alignline.train.pairs import collate_pairs, pair_length, pair_logps, plan_bucketed, tokenise_pairs
+from alignline.train.telemetry import Telemetry
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
                 "logps/chosen", "logps/rejected")
@@ -138,8 +139,10 @@ def pair_step_fn(loss_fn: Callable, *, normalize: bool, sft_weight: float = 0.0)
 
 @torch.no_grad()
 def reference_logps(model, examples: list[dict], *, accelerator, pad_id: int, layout: str, normalize: bool,
-                    batch_size: int, desc: str = "reference pass") -> list[tuple[float, float]]:
-    """One no-grad pass: (chosen, rejected) reference log-probs per example, sharded across processes."""
+                    batch_size: int, desc: str = "reference pass", telemetry: Telemetry | None = None
+                    ) -> list[tuple[float, float]]:
+    """One no-grad pass: (chosen, rejected) reference log-probs per example, sharded across processes; its tokens
+    and useful FLOPs are counted into ``telemetry``'s open phases (this process's share)."""
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
@@ -154,6 +157,8 @@ def reference_logps(model, examples: list[dict], *, accelerator, pad_id: int, la
         batch = {k: v.to(accelerator.device) for k, v in collate_pairs([examples[i] for i in ix], pad_id, layout).items()}
         with accelerator.autocast():
             c, r, _, _ = pair_logps(model, batch, length_normalize=normalize)
+        if telemetry is not None:
+            telemetry.count_batch(model, batch, grad=False)
         out.extend(zip(ix, c.double().tolist(), r.double().tolist()))
     if world > 1:
         out = gather_object(out)
@@ -211,19 +216,28 @@ def pair_eval_fn(examples: list[dict], loss_fn, *, accelerator, pad_id, layout, 
     return evaluate
 
 
+def empty_response(obj: dict) -> str | None:
+    """Why a pair record is dropped on read: an empty (blank) chosen or rejected response."""
+    blank = [k for k in ("chosen", "rejected") if isinstance(obj.get(k), str) and not obj[k].strip()]
+    return f"empty {' and '.join(blank)} response" if blank else None
+
+
 def load_pairs_for(data: PairData, tokenizer, counts: Counter, *, keep_tail: bool = False
                    ) -> tuple[list[dict], list[dict]]:
-    """Tokenised training pairs (drops counted, capped by data.max_drop_fraction) and eval pairs."""
-    pairs = read_pairs(data.train)[: data.max_examples]
+    """Tokenised training pairs (drops counted, capped by data.max_drop_fraction) and eval pairs. A pair with an
+    empty response is dropped when read (counted as dropped_empty_response, its file:line in dropped_lines)."""
+    empty: list[str] = []
+    pairs = read_pairs(data.train, drop=empty_response, dropped=empty)[: data.max_examples]
+    record_drops(counts, "dropped_empty_response", empty, "pair(s) with an empty response")
     examples = tokenise_pairs(pairs, tokenizer, max_length=data.max_length, counts=counts, keep_tail=keep_tail,
-                              max_drop_fraction=data.max_drop_fraction, where=data.train)
+                              max_drop_fraction=data.max_drop_fraction, where=data.train, dropped_on_read=len(empty))
     if not examples:
         from alignline.errors import DataError
 
         raise DataError(f"no usable pairs ({dict(counts)})", path=data.train)
     eval_examples = []
     if data.eval:
-        eval_examples = tokenise_pairs(read_pairs(data.eval), tokenizer, max_length=data.max_length,
+        eval_examples = tokenise_pairs(read_pairs(data.eval, drop=empty_response), tokenizer, max_length=data.max_length,
                                        counts=Counter(), max_drop_fraction=1.0, where=data.eval, keep_tail=keep_tail)
     return examples, eval_examples
 
@@ -264,15 +278,15 @@ def run(cfg: DPOConfig) -> Path:
                        "normalize": normalize, "n": len(examples), "n_eval": len(eval_examples)})
     both = examples + eval_examples
 
+    tel = Telemetry(accelerator.device)
+
     def compute():
         return reference_logps(ref_model, both, accelerator=accelerator, pad_id=pad_id, layout=layout,
-                               normalize=normalize, batch_size=cfg.ref_batch_size)
+                               normalize=normalize, batch_size=cfg.ref_batch_size, telemetry=tel)
 
-    import time
-
-    t0 = time.perf_counter()
-    cached_reference(rd.path / "ref_logps.json", key, compute, both, accelerator)
-    ref_seconds = time.perf_counter() - t0
+    with tel.phase("reference") as ref_phase:
+        cached_reference(rd.path / "ref_logps.json", key, compute, both, accelerator)
+    ref_seconds = ref_phase["seconds"]
     if ref_model is not model:
         del ref_model  # no second model in memory while training
 
@@ -284,19 +298,20 @@ def run(cfg: DPOConfig) -> Path:
         step_fn=pair_step_fn(loss_fn, normalize=normalize, sft_weight=cfg.loss.sft_weight),
         evaluate=pair_eval_fn(eval_examples, loss_fn, accelerator=accelerator, pad_id=pad_id, layout=layout,
                               normalize=normalize, batch_size=cfg.ref_batch_size) if eval_examples else None,
-        metric_keys=PAIR_METRICS, resume=cfg.resume and not rd.fresh, desc=f"dpo ({cfg.loss.type})",
+        metric_keys=PAIR_METRICS, resume=cfg.resume and not rd.fresh, desc=f"dpo ({cfg.loss.type})", telemetry=tel,
     )
     if result.stopped_early:
         console.print(f"dpo: stopped after step {result.steps} as asked; rerun to resume")
         return rd.path
-    save_trained_model(accelerator, model, tokenizer, rd.path / "model")
+    with tel.phase("save_model"):
+        save_trained_model(accelerator, model, tokenizer, rd.path / "model")
     if accelerator.is_main_process:
         plot_reward_curves([rd.path / "metrics.jsonl"], rd.path / "reward_curves.png",
                            title=f"{cfg.loss.type}: implicit rewards")
     accelerator.wait_for_everyone()
     rd.finish(counts, steps=result.steps, train_seconds=result.seconds, reference_seconds=ref_seconds,
               final_metrics=result.last_metrics, eval_metrics=result.eval_metrics,
-              eval_metrics_start=result.eval_metrics_start, model_dir=str(rd.path / "model"))
+              eval_metrics_start=result.eval_metrics_start, model_dir=str(rd.path / "model"), phases=tel.summary())
     m = result.last_metrics
     console.print(
         f"[green]dpo done[/green] ({cfg.loss.type}): {result.steps} steps; reference pass {ref_seconds:.0f}s, "

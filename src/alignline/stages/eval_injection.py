@@ -26,6 +26,7 @@ from alignline.data.records import Response
 from alignline.errors import DataError
 from alignline.evaluate.injection import CASE_NAMES, CASES, JudgeItem, run_suite
 from alignline.generate.base import EngineSettings, SamplingParams, build_engine
+from alignline.generate.endpoint import display_url
 from alignline.judges.cache import JudgeCache
 from alignline.judges.pairwise import PAIRWISE_VERSION
 from alignline.stages.common import RunDir, console, usable_responses
@@ -81,7 +82,7 @@ def judge_id_of(settings: EngineSettings) -> str:
     # the hf form matches annotate's, so a shared judge_cache serves both
     if settings.engine == "hf":
         return f"llm:{settings.model}"
-    return f"llm:openai:{settings.openai.get('base_url') or 'default'}:{settings.model}"
+    return f"llm:openai:{display_url(settings.openai.base_url or 'default')}:{settings.model}"
 
 
 def first_usable(responses: list[Response], prompt_ids: set[str], where: str, counts: Counter) -> dict[str, Response]:

@@ -17,9 +17,10 @@ from rich.table import Table
 
 from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, unfold
-from alignline.data.io import atomic_write_json, read_conversations, write_records
+from alignline.data.io import adapt_conversation, atomic_write_json, iter_records, write_records
+from alignline.data.records import Conversation
 from alignline.data.sharegpt import normalise_sharegpt, read_sharegpt, sharegpt_asset_path, split_by_hash
-from alignline.errors import ConfigError
+from alignline.errors import ConfigError, DataError
 from alignline.stages.common import RunDir, console
 
 
@@ -97,6 +98,30 @@ class PrepareConfig(Section):
         return v
 
 
+def read_unique_conversations(path: str, counts: Counter) -> list[Conversation]:
+    """Conversations of ``path`` with duplicates handled as for ShareGPT: the same messages as a kept one are
+    dropped and counted (``duplicate_content``); the same id with other messages is an error naming both lines."""
+    out: list[Conversation] = []
+    first: dict[str, tuple[str, int, tuple]] = {}
+    seen: set[tuple] = set()
+    for where, line, conv in iter_records(path, Conversation, adapt_conversation):
+        content = tuple((m.role, m.content) for m in conv.messages)
+        if conv.id in first and first[conv.id][2] != content:
+            where0, line0, _ = first[conv.id]
+            raise DataError(f"id {conv.id!r} is also the id of another conversation, on "
+                            f"{'line ' if where0 == where else where0 + ':'}{line0}; give one of them another id "
+                            "(ids must be unique: splits and prompt ids are derived from them)",
+                            path=where, line=line, field="id", expected="a unique id")
+        first.setdefault(conv.id, (where, line, content))
+        if content in seen:
+            counts["duplicate_content"] += 1
+            continue
+        seen.add(content)
+        out.append(conv)
+    counts["kept"] = len(out)
+    return out
+
+
 def run(cfg: PrepareConfig) -> Path:
     src = cfg.path if cfg.path is not None else (str(sharegpt_asset_path()) if cfg.source == "sharegpt" else None)
     if src is None:
@@ -116,8 +141,7 @@ def run(cfg: PrepareConfig) -> Path:
             raw, source_path=src, strip_leading_assistant=cfg.continuation_parts == "strip_leading_assistant")
         counts.update(norm_counts)
     else:
-        convs = read_conversations(src)
-        counts["kept"] = len(convs)
+        convs = read_unique_conversations(src, counts)
 
     tokenizer = None
     if cfg.tokenizer:

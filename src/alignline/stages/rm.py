@@ -26,6 +26,7 @@ from alignline.stages.common import RunDir, console, training_dtype
 from alignline.stages.dpo import PairData, load_pairs_for, make_plan, stage_tokenizer
 from alignline.train.loop import TrainSettings, make_accelerator, save_trained_model, train
 from alignline.train.pairs import collate_pairs
+from alignline.train.telemetry import Telemetry
 
 RM_METRICS = ("accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin")
 
@@ -143,24 +144,28 @@ def run(cfg: RMConfig) -> Path:
         flat.update({f"accuracy/{k}": v["accuracy"] for k, v in ev["accuracy_by_rating"].items()})
         return flat
 
+    tel = Telemetry(accelerator.device)
     result = train(
         model, accelerator=accelerator, settings=cfg.train, out_dir=rd.path, plan=make_plan(examples, cfg.train, layout, accelerator.num_processes),
         collate=lambda ix: collate_pairs([examples[i] for i in ix], pad_id, layout),
         count_units=lambda b: int(b["n_pairs"]), step_fn=rm_step_fn,
         evaluate=evaluate if eval_examples else None, metric_keys=RM_METRICS, resume=cfg.resume and not rd.fresh, desc="rm",
+        telemetry=tel, count_logits=lambda b: 2 * int(b["n_pairs"]),  # the scalar head reads each response's last token
     )
     if result.stopped_early:
         console.print(f"rm: stopped after step {result.steps} as asked; rerun to resume")
         return rd.path
-    final = evaluate_rm(accelerator.unwrap_model(model), eval_examples or examples, pad_id=pad_id, layout=layout,
-                        batch_size=cfg.eval_batch_size, device=accelerator.device)
+    with tel.phase("final_eval"):
+        final = evaluate_rm(accelerator.unwrap_model(model), eval_examples or examples, pad_id=pad_id, layout=layout,
+                            batch_size=cfg.eval_batch_size, device=accelerator.device)
     final["split"] = "eval" if eval_examples else "train (no data.eval given)"
-    save_trained_model(accelerator, model, tokenizer, rd.path / "model")
+    with tel.phase("save_model"):
+        save_trained_model(accelerator, model, tokenizer, rd.path / "model")
     if accelerator.is_main_process:
         atomic_write_json(rd.path / "eval.json", final)
     accelerator.wait_for_everyone()
     rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
-              eval=final, model_dir=str(rd.path / "model"))
+              eval=final, model_dir=str(rd.path / "model"), phases=tel.summary())
     table = Table(title=f"reward model accuracy ({final['split']})")
     for col in ("rating", "pairs", "accuracy"):
         table.add_column(col, justify="right")

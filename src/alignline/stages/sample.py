@@ -26,6 +26,7 @@ from pydantic import Field
 from alignline.config import Section, ShardSetting
 from alignline.data.io import (
     ShardedWriter,
+    iter_jsonl,
     read_manifest,
     read_prompts,
     read_records,
@@ -35,8 +36,10 @@ from alignline.data.io import (
 from alignline.data.records import Response
 from alignline.errors import ConfigError, DataError
 from alignline.generate.base import EngineSettings, SamplingParams, build_engine
+from alignline.generate.endpoint import OpenAIConnection
 from alignline.matrix import MatrixMember, human_responses, load_matrix
 from alignline.stages.common import RunDir, console
+from alignline.train.telemetry import Telemetry
 
 
 class SampleConfig(Section):
@@ -51,9 +54,9 @@ class SampleConfig(Section):
     sub-directory; engine, openai, dtype, max_batch and trust_remote_code then come from each member."""
     engine: Literal["hf", "openai"] = "hf"
     """hf: in process; openai: an OpenAI-compatible endpoint (settings below)."""
-    openai: dict = Field(default_factory=dict)
-    """openai engine settings: base_url, api_key_env, max_concurrency, max_retries, timeout_s (the key itself
-    comes from the environment and is never written anywhere)."""
+    openai: OpenAIConnection = Field(default_factory=OpenAIConnection)
+    """openai engine settings: base_url, api_key_env, api_key, max_concurrency, max_retries, timeout_s, ... (a
+    key, in api_key or as credentials in base_url, is used but never written to a file)."""
     output_dir: str = "runs/sample"
     """Where response shards and manifest.json go."""
     n: int = Field(2, ge=1)
@@ -64,12 +67,13 @@ class SampleConfig(Section):
     """Name recorded in each response's ``source`` (default: the model)."""
     max_prompts: int | None = None
     """Only the first this many prompts."""
-    prompts_per_shard: int = Field(8, gt=0)
-    """Prompts per output shard (a shard is the unit that survives a kill)."""
+    prompts_per_shard: int = Field(16, gt=0)
+    """Prompts per output shard (a shard is the unit that survives a kill, and one call of the engine: with the
+    hf engine, keep prompts_per_shard x n >= max_batch so the batch stays full)."""
     max_batch: int = Field(64, gt=0)
-    """Samples generated together: the n samples of max(1, max_batch // n) prompts, at most prompts_per_shard
-    (hf: one decode batch, the prompts prefilled together; openai: requests handed to the client at once, up to
-    its max_concurrency). On a GPU raise prompts_per_shard with it."""
+    """Samples generated together (hf: decode slots, refilled from the shard's queue as samples finish, each
+    prompt prefilled once; openai: requests handed to the client at once, up to its max_concurrency). On a GPU
+    raise prompts_per_shard with it."""
     shard: ShardSetting = None
     """'i/N': sample only prompts i, i+N, ... (several machines); null: all (or one share per process)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -116,7 +120,7 @@ def _run_matrix(cfg: SampleConfig) -> Path:
     for m in members:
         if m.kind == "sampled":
             console.print(f"sample: member {m.source} ({m.size or 'size ?'}) from {m.engine.model}")
-            run(SampleConfig.model_validate({**shared, **m.engine.model_dump(), "source": m.source,
+            run(SampleConfig.model_validate({**shared, **dict(m.engine), "source": m.source,
                                              "output_dir": str(rd.path / m.name)}))
     from accelerate import PartialState
 
@@ -176,12 +180,11 @@ def run(cfg: SampleConfig) -> Path:
     t0, new_tokens = time.perf_counter(), 0
     # Batches never straddle a shard: a shard is written whole or not at all, so a resumed run starts at a shard
     # boundary and decodes every prompt with the same batch-mates as an uninterrupted run (the same rounding).
-    per_call = max(1, min(cfg.max_batch // cfg.n, cfg.prompts_per_shard))
-    groups = [todo[i: i + cfg.prompts_per_shard][j: j + per_call]
-              for i in range(0, len(todo), cfg.prompts_per_shard) for j in range(0, cfg.prompts_per_shard, per_call)]
+    groups = [todo[i: i + cfg.prompts_per_shard] for i in range(0, len(todo), cfg.prompts_per_shard)]
     bar = tqdm(total=len(todo), desc=f"sample n={cfg.n}", disable=not state.is_local_main_process,
                dynamic_ncols=True)
-    with writer:
+    tel = Telemetry(state.device if cfg.engine == "hf" else None)
+    with writer, tel.phase("sample") as sample_phase:
         for group in (g for g in groups if g):
             for responses in engine.generate(group, cfg.n, cfg.sampling):
                 for r in responses:
@@ -196,10 +199,31 @@ def run(cfg: SampleConfig) -> Path:
             bar.update(len(group))
             dt = time.perf_counter() - t0
             bar.set_postfix(prompts_s=f"{counts['prompts'] / dt:.2f}", tok_s=f"{new_tokens / dt:.0f}")
-    counts["responses_cut_by_token_limit"] = counts.pop("finish_reason:length", 0)
+    sample_phase["new_tokens"] = new_tokens
     state.wait_for_everyone()
+    # counts describe the whole output (every process, and what earlier invocations wrote before a resume);
+    # sampled_prompts and new_tokens are this invocation's work
+    pattern = f"responses-{index:03d}-of-{total:03d}-*.jsonl" if cfg.shard else f"responses-*-of-{total:03d}-*.jsonl"
+    shards = sorted(rd.path.glob(pattern))
     if state.is_main_process:
-        rd.finish(counts, seconds=time.perf_counter() - t0, new_tokens=new_tokens,
-                  shards=[str(p) for p in sorted(rd.path.glob("responses-*.jsonl"))])
+        counts = Counter(output_counts(shards), resumed_prompts=counts["resumed_prompts"],
+                         sampled_prompts=counts["prompts"])
+        rd.finish(counts, seconds=time.perf_counter() - t0, new_tokens=new_tokens, phases=tel.summary(),
+                  shards=[str(p) for p in shards])
     console.print(f"[green]sample done[/green]: {dict(counts)}\n  responses: {rd.path}")
     return rd.path
+
+
+def output_counts(shards: list[Path]) -> Counter:
+    """prompts, responses, failed, responses_cut_by_token_limit and finish_reason:<reason> of response shards."""
+    counts: Counter = Counter()
+    prompts = set()
+    for shard in shards:
+        for _, obj in iter_jsonl(shard):
+            prompts.add(obj["prompt_id"])
+            counts["responses"] += 1
+            counts["failed"] += obj.get("status") == "failed"
+            counts[f"finish_reason:{obj.get('finish_reason')}"] += 1
+    counts["prompts"] = len(prompts)
+    counts["responses_cut_by_token_limit"] = counts.pop("finish_reason:length", 0)
+    return counts

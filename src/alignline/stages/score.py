@@ -48,6 +48,7 @@ from alignline.judges.evaluator import (
 from alignline.judges.reward import score_responses
 from alignline.models import load_reward_model, load_tokenizer, resolve_model
 from alignline.stages.common import RunDir, console
+from alignline.train.telemetry import Telemetry
 
 
 class ScoreConfig(Section):
@@ -259,6 +260,8 @@ def run(cfg: ScoreConfig) -> Path:
             counts["responses_cut"] += len(rid) > room
             resp_ids.append(rid[:room])
         scores = score_responses(model, p_ids, resp_ids, pad_id=tokenizer.pad_token_id, chunk=cfg.chunk)
+        # the prompt is computed once; the scalar head reads each response's last token
+        tel.count(tel.params_of(model), len(p_ids) + sum(map(len, resp_ids)), len(resp_ids), grad=False)
         for r, s in zip(responses, scores):
             if not math.isfinite(s):
                 raise DataError(f"the reward model gave a non-finite score ({s}) for prompt {pid} sample "
@@ -268,7 +271,8 @@ def run(cfg: ScoreConfig) -> Path:
 
     from tqdm.auto import tqdm
 
-    with writer:
+    tel = Telemetry(state.device)
+    with writer, tel.phase("score"):
         for pid in tqdm(order, desc="score", disable=not state.is_local_main_process):
             if pid in done:
                 continue
@@ -301,6 +305,7 @@ def run(cfg: ScoreConfig) -> Path:
             cfg.judge, f"Mean evaluator score ({', '.join(cfg.criteria)}) at each rank")
         plot_score_by_rank(sets, scorer, rd.path / "score_by_rank.png", title)
         rd.finish(counts, shards=[str(p) for p in sorted(rd.path.glob("ranked-*.jsonl"))], judge=cfg.judge,
+                  phases=tel.summary(),
                   **({"template": EVALUATOR_VERSION, "criteria": cfg.criteria} if cfg.judge == "evaluator" else {}))
     console.print(f"[green]score done[/green]: {dict(counts)}\n  ranked sets: {rd.path}\n"
                   f"  mean score by rank: {rd.path / 'score_by_rank.png'}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -13,10 +14,11 @@ from alignline.data.chat import ensure_chat_template, fit_to_length, tokenise_co
 from alignline.data.io import read_conversations
 from alignline.errors import ConfigError
 from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model
-from alignline.stages.common import RunDir, console, training_dtype
+from alignline.stages.common import RunDir, console, record_drops, training_dtype
 from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded
 from alignline.train.lm import causal_lm_loss
 from alignline.train.loop import TrainSettings, make_accelerator, save_trained_model, train
+from alignline.train.telemetry import Telemetry
 
 
 class SFTData(Section):
@@ -36,6 +38,10 @@ class SFTData(Section):
     """Padding-free packing of short examples into rows of max_length tokens; false pads each batch."""
     max_examples: int | None = None
     """Use at most this many conversations (the first ones), e.g. for a quick run."""
+    max_record_chars: int | None = Field(1_000_000, gt=0)
+    """A conversation whose messages hold more characters than this (about 250k tokens of English) is skipped and
+    counted (dropped_over_max_record_chars; its file:line in dropped_lines); null: no limit. With
+    long_examples=truncate only the first max_length tokens' worth of text is tokenised anyway."""
 
 
 def default_sft_train() -> TrainSettings:
@@ -72,14 +78,30 @@ class SFTConfig(Section):
 def tokenise_all(convs, tokenizer, max_length: int, mode: str, train_on: str, counts: Counter, where: str):
     examples = []
     for conv in convs:
-        ex = tokenise_conversation(tokenizer, conv.messages, train_on=train_on, where=f"{where}: conversation {conv.id}")
+        # truncate: tokenise only a prefix large enough for max_length (bounded work, whatever the record's size)
+        ex = tokenise_conversation(tokenizer, conv.messages, train_on=train_on, where=f"{where}: conversation {conv.id}",
+                                   max_tokens=max_length if mode == "truncate" else None)
         ex.source_id = conv.id
-        if ex.n_trained == 0:
+        if ex.n_trained == 0 and not ex.truncated:
             counts["dropped_no_trained_tokens"] += 1
             continue
         for block in fit_to_length(ex, max_length, mode, counts):
             examples.append({"input_ids": block.input_ids, "labels": block.labels})
     return examples
+
+
+def over_size(limit: int | None) -> Callable[[dict], str | None] | None:
+    """The read-time check of data.max_record_chars: a reason for a conversation whose texts are longer."""
+    if limit is None:
+        return None
+
+    def check(obj: dict) -> str | None:
+        messages = obj.get("messages")
+        chars = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)) \
+            if isinstance(messages, list) else 0
+        return f"{chars:,} characters, over data.max_record_chars={limit:,}" if chars > limit else None
+
+    return check
 
 
 def run(cfg: SFTConfig, stage: str = "sft") -> Path:
@@ -97,10 +119,12 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
         console.print("sft: the model has no chat template; using alignline's fallback template")
 
     counts: Counter = Counter()
-    convs = read_conversations(cfg.data.train)
+    skipped: list[str] = []
+    convs = read_conversations(cfg.data.train, drop=over_size(cfg.data.max_record_chars), dropped=skipped)
     if cfg.data.max_examples is not None:
         convs = convs[: cfg.data.max_examples]
     counts["conversations"] = len(convs)
+    record_drops(counts, "dropped_over_max_record_chars", skipped, "conversation(s) over data.max_record_chars")
     examples = tokenise_all(convs, tokenizer, cfg.data.max_length, cfg.data.long_examples, cfg.data.train_on,
                             counts, cfg.data.train)
     counts["examples"] = len(examples)
@@ -108,7 +132,8 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
         raise ConfigError(f"data.train {cfg.data.train}: no usable examples ({dict(counts)})")
     eval_examples = []
     if cfg.data.eval:
-        eval_examples = tokenise_all(read_conversations(cfg.data.eval), tokenizer, cfg.data.max_length,
+        eval_examples = tokenise_all(read_conversations(cfg.data.eval, drop=over_size(cfg.data.max_record_chars)),
+                                     tokenizer, cfg.data.max_length,
                                      cfg.data.long_examples, cfg.data.train_on, Counter(), cfg.data.eval)
     counts["trained_tokens"] = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
     counts["tokens"] = sum(len(e["input_ids"]) for e in examples)
@@ -141,17 +166,20 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
             total, n = total + float(loss_sum), n + units
         return {"loss": total / max(n, 1)}
 
+    tel = Telemetry(accelerator.device)
     result = train(
         model, accelerator=accelerator, settings=s, out_dir=rd.path, plan=plan, collate=collate,
         count_units=count_targets, step_fn=causal_lm_loss, evaluate=evaluate if eval_examples else None,
-        resume=cfg.resume and not rd.fresh, desc=stage,
+        resume=cfg.resume and not rd.fresh, desc=stage, telemetry=tel,
     )
     if result.stopped_early:
         console.print(f"{stage}: stopped after step {result.steps} as asked (train.stop_after_step); rerun to resume")
         return rd.path
-    save_trained_model(accelerator, model, tokenizer, rd.path / "model")
+    with tel.phase("save_model"):
+        save_trained_model(accelerator, model, tokenizer, rd.path / "model")
     rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
-              eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start, model_dir=str(rd.path / "model"))
+              eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start, model_dir=str(rd.path / "model"),
+              phases=tel.summary())
     console.print(
         f"[green]{stage} done[/green]: {result.steps} steps in {result.seconds:.0f}s, "
         f"final loss {result.last_metrics.get('loss', float('nan')):.4f}"

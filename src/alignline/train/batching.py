@@ -99,7 +99,8 @@ def collate_packed(rows: Sequence[Sequence[dict[str, Any]]], pad_id: int) -> dic
         out_labels[i, :n] = torch.tensor(labels)
         out_pos[i, :n] = torch.tensor(pos)
         out_pos[i, n:] = torch.arange(width - n)
-    return {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos}
+    return {"input_ids": out_ids, "labels": out_labels, "position_ids": out_pos,
+            "n_tokens": torch.tensor(sum(len(p[0]) for p in packed))}  # real (non-padding) tokens
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:

@@ -14,7 +14,8 @@ Checkpoints (``checkpoints/step-NNNNNNN``) hold safetensors weights, optimizer s
 safetensors, the rest as JSON), scheduler state, per-process RNG state and the data position, and a
 ``COMPLETE`` marker written last. They always hold whole (gathered) tensors, whatever the sharding (an exact
 resume needs the same number of processes). ``resume=True`` continues from the newest complete checkpoint
-exactly: same batches, same RNG, same optimizer moments. A non-finite loss or gradient stops the run before
+exactly: same batches, same RNG, same optimizer moments. The marker records every file's size and sha256 and
+is checked first: a damaged checkpoint is named and the one before it resumed (``checkpoint_verify``). A non-finite loss or gradient stops the run before
 the optimizer step, leaving the last good checkpoint untouched.
 """
 
@@ -38,8 +39,8 @@ from alignline.config import Section
 from alignline.data.io import atomic_write_bytes, atomic_write_json
 from alignline.errors import AlignlineError, TrainingDivergedError
 from alignline.models import save_model
-
-COMPLETE = "COMPLETE"
+from alignline.train import telemetry as tm
+from alignline.train.checkpoint_verify import COMPLETE, marker_bytes, resume_checkpoint
 
 
 class TrainSettings(Section):
@@ -240,6 +241,8 @@ class TrainResult:
     checkpoint: Path | None = None
     seconds: float = 0.0
     tokens: int = 0
+    phases: dict[str, Any] = field(default_factory=dict)
+    """:meth:`Telemetry.summary` at the end of training (see ``alignline.train.telemetry``)."""
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -340,7 +343,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: Path, pos
     save_file(rng, str(ckpt / f"rng-{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_bytes(ckpt / COMPLETE, b"ok\n")  # written last: the checkpoint is whole
+        atomic_write_bytes(ckpt / COMPLETE, marker_bytes(ckpt))  # written last (sizes, sha256): the checkpoint is whole
         for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for partial in (out_dir / "checkpoints").glob("step-*"):
@@ -440,11 +443,16 @@ def train(
     metric_keys: tuple[str, ...] = (),
     resume: bool = False,
     desc: str = "train",
+    telemetry: tm.Telemetry | None = None,
+    count_logits: Callable[[dict[str, torch.Tensor]], int] = tm.logit_positions,
 ) -> TrainResult:
     """Train ``model`` in place; see the module docstring for the contract of each callable.
 
     ``step_fn(model, batch)`` returns (summed loss, units, summed metrics); metrics named in
-    ``metric_keys`` are reported as per-unit means over the optimizer step.
+    ``metric_keys`` are reported as per-unit means over the optimizer step. ``telemetry`` (the stage's, so
+    that its other phases land in the same summary) records the "train", "eval" and "checkpoint" phases and
+    per-step times, memory and useful FLOPs; ``count_logits(batch)`` is the number of positions whose head
+    output a batch computes (default :func:`alignline.train.telemetry.logit_positions`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
@@ -488,6 +496,8 @@ def train(
     warmup = settings.warmup_steps if settings.warmup_steps is not None else int(settings.warmup_ratio * total_steps)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[settings.schedule]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    tel = telemetry or tm.Telemetry(accelerator.device)
+    params = tel.params_of(model)  # before DDP/FSDP wrap it
     model, optimizer = accelerator.prepare(model, optimizer)
 
     step, start_epoch, start_in_epoch = 0, 0, 0
@@ -499,9 +509,8 @@ def train(
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
         accelerator.wait_for_everyone()
     if resume:
-        ckpts = complete_checkpoints(out_dir)
-        if ckpts:
-            resumed_from = ckpts[-1]
+        resumed_from = resume_checkpoint(accelerator, complete_checkpoints(out_dir))  # verified; damaged: the one before
+        if resumed_from is not None:
             pos = load_checkpoint(accelerator, model, optimizer, scheduler, resumed_from)
             step, start_epoch, start_in_epoch = pos["step"], pos["epoch"], pos["step_in_epoch"]
             accelerator.print(f"resuming from {resumed_from} (step {step})")
@@ -513,10 +522,11 @@ def train(
                dynamic_ncols=True)
     result = TrainResult(steps=step, stopped_early=False)
     t_start, tokens_seen, last = time.perf_counter(), 0, {}
+    tel.open("train")
     if evaluate is not None and step == 0:
         # the starting point, so the run's effect on held-out data is visible
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), tel.phase("eval"):
             ev = evaluate(model)
         model.train()
         result.eval_metrics_start = ev
@@ -537,8 +547,9 @@ def train(
             if global_units == 0:
                 raise AlignlineError(f"step {step + 1}: no trained units in the whole step (check the labels)")
             t0 = time.perf_counter()
+            clock = tel.step_clock()
             loss_total, sums = 0.0, {k: 0.0 for k in metric_keys}
-            step_tokens = 0
+            step_tokens = step_logits = 0
             weights = [1.0] * len(batches)
             if not batches:  # no micro-batch here at the tail: run one weighted 0 to join the collectives
                 batches, weights = [collate(group[0])], [0.0]
@@ -548,16 +559,20 @@ def train(
                 with ctx, accelerator.autocast():
                     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                     loss_sum, _, m = step_fn(model, batch)
+                    clock.lap("forward")
                     # DDP and FSDP average gradients over processes, hence the factor `world`.
                     accelerator.backward(loss_sum * (weight * world / global_units))
                     after_backward()
+                    clock.lap("backward")
                 if weight:
-                    step_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(batch["input_ids"].numel())
+                    step_tokens += tm.real_tokens(batch)
+                    step_logits += count_logits(batch)
                     loss_total += float(loss_sum.detach())
                     for k in metric_keys:
                         sums[k] += float(m.get(k, 0.0))
-            reduced = _all_sum_dict(accelerator, {"loss": loss_total, "tokens": step_tokens, **sums},
-                                    ["loss", "tokens", *metric_keys])
+            reduced = _all_sum_dict(accelerator, {"loss": loss_total, "tokens": step_tokens,
+                                                  "logit_positions": step_logits, **sums},
+                                    ["loss", "tokens", "logit_positions", *metric_keys])
             loss_value = reduced["loss"] / global_units
             grad_norm = None
             if settings.max_grad_norm is not None:
@@ -568,6 +583,7 @@ def train(
                 log.log({"step": step + 1, "event": "non_finite", "loss": str(loss_value), "grad_norm": str(grad_norm)})
                 log.close()
                 bar.close()
+                tel.close("train")
                 raise TrainingDivergedError(
                     f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} "
                     f"({loss_value if not math.isfinite(loss_value) else grad_norm}); stopped before the update. "
@@ -577,12 +593,16 @@ def train(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            clock.lap("optimizer")
             step += 1
             dt = time.perf_counter() - t0
             tokens_seen += int(reduced["tokens"])
             last = {"step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                     "units": global_units, "tokens": int(reduced["tokens"]),
-                    "tokens_per_s": reduced["tokens"] / max(dt, 1e-9)}
+                    "tokens_per_s": reduced["tokens"] / max(dt, 1e-9),
+                    "logit_positions": int(reduced["logit_positions"]),
+                    "flops": tel.count(params, int(reduced["tokens"]), int(reduced["logit_positions"]), grad=True),
+                    **clock.record()}
             if grad_norm is not None:
                 last["grad_norm"] = grad_norm
             for k in metric_keys:
@@ -594,7 +614,7 @@ def train(
             finished = step >= total_steps
             if evaluate is not None and ((settings.eval_every and step % settings.eval_every == 0) or finished):
                 model.eval()
-                with torch.no_grad():
+                with torch.no_grad(), tel.phase("eval"):
                     ev = evaluate(model)
                 model.train()
                 result.eval_metrics = ev
@@ -604,8 +624,9 @@ def train(
                 position.update(epoch=epoch + 1, step_in_epoch=0)
             stop_now = settings.stop_after_step is not None and step >= settings.stop_after_step
             if (settings.save_every and step % settings.save_every == 0) or finished or stop_now:
-                result.checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, out_dir, position,
-                                                    settings.keep_checkpoints)
+                with tel.phase("checkpoint"):
+                    result.checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, out_dir, position,
+                                                        settings.keep_checkpoints)
             if stop_now and not finished:
                 result.stopped_early = True
                 done = True
@@ -614,6 +635,9 @@ def train(
                 done = True
                 break
     bar.close()
+    tel.add(steps=step - result.steps)
+    tel.close("train")
+    result.phases = tel.summary()
     log.close()
     if settings.report_to:
         accelerator.end_training()

@@ -32,12 +32,13 @@ Layout = Literal["shared", "separate"]
 
 def tokenise_pairs(pairs: Sequence[Pair], tokenizer, *, max_length: int, counts: Counter,
                    max_drop_fraction: float = 0.1, where: str = "pairs", keep_tail: bool = False,
-                   ) -> list[dict[str, Any]]:
+                   dropped_on_read: int = 0) -> list[dict[str, Any]]:
     """Token ids per pair: ``prompt``, ``chosen``, ``rejected`` (responses end with their end token).
 
     Responses are cut so that ``prompt + response`` fits ``max_length``. Dropped and counted: chosen equal
     to rejected (as text, or as tokens after cutting), a prompt that leaves no room for a response, an
-    empty response. More than ``max_drop_fraction`` dropped is an error.
+    empty response. More than ``max_drop_fraction`` dropped is an error; ``dropped_on_read`` pairs of the file
+    that were already dropped when it was read count towards it.
     """
     out = []
     for p in pairs:
@@ -62,13 +63,14 @@ def tokenise_pairs(pairs: Sequence[Pair], tokenizer, *, max_length: int, counts:
             counts["dropped_identical_after_truncation"] += 1
             continue
         out.append({"id": p.id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": p.rating})
-    dropped = len(pairs) - len(out)
-    counts["pairs_in"] += len(pairs)
+    total = len(pairs) + dropped_on_read
+    dropped = total - len(out)
+    counts["pairs_in"] += total
     counts["pairs_kept"] += len(out)
-    if pairs and dropped / len(pairs) > max_drop_fraction:
+    if total and dropped / total > max_drop_fraction:
         reasons = {k: v for k, v in counts.items() if k.startswith("dropped")}
         raise DataError(
-            f"{dropped} of {len(pairs)} pairs ({dropped / len(pairs):.0%}) would be dropped {reasons}, more than "
+            f"{dropped} of {total} pairs ({dropped / total:.0%}) would be dropped {reasons}, more than "
             f"data.max_drop_fraction={max_drop_fraction}; fix the data, raise data.max_length, or raise the fraction",
             path=where,
         )
@@ -131,27 +133,14 @@ def collate_pairs(examples: Sequence[dict], pad_id: int, layout: Layout = "share
                 blocks.append([])
                 targets += [(len(rows) - 1, P - 1 + j, t, seg, b) for j, t in enumerate(resp)]
     width = max(len(ids) for ids, _ in rows)
-    B = len(rows)
-    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((B, width), dtype=torch.long)
-    lengths = torch.tensor([len(ids) for ids, _ in rows])
-    for i, (ids, pos) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        position_ids[i, : len(ids)] = torch.tensor(pos)
-    keep = torch.zeros((B, width), dtype=torch.bool)
-    t_row = torch.tensor([t[0] for t in targets])
-    t_pos = torch.tensor([t[1] for t in targets])
-    keep[t_row, t_pos] = True
-    flat = (keep.flatten().cumsum(0) - 1).view(B, width)
+    batch, lengths = row_tensors(rows, targets, pad_id)
     batch = {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "keep": keep,
-        "src": flat[t_row, t_pos],
+        **batch,
         "tgt": torch.tensor([t[2] for t in targets]),
         "seg": torch.tensor([t[3] for t in targets]),
         "pair": torch.tensor([t[4] for t in targets]),
         "n_pairs": torch.tensor(len(examples)),
+        "n_tokens": lengths.sum(),  # real (non-padding) tokens, for the loop's token count
         "ends": torch.tensor(ends, dtype=torch.long),
     }
     if layout == "shared":
@@ -170,6 +159,27 @@ def collate_pairs(examples: Sequence[dict], pad_id: int, layout: Layout = "share
         batch["ref_chosen"] = torch.tensor([ex["ref_chosen"] for ex in examples], dtype=torch.float64)
         batch["ref_rejected"] = torch.tensor([ex["ref_rejected"] for ex in examples], dtype=torch.float64)
     return batch
+
+
+def row_tensors(rows: Sequence[tuple[list[int], list[int]]], targets: Sequence[tuple[int, int, Any, ...]],
+                pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Right-padded ``input_ids`` / ``position_ids`` of ``rows`` (token ids, position ids), the ``keep`` mask of
+    the positions named by ``targets`` ((row, predicting position, ...) each) and ``src`` (each target's index
+    into the kept positions); and the row lengths."""
+    width = max(len(ids) for ids, _ in rows)
+    B = len(rows)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, width), dtype=torch.long)
+    lengths = torch.tensor([len(ids) for ids, _ in rows])
+    for i, (ids, pos) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        position_ids[i, : len(ids)] = torch.tensor(pos)
+    keep = torch.zeros((B, width), dtype=torch.bool)
+    t_row = torch.tensor([t[0] for t in targets])
+    t_pos = torch.tensor([t[1] for t in targets])
+    keep[t_row, t_pos] = True
+    flat = (keep.flatten().cumsum(0) - 1).view(B, width)
+    return {"input_ids": input_ids, "position_ids": position_ids, "keep": keep, "src": flat[t_row, t_pos]}, lengths
 
 
 def _model_dtype(model) -> torch.dtype:

@@ -1,0 +1,144 @@
+"""Online RL throughput: ``alignline rl`` (GRPO) against TRL 1.16's ``GRPOTrainer``, side by side.
+
+    .venv/bin/python benchmarks/rl_throughput.py --smoke   # tiny random model, both rows, seconds each
+    .venv/bin/python benchmarks/rl_throughput.py           # SmolLM2-135M-Instruct, fp32, 2 threads (quiet machine)
+
+Both rows: the same model, the same prompts (verifiable instructions attached; the verifier's strict share of
+instructions followed is the reward on both sides), G = 8 responses per prompt, the same max new tokens, the
+same number of optimizer steps (one per rollout), TRL's ``loss_type="grpo"`` (alignline's estimator grpo with
+aggregation seq_mean_token_mean), beta 0 (no reference model on either side), no vLLM, fp32. Each row runs in
+its own child process (``benchmarks/common.py``) and reports rollout tokens/s, training tokens/s, seconds per
+iteration and peak RSS. The goal of issue 16: >= 2x TRL's iterations/s at <= 1/2 of its peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+CONFIGS = ("alignline", "trl")
+FULL = {"iterations": 10, "prompts_per_iteration": 4, "group_size": 8, "max_new_tokens": 128}
+QUICK = {"iterations": 3, "prompts_per_iteration": 2, "group_size": 8, "max_new_tokens": 64}
+SMOKE = {"iterations": 2, "prompts_per_iteration": 2, "group_size": 4, "max_new_tokens": 8}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rl_throughput.json"
+
+
+def make_prompts(path: Path, n: int) -> Path:
+    """n prompts with verifiable instructions attached (seeded), as JSONL."""
+    from alignline.data.records import Prompt
+    from alignline.judges.verifiable import attach_instructions
+
+    topics = ["a cat", "the sea", "bread", "a bicycle", "rain", "a library", "coffee", "mountains"]
+    with open(path, "w") as f:
+        for i in range(n):
+            p = Prompt(id=f"b{i}", messages=[{"role": "user", "content": f"Write a few sentences about {topics[i % 8]}."}])
+            f.write(attach_instructions(p, 0).model_dump_json() + "\n")
+    return path
+
+
+def alignline_side(spec: dict) -> dict:
+    from alignline.config import load_config
+    from alignline.stages import rl
+
+    P, G = spec["prompts_per_iteration"], spec["group_size"]
+    cfg = load_config(rl.RLConfig, None, [
+        f"model={spec['model']}", f"prompts={spec['prompts']}", f"output_dir={spec['out']}",
+        f"iterations={spec['iterations']}", f"rollout.prompts={P}", f"rollout.group_size={G}",
+        f"rollout.sampling.max_new_tokens={spec['max_new_tokens']}", f"train.batch_size={P * G}",
+        "train.grad_accum=1", "loss.estimator=grpo", "kl.coef=0", "reward=verifier", "dtype=float32"])
+    t0 = time.perf_counter()
+    out = rl.run(cfg)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(ln) for ln in (out / "iterations.jsonl").read_text().splitlines()]
+    return {"wall_s": wall, "s_per_iteration": wall / len(rows),
+            "rollout_tokens_per_s": sum(r["rollout_tokens"] for r in rows) / sum(r["rollout_seconds"] for r in rows),
+            "train_tokens_per_s": sum(r["train_tokens_per_s"] * r["train_seconds"] for r in rows)
+            / sum(r["train_seconds"] for r in rows),
+            "reward_mean": [r["reward_mean"] for r in rows]}
+
+
+def trl_side(spec: dict) -> dict:
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alignline.data.io import read_prompts
+    from alignline.judges.verifiable import verify
+    from alignline.models import load_causal_lm, load_tokenizer
+
+    P, G = spec["prompts_per_iteration"], spec["group_size"]
+    prompts = read_prompts(spec["prompts"])
+    data = datasets.Dataset.from_list([{"prompt": [m.model_dump() for m in p.messages],
+                                        "instructions": json.dumps(p.meta["instructions"])} for p in prompts])
+
+    def verifier(completions, instructions, **kw):
+        return [verify(c[0]["content"] if isinstance(c, list) else c, json.loads(i), "strict").score
+                for c, i in zip(completions, instructions)]
+
+    args = GRPOConfig(output_dir=spec["out"], per_device_train_batch_size=P * G, gradient_accumulation_steps=1,
+                      num_generations=G, max_completion_length=spec["max_new_tokens"], beta=0.0, loss_type="grpo",
+                      max_steps=spec["iterations"], learning_rate=1e-6, lr_scheduler_type="constant", bf16=False,
+                      use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, temperature=1.0,
+                      seed=0, dataloader_num_workers=0)
+    trainer = GRPOTrainer(model=load_causal_lm(spec["model"], dtype="float32"), reward_funcs=verifier, args=args,
+                          train_dataset=data, processing_class=load_tokenizer(spec["model"]))
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    lengths = [h.get("completions/mean_length", 0) for h in logs]
+    return {"wall_s": wall, "s_per_iteration": wall / spec["iterations"],
+            "rollout_tokens": sum(n * P * G for n in lengths), "reward_mean": [h["reward"] for h in logs]}
+
+
+SIDES = {"alignline": alignline_side, "trl": trl_side}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for key in FULL:
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, dest=key)
+    p.add_argument("--prompts", type=Path, help="prompts JSONL with meta.instructions (default: generated)")
+    common.add_common_args(p, configs=CONFIGS, default_configs=CONFIGS, default_out=DEFAULT_OUT)
+    return common.finish_args(p.parse_args(argv), full=FULL, quick=QUICK, smoke=SMOKE, default_out=DEFAULT_OUT,
+                              smoke_configs=CONFIGS)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return common.child_main(args, SIDES)
+    work = common.new_work_dir(args, "rl-bench-")
+    prompts = args.prompts or make_prompts(work / "prompts.jsonl", args.prompts_per_iteration * args.iterations)
+    base = {"model": common.model_path(args, work), "prompts": str(prompts),
+            **{k: getattr(args, k) for k in FULL}}
+    env = common.child_env(args.threads)
+
+    def run_config(name):
+        child, res, quiet = common.run_in_child(__file__, name, {**base, "out": str(work / name)}, args, work, env)
+        if child is None:
+            return None, common.failure_of(res)
+        return {"config": name, **child, "peak_rss_gb": res.peak_rss_bytes / common.GB,
+                "contention": getattr(res, "contention", None)}, None
+
+    rows, failures = common.measure_rows(common.config_names(args, CONFIGS, CONFIGS), run_config, args)
+    result = {"settings": base, "machine": common.machine_info(), "rows": rows, "failures": failures}
+    by = {r["config"]: r for r in rows}
+    if "alignline" in by and "trl" in by:
+        result["speedup_iterations_per_s"] = by["trl"]["s_per_iteration"] / by["alignline"]["s_per_iteration"]
+        result["rss_ratio"] = by["alignline"]["peak_rss_gb"] / by["trl"]["peak_rss_gb"]
+    common.write_json(args.out, result)
+    print(common.markdown_table(rows, [("config", "config", ""), ("s_per_iteration", "s / iteration", ".2f"),
+                                       ("peak_rss_gb", "peak RSS GB", ".2f")]))
+    print(f"results: {args.out}")
+    common.drop_work_dir(args, work)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

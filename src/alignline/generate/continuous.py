@@ -1,0 +1,144 @@
+"""Continuous batching over :class:`~alignline.generate.decoder.KVDecoder`: the batch stays full until the
+queue of samples is empty.
+
+The queue holds every (prompt, seed) of a call, prompts ordered by length. ``slots`` samples decode at once;
+when one ends (end token, stop string or token limit) its slot takes the next queued sample at once: the next
+seed of the same prompt (its keys are already in the prompt's row), or the first seed of the next prompt
+(prefilled once into a free row when its first sample is admitted; a row is freed when its prompt's last
+sample ends). Only when the queue is empty and a quarter of the slots sit idle are the idle slots dropped.
+
+Which random number a token uses depends only on the sample's seed and the step (the sample's uniforms are
+drawn when it starts), and a slot's attention sees only its prompt and its own tokens, so a sample's text
+does not depend on the slot, the batch size or which samples run beside it (up to floating-point rounding of
+the batched matmuls).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+
+from alignline.generate.base import SamplingParams
+from alignline.generate.decoder import KVDecoder
+from alignline.generate.sampling import pick, uniforms_for
+
+
+class ContinuousBatch:
+    """One call's samples decoded with continuous batching; :meth:`run` returns their token ids and endings."""
+
+    def __init__(self, engine, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]],
+                 sampling: SamplingParams):
+        self.engine, self.prompts, self.seeds, self.sampling = engine, prompts, seeds, sampling
+        order = sorted((i for i in range(len(prompts)) if seeds[i]), key=lambda i: len(prompts[i]))
+        self.queue = deque((p, j) for p in order for j in range(len(seeds[p])))
+        self.remaining = {p: len(seeds[p]) for p in order}
+        self.limit = {p: min(sampling.max_new_tokens, engine.max_context - len(prompts[p])) for p in order}
+        slots = min(engine.max_batch, len(self.queue))
+        self.decoder = KVDecoder(engine.model, slots=slots, rows=min(len(order), slots),
+                                 prompt_capacity=max(len(prompts[p]) for p in order),
+                                 new_capacity=max(self.limit.values()))
+        self.free_rows = list(range(self.decoder.prefix_k.shape[1]))
+        self.row_of: dict[int, int] = {}
+        self.row_logits: dict[int, torch.Tensor] = {}
+        self.job: list[tuple[int, int] | None] = [None] * slots
+        self.tokens: list[list[int]] = [[] for _ in range(slots)]
+        self.uniforms = torch.zeros(slots, self.decoder.new_capacity, dtype=torch.float64)
+        self.logits: torch.Tensor | None = None
+        self.results: list[list] = [[None] * len(s) for s in seeds]
+        stops = [s for s in sampling.stop if s]
+        self.stops = stops
+        self.window = 4 * max(len(s) for s in stops) + 8 if stops else 0  # covers a stop at one byte per token
+        self.stop_flags = None
+
+    # ---------------------------------------------------------------------------------------- queue
+
+    def _admit(self, slot: int) -> None:
+        prompt, j = self.queue.popleft()
+        if prompt not in self.row_of:
+            row = heapq.heappop(self.free_rows)
+            t0 = time.perf_counter()
+            self.row_logits[row] = self.decoder.prefill(row, list(self.prompts[prompt]))
+            self.engine.stats.add(prefill_s=time.perf_counter() - t0, prefill_tokens=len(self.prompts[prompt]))
+            self.row_of[prompt] = row
+        row = self.row_of[prompt]
+        self.decoder.assign(slot, row)
+        if self.logits is None:
+            self.logits = self.row_logits[row].new_zeros(len(self.job), self.row_logits[row].shape[-1])
+        self.logits[slot] = self.row_logits[row]
+        if self.sampling.temperature > 0:
+            self.uniforms[slot] = uniforms_for(self.seeds[prompt][j], self.decoder.new_capacity)
+        self.job[slot], self.tokens[slot] = (prompt, j), []
+
+    def _finish(self, slot: int, reason: str) -> None:
+        prompt, j = self.job[slot]
+        self.results[prompt][j] = (self.tokens[slot], reason)
+        self.job[slot] = None
+        self.remaining[prompt] -= 1
+        if not self.remaining[prompt]:
+            heapq.heappush(self.free_rows, self.row_of.pop(prompt))
+
+    def _stopped(self, slot: int) -> bool:
+        tail = self.engine.tokenizer.decode(self.tokens[slot][-self.window:], skip_special_tokens=True)
+        return any(s in tail for s in self.stops)
+
+    def _drop_idle(self) -> None:
+        keep = [s for s, job in enumerate(self.job) if job is not None]
+        self.decoder.keep_slots(keep)
+        index = torch.tensor(keep, dtype=torch.long)
+        self.job = [self.job[s] for s in keep]
+        self.tokens = [self.tokens[s] for s in keep]
+        self.uniforms = self.uniforms[index]
+        self.logits = self.logits[index.to(self.logits.device)]
+
+    # ----------------------------------------------------------------------------------------- loop
+
+    def _advance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw each live slot's next token and end the samples that are done: (tokens to feed, feed mask)."""
+        slots = len(self.job)
+        steps = torch.tensor([len(t) for t in self.tokens])
+        uniforms = self.uniforms[torch.arange(slots), steps.clamp(max=self.uniforms.shape[1] - 1)]
+        drawn = pick(self.logits, self.sampling, uniforms).cpu()
+        candidates = self.stop_flags[drawn].tolist() if self.stops else [False] * slots
+        feed = [False] * slots
+        for slot, token in enumerate(drawn.tolist()):
+            if self.job[slot] is None:
+                continue
+            if token in self.engine.end_ids:
+                self._finish(slot, "stop")
+                continue
+            self.tokens[slot].append(token)
+            if candidates[slot] and self._stopped(slot):
+                self._finish(slot, "stop")
+            elif len(self.tokens[slot]) >= self.limit[self.job[slot][0]]:
+                self._finish(slot, "length")
+            else:
+                feed[slot] = True
+        return drawn, torch.tensor(feed)
+
+    def run(self) -> list[list[tuple[list[int], str]]]:
+        """Decode every queued sample; per prompt, per seed: (new token ids, "stop" | "length")."""
+        if self.stops:
+            self.stop_flags = self.engine.stop_flags(tuple(self.stops), self.decoder.head.out_features)
+        for slot in range(len(self.job)):
+            self._admit(slot)
+        while any(job is not None for job in self.job):
+            drawn, feed = self._advance()
+            for slot, job in enumerate(self.job):
+                if job is None and self.queue:
+                    self._admit(slot)
+            idle = sum(job is None for job in self.job)
+            if not self.queue and idle and idle * 4 >= len(self.job):
+                live = torch.tensor([job is not None for job in self.job])
+                drawn, feed = drawn[live], feed[live]
+                self._drop_idle()
+            if bool(feed.any()):
+                t0 = time.perf_counter()
+                fresh = self.decoder.step(drawn, feed)
+                self.logits[feed.to(self.logits.device)] = fresh[feed.to(fresh.device)]
+                self.engine.stats.add(decode_s=time.perf_counter() - t0, decode_steps=1,
+                                      decode_rows=int(feed.sum()), decode_slots=len(self.job))
+        return self.results

@@ -1,0 +1,231 @@
+"""The engine's decode path: preallocated key/value caches, the prompt's keys stored once for all its samples.
+
+:class:`KVDecoder` runs a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3 and their LoRA-wrapped forms) on
+its own caches, calling the model's own modules for everything but attention (embedding, norms, projections,
+rotary tables, MLP, head), so the weights are always the live ones (a policy trained between calls samples
+from its new weights).
+
+Two caches, both allocated once and written in place:
+
+* the **prefix store** ``[rows, kv_heads, prompt capacity, head_dim]`` per layer: one row per prompt being
+  sampled, filled by :meth:`KVDecoder.prefill` (one pass over the prompt, causal SDPA);
+* the **slot store** ``[slots, kv_heads, new-token capacity, head_dim]`` per layer: one slot per sample being
+  decoded, holding only that sample's own new tokens. A slot that takes a new sample just resets its length;
+  nothing is copied.
+
+A decode step (:meth:`KVDecoder.step`) attends each slot's query to its prompt's row and to its own tokens.
+The prompt part runs per prompt row: the queries of all the row's slots (and all query heads of a key/value
+head, so grouped-query attention never repeats key/value heads) form one matrix against the row's keys, so
+the prompt's keys are read once per step for all of its samples. The two parts are merged exactly with their
+log-sum-exp (the split softmax of flash attention). Its cost is the model's matmuls plus one read of each
+live prompt and each slot's own tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Llama-family decoders whose layers are norm -> attention -> residual -> norm -> MLP -> residual.
+SUPPORTED = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def causal_lm_parts(model):
+    """The transformers causal LM inside ``model`` (a PEFT wrapper is looked through; its layers stay)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def unsupported_reason(model) -> str | None:
+    """Why :class:`KVDecoder` cannot run ``model`` (None when it can)."""
+    lm = causal_lm_parts(model)
+    config = getattr(lm, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED:
+        return f"model type {kind!r} (supported: {', '.join(sorted(SUPPORTED))})"
+    body = getattr(lm, "model", None)
+    if not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(lm, "lm_head"):
+        return "not a decoder of the usual layout"
+    if getattr(config, "use_sliding_window", False) or (kind == "mistral" and getattr(config, "sliding_window", None)):
+        return "sliding-window attention"
+    return None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class KVDecoder:
+    """Prefill into prompt rows and decode slots of a Llama-family model (see the module docstring)."""
+
+    def __init__(self, model, *, slots: int, rows: int, prompt_capacity: int, new_capacity: int):
+        lm = causal_lm_parts(model)
+        self.body, self.head = lm.model, lm.lm_head
+        self.layers = list(self.body.layers)
+        attn = self.layers[0].self_attn
+        config = lm.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // self.heads
+        self.groups = self.heads // self.kv_heads
+        weight = self.body.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        kv = dict(device=self.device, dtype=self.dtype)
+        self.prefix_k = torch.zeros(len(self.layers), rows, self.kv_heads, prompt_capacity, self.head_dim, **kv)
+        self.prefix_v = torch.zeros_like(self.prefix_k)
+        self.own_k = torch.zeros(len(self.layers), slots, self.kv_heads, new_capacity, self.head_dim, **kv)
+        self.own_v = torch.zeros_like(self.own_k)
+        self.row_len = torch.ones(rows, dtype=torch.long)  # 1, not 0: an unused row is junk, never all-masked
+        self.slot_row = torch.zeros(slots, dtype=torch.long)
+        self.slot_len = torch.zeros(slots, dtype=torch.long)
+
+    @property
+    def prompt_capacity(self) -> int:
+        return self.prefix_k.shape[3]
+
+    @property
+    def new_capacity(self) -> int:
+        return self.own_k.shape[3]
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    def _qkv(self, layer, x: torch.Tensor, positions: torch.Tensor):
+        """Queries [B, H, T, d] and keys/values [B, kvH, T, d] of ``x`` [B, T, hidden], rotary applied."""
+        attn = layer.self_attn
+        batch, length = x.shape[:2]
+        q = attn.q_proj(x).view(batch, length, self.heads, self.head_dim)
+        k = attn.k_proj(x).view(batch, length, self.kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(batch, length, self.kv_heads, self.head_dim)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = self.body.rotary_emb(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def _finish_layer(self, layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + layer.self_attn.o_proj(attended)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body.norm(x)).float()
+
+    # ------------------------------------------------------------------------------------------ prefill
+
+    @torch.inference_mode()
+    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
+        """Run prompt ``ids`` into prompt row ``row``; the logits [V] (float32) of its next token."""
+        length = len(ids)
+        assert 0 < length <= self.prompt_capacity
+        x = self.body.embed_tokens(torch.tensor([ids], dtype=torch.long, device=self.device))
+        positions = torch.arange(length, device=self.device).unsqueeze(0)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), positions)
+            self.prefix_k[i, row, :, :length] = k[0]
+            self.prefix_v[i, row, :, :length] = v[0]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
+                                                 enable_gqa=self.groups > 1)
+            x = self._finish_layer(layer, x, out.transpose(1, 2).reshape(1, length, -1))
+        self.row_len[row] = length
+        return self._logits(x[:, -1])[0]
+
+    # ------------------------------------------------------------------------------------------- decode
+
+    def assign(self, slot: int, row: int) -> None:
+        """Slot ``slot`` starts a new sample of the prompt in row ``row`` (no copy: its length resets)."""
+        self.slot_row[slot] = row
+        self.slot_len[slot] = 0
+
+    def keep_slots(self, slots: list[int]) -> None:
+        """Keep only ``slots`` (in that order), e.g. when the queue is empty and finished slots stay idle."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.own_k = self.own_k.index_select(1, index)
+        self.own_v = self.own_v.index_select(1, index)
+        self.slot_row, self.slot_len = self.slot_row[index.cpu()], self.slot_len[index.cpu()]
+
+    def _prefix_layout(self):
+        """Where each slot's queries sit in the per-row query matrices: (rows used, slots per row, flat index)."""
+        rows_used = int(self.slot_row.max()) + 1
+        order = torch.argsort(self.slot_row, stable=True)
+        sorted_rows = self.slot_row[order]
+        first = torch.searchsorted(sorted_rows, sorted_rows, right=False)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order)) - first
+        per_row = int(rank.max()) + 1
+        return rows_used, per_row, (self.slot_row * per_row + rank).to(self.device)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, feed: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` [S] into the slots where ``feed`` [S] (bool) is set; the next logits [S, V] (float32).
+
+        Slots not fed (just assigned, or idle) compute junk that is never stored: their length does not move,
+        so their next real token overwrites what they wrote.
+        """
+        slots = tokens.shape[0]
+        own_len = self.slot_len.clone()
+        positions = (self.row_len[self.slot_row] + own_len).to(self.device).view(slots, 1)
+        rows_used, per_row, flat = self._prefix_layout()
+        live_new = int(own_len.max()) + 1
+        live_prompt = int(self.row_len[:rows_used].max())
+        masked = -1e30  # float32 scores; finite: a fully masked junk row gives junk, never NaN
+        own_bias = torch.where(torch.arange(live_new) <= own_len.view(-1, 1), 0.0, masked)
+        prefix_bias = torch.where(torch.arange(live_prompt) < self.row_len[:rows_used].view(-1, 1), 0.0, masked)
+        own_bias = own_bias.to(self.device).view(slots, 1, 1, live_new)
+        prefix_bias = prefix_bias.to(self.device).view(rows_used, 1, 1, live_prompt)
+        write_at = own_len.to(self.device)
+        slot_index = torch.arange(slots, device=self.device)
+
+        x = self.body.embed_tokens(tokens.to(self.device).view(slots, 1))
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), positions)
+            self.own_k[i, slot_index, :, write_at] = k[:, :, 0]
+            self.own_v[i, slot_index, :, write_at] = v[:, :, 0]
+            q = q.view(slots, self.kv_heads, self.groups, self.head_dim)
+            prefix = self._attend_prefix(i, q, layer.self_attn.scaling, rows_used, per_row, flat, live_prompt,
+                                         prefix_bias)
+            own = _partial_attention(q, self.own_k[i, :, :, :live_new], self.own_v[i, :, :, :live_new],
+                                     layer.self_attn.scaling, own_bias)
+            x = self._finish_layer(layer, x, _merge(prefix, own).to(x.dtype).reshape(slots, 1, -1))
+        self.slot_len += feed.to(self.slot_len.device).long()
+        return self._logits(x[:, -1])
+
+    def _attend_prefix(self, layer: int, q: torch.Tensor, scale: float, rows_used: int, per_row: int,
+                       flat: torch.Tensor, live_prompt: int, bias: torch.Tensor):
+        """Partial attention of every slot's queries [S, kvH, g, d] to its prompt row: (out, max, sum) per slot."""
+        slots = q.shape[0]
+        packed = q.new_zeros(rows_used * per_row, self.kv_heads, self.groups, self.head_dim)
+        packed[flat] = q
+        packed = packed.view(rows_used, per_row, self.kv_heads, self.groups, self.head_dim).transpose(1, 2)
+        packed = packed.reshape(rows_used, self.kv_heads, per_row * self.groups, self.head_dim)
+        out, top, total = _partial_attention(packed, self.prefix_k[layer, :rows_used, :, :live_prompt],
+                                             self.prefix_v[layer, :rows_used, :, :live_prompt], scale, bias)
+
+        def unpack(t: torch.Tensor) -> torch.Tensor:
+            t = t.view(rows_used, self.kv_heads, per_row, self.groups, t.shape[-1]).transpose(1, 2)
+            return t.reshape(rows_used * per_row, self.kv_heads, self.groups, t.shape[-1])[flat].view(
+                slots, self.kv_heads, self.groups, -1)
+
+        return unpack(out), unpack(top), unpack(total)
+
+
+def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor):
+    """Softmax attention of ``q`` [N, kvH, M, d] to ``k``/``v`` [N, kvH, L, d] split for merging.
+
+    Returns (unnormalised output [N, kvH, M, d], row max [N, kvH, M, 1], sum of exp [N, kvH, M, 1]), all
+    float32 (half-precision weights keep their matmuls, not their softmax, in half precision).
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).add_(bias)
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = scores.sub_(top).exp_()
+    return torch.matmul(weights.to(v.dtype), v).float(), top, weights.sum(dim=-1, keepdim=True)
+
+
+def _merge(a, b) -> torch.Tensor:
+    """One softmax over the keys of two partial attentions (out, max, sum): the exact combined output."""
+    (out_a, top_a, sum_a), (out_b, top_b, sum_b) = a, b
+    top = torch.maximum(top_a, top_b)
+    scale_a, scale_b = torch.exp(top_a - top), torch.exp(top_b - top)
+    return (out_a * scale_a + out_b * scale_b) / (sum_a * scale_a + sum_b * scale_b)

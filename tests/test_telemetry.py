@@ -1,0 +1,141 @@
+"""Telemetry: the useful-FLOP formula, token and logit-position counts, phases and per-step figures that the
+stages write into metrics.jsonl and the manifest (the benchmarks read these instead of patching the stages)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+from alignline.models import tiny_causal_lm_config
+from alignline.train.batching import collate_packed, collate_padded
+from alignline.train.pairs import collate_pairs
+from alignline.train.telemetry import (
+    GB,
+    Telemetry,
+    logit_positions,
+    param_counts,
+    real_tokens,
+    useful_flops,
+)
+
+# the tiny model of the useful_flops docstring: hidden 64, 2 layers, MLP 128, vocabulary 300
+BODY = 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64
+HEAD = 300 * 64
+
+
+def test_useful_flops_matches_the_docstring_example():
+    assert BODY == 82_240 and HEAD == 19_200
+    assert useful_flops(BODY, HEAD, 100, 40, grad=True) == 53_952_000
+    assert useful_flops(BODY, HEAD, 100, 40, grad=False) == 17_984_000
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_param_counts_split_body_and_head(tied):
+    model = LlamaForCausalLM(tiny_causal_lm_config(vocab_size=300, tie_word_embeddings=tied))
+    assert param_counts(model) == (BODY, HEAD)
+    rm = LlamaForSequenceClassification(tiny_causal_lm_config(vocab_size=300, num_labels=1))
+    assert param_counts(rm) == (BODY, 64)  # the scalar head: 64 x 1, no bias
+
+
+def test_real_tokens_and_logit_positions_by_hand():
+    a = {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}
+    b = {"input_ids": [5, 6, 9], "labels": [-100, 6, 9]}
+    padded = collate_padded([a, b], pad_id=0)
+    assert real_tokens(padded) == 7 and logit_positions(padded) == 4  # targets 7, 8 | 6, 9
+    packed = collate_packed([[a], [b]], pad_id=0)  # two rows, the second padded by one token
+    assert packed["input_ids"].numel() == 8 and real_tokens(packed) == 7
+    assert logit_positions(packed) == 4
+    pair = {"id": "x", "prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6, 7, 8, 9]}
+    short = {"id": "y", "prompt": [1], "chosen": [4], "rejected": [6]}
+    shared = collate_pairs([pair, short], pad_id=0, layout="shared")
+    assert real_tokens(shared) == (3 + 2 + 4) + (1 + 1 + 1)  # prompt once per pair, padding not counted
+    # response tokens only; the first chosen and first rejected token share the prompt's last position
+    assert logit_positions(shared) == (2 + 4 - 1) + (1 + 1 - 1)
+    separate = collate_pairs([pair, short], pad_id=0, layout="separate")
+    assert real_tokens(separate) == (3 + 2) + (3 + 4) + (1 + 1) + (1 + 1)
+    assert logit_positions(separate) == 8
+
+
+def test_phases_nest_and_keep_their_peaks():
+    tel = Telemetry("cpu")
+    with tel.phase("outer"):
+        with tel.phase("inner") as inner:
+            block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+            base = tel.lifetime.get("peak_rss_gb", 0.0)
+        del block
+        tel.add(tokens=5)
+    tel.add(tokens=99)  # no phase open: counted nowhere
+    s = tel.summary()
+    assert s["inner"]["calls"] == 1 and s["inner"]["seconds"] > 0
+    assert inner["peak_rss_gb"] >= 60 / 1024  # at least the 64 MiB held when the phase closed
+    assert s["outer"]["peak_rss_gb"] >= s["inner"]["peak_rss_gb"]  # the outer phase includes the inner one
+    assert s["outer"]["tokens"] == 5 and "tokens" not in s["inner"]
+    assert s["process"]["peak_rss_gb"] >= s["outer"]["peak_rss_gb"] >= base
+    assert s["process"]["process_peak_rss_gb"] * GB > 0
+
+
+def _steps_and_phases(out):
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "tokens_per_s" in r]
+    return steps, json.loads((out / "manifest.json").read_text())["phases"]
+
+
+def test_sft_records_phases_steps_tokens_and_flops(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from alignline.data.chat import tokenise_conversation
+    from alignline.data.records import Conversation
+    from alignline.models import load_causal_lm
+    from alignline.stages.sft import SFTConfig, run
+
+    convs = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"q {i}"},
+                                          {"role": "assistant", "content": "a" * (3 + i)}]} for i in range(4)]
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    out = run(SFTConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "sft"),
+                        data={"train": str(data), "max_length": 128, "packing": False},
+                        train={"epochs": 1, "batch_size": 4, "lr": 1e-3, "mixed_precision": "no"}))
+    steps, phases = _steps_and_phases(out)
+    ex = [tokenise_conversation(tiny_tokenizer, Conversation.model_validate(c).messages) for c in convs]
+    tokens, trained = sum(len(e.input_ids) for e in ex), sum(e.n_trained for e in ex)
+    body, head = param_counts(load_causal_lm(tiny_model_dir, dtype="float32"))
+    (step,) = steps  # one step of all 4 conversations
+    assert step["tokens"] == tokens and step["logit_positions"] == step["units"] == trained
+    assert step["flops"] == 6 * (body * tokens + head * trained)
+    for key in ("time/forward_s", "time/backward_s", "time/optimizer_s", "mem/peak_rss_gb"):
+        assert step[key] > 0, key
+    assert step["time/step_s"] >= step["time/forward_s"] + step["time/backward_s"] + step["time/optimizer_s"]
+    for name in ("train", "checkpoint", "save_model"):
+        assert phases[name]["seconds"] > 0 and phases[name]["calls"] == 1 and phases[name]["peak_rss_gb"] > 0
+    assert phases["train"]["tokens"] == tokens and phases["train"]["flops"] == step["flops"]
+    assert phases["train"]["steps"] == 1 and phases["params"] == {"body": body, "head": head}
+    assert "tokens" not in phases["checkpoint"]
+
+
+def test_dpo_reference_pass_counts_no_grad_flops(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from alignline.data.io import read_pairs
+    from alignline.stages import dpo
+    from alignline.train.pairs import tokenise_pairs
+
+    pairs = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"Number {i}?"}],
+              "chosen": f"It is {i}." + " Yes." * i, "rejected": "No idea." * (1 + i % 2)} for i in range(6)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    out = dpo.run(dpo.DPOConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "dpo"),
+                                data={"train": str(path), "max_length": 128},
+                                train={"epochs": 1, "batch_size": 3, "grad_accum": 1, "warmup_steps": 0,
+                                       "mixed_precision": "no"}))
+    steps, phases = _steps_and_phases(out)
+    ex = tokenise_pairs(read_pairs(path), tiny_tokenizer, max_length=128, counts=Counter())
+    tokens = sum(len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in ex)
+    responses = sum(len(e["chosen"]) + len(e["rejected"]) - 1 for e in ex)  # shared layout: see above
+    ref = phases["reference"]
+    assert ref["seconds"] > 0 and ref["tokens"] == tokens and ref["logit_positions"] == responses
+    body, head = phases["params"]["body"], phases["params"]["head"]
+    assert ref["flops"] == 2 * (body * tokens + head * responses)
+    assert sum(s["tokens"] for s in steps) == tokens and sum(s["logit_positions"] for s in steps) == responses
+    assert phases["train"]["flops"] == 3 * ref["flops"]  # the same passes with gradients: 6 / 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["reference_seconds"] == pytest.approx(ref["seconds"], abs=1e-4)
