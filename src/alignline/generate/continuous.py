@@ -26,6 +26,9 @@ from alignline.generate.base import SamplingParams
 from alignline.generate.decoder import KVDecoder
 from alignline.generate.sampling import pick, uniforms_for
 
+PREFILL_TOKENS = 8192
+"""At most this many prompt tokens in one packed prefill pass (bounds its activations)."""
+
 
 class ContinuousBatch:
     """One call's samples decoded with continuous batching; :meth:`run` returns their token ids and endings."""
@@ -56,22 +59,32 @@ class ContinuousBatch:
 
     # ---------------------------------------------------------------------------------------- queue
 
-    def _admit(self, slot: int) -> None:
-        prompt, j = self.queue.popleft()
-        if prompt not in self.row_of:
-            row = heapq.heappop(self.free_rows)
+    def _fill(self, free: list[int]) -> None:
+        """Give each slot of ``free`` the next queued sample; the new prompts among them are prefilled together
+        (packed passes of at most ``PREFILL_TOKENS`` tokens, so weights are read once per pass, not per prompt)."""
+        jobs = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
+        new = list(dict.fromkeys(p for p, _ in jobs if p not in self.row_of))
+        while new:
+            take, tokens = 0, 0
+            while take < len(new) and (take == 0 or tokens + len(self.prompts[new[take]]) <= PREFILL_TOKENS):
+                tokens += len(self.prompts[new[take]])
+                take += 1
+            chunk, new = new[:take], new[take:]
+            rows = [heapq.heappop(self.free_rows) for _ in chunk]
             t0 = time.perf_counter()
-            self.row_logits[row] = self.decoder.prefill(row, list(self.prompts[prompt]))
-            self.engine.stats.add(prefill_s=time.perf_counter() - t0, prefill_tokens=len(self.prompts[prompt]))
-            self.row_of[prompt] = row
-        row = self.row_of[prompt]
-        self.decoder.assign(slot, row)
-        if self.logits is None:
-            self.logits = self.row_logits[row].new_zeros(len(self.job), self.row_logits[row].shape[-1])
-        self.logits[slot] = self.row_logits[row]
-        if self.sampling.temperature > 0:
-            self.uniforms[slot] = uniforms_for(self.seeds[prompt][j], self.decoder.new_capacity)
-        self.job[slot], self.tokens[slot] = (prompt, j), []
+            logits = self.decoder.prefill(rows, [list(self.prompts[p]) for p in chunk])
+            self.engine.stats.add(prefill_s=time.perf_counter() - t0, prefill_tokens=tokens)
+            for prompt, row, row_logits in zip(chunk, rows, logits, strict=True):
+                self.row_of[prompt], self.row_logits[row] = row, row_logits
+        for slot, (prompt, j) in zip(free, jobs):
+            row = self.row_of[prompt]
+            self.decoder.assign(slot, row)
+            if self.logits is None:
+                self.logits = self.row_logits[row].new_zeros(len(self.job), self.row_logits[row].shape[-1])
+            self.logits[slot] = self.row_logits[row]
+            if self.sampling.temperature > 0:
+                self.uniforms[slot] = uniforms_for(self.seeds[prompt][j], self.decoder.new_capacity)
+            self.job[slot], self.tokens[slot] = (prompt, j), []
 
     def _finish(self, slot: int, reason: str) -> None:
         prompt, j = self.job[slot]
@@ -123,13 +136,11 @@ class ContinuousBatch:
         """Decode every queued sample; per prompt, per seed: (new token ids, "stop" | "length")."""
         if self.stops:
             self.stop_flags = self.engine.stop_flags(tuple(self.stops), self.decoder.head.out_features)
-        for slot in range(len(self.job)):
-            self._admit(slot)
+        self._fill(list(range(len(self.job))))
         while any(job is not None for job in self.job):
             drawn, feed = self._advance()
-            for slot, job in enumerate(self.job):
-                if job is None and self.queue:
-                    self._admit(slot)
+            if self.queue:
+                self._fill([slot for slot, job in enumerate(self.job) if job is None])
             idle = sum(job is None for job in self.job)
             if not self.queue and idle and idle * 4 >= len(self.job):
                 live = torch.tensor([job is not None for job in self.job])
@@ -138,7 +149,11 @@ class ContinuousBatch:
             if bool(feed.any()):
                 t0 = time.perf_counter()
                 fresh = self.decoder.step(drawn, feed)
-                self.logits[feed.to(self.logits.device)] = fresh[feed.to(fresh.device)]
+                if bool(feed.all()):
+                    self.logits = fresh
+                else:
+                    fed = feed.nonzero().view(-1).to(fresh.device)
+                    self.logits.index_copy_(0, fed, fresh.index_select(0, fed))
                 self.engine.stats.add(decode_s=time.perf_counter() - t0, decode_steps=1,
                                       decode_rows=int(feed.sum()), decode_slots=len(self.job))
         return self.results

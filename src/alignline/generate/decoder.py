@@ -91,7 +91,12 @@ class KVDecoder:
 
     # ------------------------------------------------------------------------------------------ pieces
 
-    def _qkv(self, layer, x: torch.Tensor, positions: torch.Tensor):
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor):
+        """The rotary tables (cos, sin) [B, 1, T, d] for ``positions`` [B, T], computed once per pass."""
+        cos, sin = self.body.rotary_emb(x, positions)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def _qkv(self, layer, x: torch.Tensor, rotary):
         """Queries [B, H, T, d] and keys/values [B, kvH, T, d] of ``x`` [B, T, hidden], rotary applied."""
         attn = layer.self_attn
         batch, length = x.shape[:2]
@@ -101,8 +106,7 @@ class KVDecoder:
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = self.body.rotary_emb(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = rotary
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
     def _finish_layer(self, layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -115,22 +119,34 @@ class KVDecoder:
     # ------------------------------------------------------------------------------------------ prefill
 
     @torch.inference_mode()
-    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
-        """Run prompt ``ids`` into prompt row ``row``; the logits [V] (float32) of its next token."""
-        length = len(ids)
-        assert 0 < length <= self.prompt_capacity
-        x = self.body.embed_tokens(torch.tensor([ids], dtype=torch.long, device=self.device))
-        positions = torch.arange(length, device=self.device).unsqueeze(0)
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run ``prompts`` into prompt rows ``rows`` in one packed pass; their next-token logits [P, V] (float32).
+
+        The prompts are concatenated, so every weight is read once for all of them; attention runs per prompt
+        (causal SDPA over its own span), the linear layers over the whole pack.
+        """
+        lengths = [len(ids) for ids in prompts]
+        assert min(lengths) > 0 and max(lengths) <= self.prompt_capacity
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device).view(1, -1)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device).view(1, -1)
+        x = self.body.embed_tokens(ids)
+        rotary = self._rotary(x, positions)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), positions)
-            self.prefix_k[i, row, :, :length] = k[0]
-            self.prefix_v[i, row, :, :length] = v[0]
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
-                                                 enable_gqa=self.groups > 1)
-            x = self._finish_layer(layer, x, out.transpose(1, 2).reshape(1, length, -1))
-        self.row_len[row] = length
-        return self._logits(x[:, -1])[0]
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
+            out = []
+            for row, start, n in zip(rows, starts, lengths, strict=True):
+                span = slice(start, start + n)
+                self.prefix_k[i, row, :, :n] = k[0, :, span]
+                self.prefix_v[i, row, :, :n] = v[0, :, span]
+                out.append(F.scaled_dot_product_attention(q[:, :, span], k[:, :, span], v[:, :, span],
+                                                          is_causal=True, scale=attn.scaling,
+                                                          enable_gqa=self.groups > 1))
+            x = self._finish_layer(layer, x, torch.cat(out, dim=2).transpose(1, 2).reshape(1, ids.shape[1], -1))
+        self.row_len[rows] = torch.tensor(lengths)
+        last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=self.device)
+        return self._logits(x[0, last])
 
     # ------------------------------------------------------------------------------------------- decode
 
@@ -147,7 +163,8 @@ class KVDecoder:
         self.slot_row, self.slot_len = self.slot_row[index.cpu()], self.slot_len[index.cpu()]
 
     def _prefix_layout(self):
-        """Where each slot's queries sit in the per-row query matrices: (rows used, slots per row, flat index)."""
+        """Where each slot's queries sit in the per-row query matrices: (rows used, slots per row, flat index or
+        None when slot s already sits at position s)."""
         rows_used = int(self.slot_row.max()) + 1
         order = torch.argsort(self.slot_row, stable=True)
         sorted_rows = self.slot_row[order]
@@ -155,7 +172,10 @@ class KVDecoder:
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order)) - first
         per_row = int(rank.max()) + 1
-        return rows_used, per_row, (self.slot_row * per_row + rank).to(self.device)
+        flat = self.slot_row * per_row + rank
+        if len(flat) == rows_used * per_row and bool((flat == torch.arange(len(flat))).all()):
+            return rows_used, per_row, None  # slots already in row-major order (e.g. every prompt's n samples)
+        return rows_used, per_row, flat.to(self.device)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, feed: torch.Tensor) -> torch.Tensor:
@@ -179,8 +199,9 @@ class KVDecoder:
         slot_index = torch.arange(slots, device=self.device)
 
         x = self.body.embed_tokens(tokens.to(self.device).view(slots, 1))
+        rotary = self._rotary(x, positions)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), positions)
+            q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
             self.own_k[i, slot_index, :, write_at] = k[:, :, 0]
             self.own_v[i, slot_index, :, write_at] = v[:, :, 0]
             q = q.view(slots, self.kv_heads, self.groups, self.head_dim)
@@ -193,22 +214,21 @@ class KVDecoder:
         return self._logits(x[:, -1])
 
     def _attend_prefix(self, layer: int, q: torch.Tensor, scale: float, rows_used: int, per_row: int,
-                       flat: torch.Tensor, live_prompt: int, bias: torch.Tensor):
+                       flat: torch.Tensor | None, live_prompt: int, bias: torch.Tensor):
         """Partial attention of every slot's queries [S, kvH, g, d] to its prompt row: (out, max, sum) per slot."""
-        slots = q.shape[0]
-        packed = q.new_zeros(rows_used * per_row, self.kv_heads, self.groups, self.head_dim)
-        packed[flat] = q
-        packed = packed.view(rows_used, per_row, self.kv_heads, self.groups, self.head_dim).transpose(1, 2)
-        packed = packed.reshape(rows_used, self.kv_heads, per_row * self.groups, self.head_dim)
-        out, top, total = _partial_attention(packed, self.prefix_k[layer, :rows_used, :, :live_prompt],
+        slots, kv, g, d = q.shape
+        if flat is not None:
+            packed = q.new_zeros(rows_used * per_row, kv, g, d)
+            packed[flat] = q
+            q = packed
+        q = q.view(rows_used, per_row, kv, g, d).transpose(1, 2).reshape(rows_used, kv, per_row * g, d)
+        out, top, total = _partial_attention(q, self.prefix_k[layer, :rows_used, :, :live_prompt],
                                              self.prefix_v[layer, :rows_used, :, :live_prompt], scale, bias)
-
-        def unpack(t: torch.Tensor) -> torch.Tensor:
-            t = t.view(rows_used, self.kv_heads, per_row, self.groups, t.shape[-1]).transpose(1, 2)
-            return t.reshape(rows_used * per_row, self.kv_heads, self.groups, t.shape[-1])[flat].view(
-                slots, self.kv_heads, self.groups, -1)
-
-        return unpack(out), unpack(top), unpack(total)
+        merged = torch.cat([out, top, total], dim=-1).view(rows_used, kv, per_row, g, d + 2).transpose(1, 2)
+        merged = merged.reshape(rows_used * per_row, kv, g, d + 2)
+        if flat is not None:
+            merged = merged[flat]
+        return merged[..., :d], merged[..., d: d + 1], merged[..., d + 1:]
 
 
 def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor):

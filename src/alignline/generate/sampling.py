@@ -54,12 +54,31 @@ _SORT_FROM = 4096  # past this k a full sort of the row is cheaper than another 
 
 
 def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: for each row the first token whose cumulative probability exceeds u * total."""
-    cdf = probs.double().cumsum(-1)
+    """Inverse-CDF sampling: for each row the first token whose cumulative probability exceeds u * total.
+
+    Two levels, so only a small part of the vocabulary is summed in order: the mass of each block of
+    ``DRAW_BLOCK`` tokens (float64) picks the block, the cumulative sum inside that block picks the token.
+    A token of probability 0 is never picked.
+    """
+    rows, vocab = probs.shape
+    pad = (-vocab) % DRAW_BLOCK
+    padded = torch.nn.functional.pad(probs, (0, pad)) if pad else probs
+    blocks = padded.view(rows, -1, DRAW_BLOCK)
+    mass = blocks.sum(-1).double()
+    cdf = mass.cumsum(-1)
     total = cdf[:, -1:]
     x = torch.minimum(uniforms.to(cdf.device, torch.float64).view(-1, 1) * total,
                       torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x, right=True).view(-1).clamp_(max=probs.shape[-1] - 1)
+    block = torch.searchsorted(cdf, x, right=True).clamp_(max=blocks.shape[1] - 1)
+    before = cdf.gather(1, block) - mass.gather(1, block)
+    inner = blocks[torch.arange(rows, device=probs.device), block.view(-1)].double().cumsum(-1)
+    inner_total = inner[:, -1:]
+    y = torch.minimum((x - before).clamp_(min=0.0), torch.nextafter(inner_total, torch.zeros_like(inner_total)))
+    within = torch.searchsorted(inner, y, right=True).clamp_(max=DRAW_BLOCK - 1)
+    return (block * DRAW_BLOCK + within).view(-1).clamp_(max=vocab - 1)
+
+
+DRAW_BLOCK = 1024
 
 
 def pick(logits: torch.Tensor, sampling: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ class BestOfNConfig(Section):
     max_prompts: int | None = None
     """Only the first this many prompts."""
     max_batch: int = Field(64, gt=0)
-    """Sequences decoded together (the n samples of max_batch // n prompts); raise it on a GPU."""
+    """Sequences decoded together (continuous batching over all prompts); raise it on a GPU."""
     gold: Literal["verifier"] = "verifier"
     """The gold judge."""
     gold_mode: Literal["strict", "loose"] = "strict"
