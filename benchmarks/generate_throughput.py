@@ -41,6 +41,7 @@ from benchmarks.common import (
     drop_work_dir,
     failure_of,
     finish_args,
+    layer_shapes,
     machine_info,
     markdown_table,
     model_config,
@@ -226,11 +227,9 @@ def _row(workload: str, side: str, shape: tuple, child: dict, res, roofline: flo
 def _per_token_flops(config: dict, context: int) -> tuple[float, float]:
     """(linear, attention) FLOPs of one decoded token at ``context``: 2 x weights (LM head included) and
     4 x layers x heads x head_dim x context (scores and weighted values)."""
-    h, layers, heads = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
-    head_dim = config.get("head_dim") or h // heads
-    kv = config.get("num_key_value_heads") or heads
-    weights = layers * (2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * config["intermediate_size"]) \
-        + h * config["vocab_size"]
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    weights = layers * sum(k * n * per_layer for _, k, n, per_layer in layer_shapes(config, 1).values())
     return 2.0 * weights, 4.0 * layers * heads * head_dim * context
 
 

@@ -24,7 +24,7 @@ import torch
 
 from alignline.generate.base import SamplingParams
 from alignline.generate.decoder import KVDecoder
-from alignline.generate.sampling import pick, uniforms_for
+from alignline.generate.sampling import pick, stop_window, tail_has_stop, uniforms_for
 
 PREFILL_TOKENS = 8192
 """At most this many prompt tokens in one packed prefill pass (bounds its activations)."""
@@ -54,7 +54,7 @@ class ContinuousBatch:
         self.results: list[list] = [[None] * len(s) for s in seeds]
         stops = [s for s in sampling.stop if s]
         self.stops = stops
-        self.window = 4 * max(len(s) for s in stops) + 8 if stops else 0  # covers a stop at one byte per token
+        self.window = stop_window(stops) if stops else 0
         self.stop_flags = None
 
     # ---------------------------------------------------------------------------------------- queue
@@ -95,8 +95,7 @@ class ContinuousBatch:
             heapq.heappush(self.free_rows, self.row_of.pop(prompt))
 
     def _stopped(self, slot: int) -> bool:
-        tail = self.engine.tokenizer.decode(self.tokens[slot][-self.window:], skip_special_tokens=True)
-        return any(s in tail for s in self.stops)
+        return tail_has_stop(self.engine.tokenizer, self.tokens[slot], self.stops, self.window)
 
     def _drop_idle(self) -> None:
         keep = [s for s, job in enumerate(self.job) if job is not None]

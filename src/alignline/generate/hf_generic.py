@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from alignline.generate.base import SamplingParams
-from alignline.generate.sampling import pick, uniforms_for
+from alignline.generate.sampling import pick, stop_window, tail_has_stop, uniforms_for
 
 
 def cache_keyword(model) -> str:
@@ -60,7 +60,7 @@ def _decode(engine, keyword: str, cache, logits: torch.Tensor, position: int, se
     uniforms = torch.stack([uniforms_for(s, limit) for s in seeds])
     stops = tuple(s for s in sampling.stop if s)
     flags = engine.stop_flags(stops, logits.shape[-1]) if stops else None
-    window = 4 * max(map(len, stops)) + 8 if stops else 0
+    window = stop_window(stops) if stops else 0
     tokens: list[list[int]] = [[] for _ in seeds]
     finish = ["length"] * len(seeds)
     alive = list(range(len(seeds)))
@@ -72,11 +72,9 @@ def _decode(engine, keyword: str, cache, logits: torch.Tensor, position: int, se
                 finish[row] = "stop"
                 continue
             tokens[row].append(token)
-            if flags is not None and flags[token]:
-                tail = engine.tokenizer.decode(tokens[row][-window:], skip_special_tokens=True)
-                if any(s in tail for s in stops):
-                    finish[row] = "stop"
-                    continue
+            if flags is not None and flags[token] and tail_has_stop(engine.tokenizer, tokens[row], stops, window):
+                finish[row] = "stop"
+                continue
             if len(tokens[row]) < limit:
                 keep.append(j)
         if not keep:

@@ -121,3 +121,15 @@ def stop_candidates(tokenizer, stops: Sequence[str], vocab: int) -> torch.Tensor
         flags[t] = not text or "\ufffd" in text or any(c in text for c in ends)
     flags[len(texts):] = True
     return flags
+
+
+def stop_window(stops: Sequence[str]) -> int:
+    """Trailing tokens enough to hold any of ``stops`` even at one byte per token (UTF-8: <= 4 bytes a
+    character), plus a margin for tokens that decode to nothing on their own."""
+    return 4 * max(len(s) for s in stops) + 8
+
+
+def tail_has_stop(tokenizer, tokens: Sequence[int], stops: Sequence[str], window: int) -> bool:
+    """Whether the text of the last ``window`` of ``tokens`` holds one of ``stops``."""
+    tail = tokenizer.decode(list(tokens[-window:]), skip_special_tokens=True)
+    return any(s in tail for s in stops)
