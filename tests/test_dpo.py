@@ -80,7 +80,7 @@ def test_reference_logps_are_computed_once_and_stored(tmp_path, tiny_model_dir, 
     with torch.no_grad():
         c, r, _, _ = pair_logps(model, collate_pairs(ex[:5], tiny_tokenizer.pad_token_id))
     for i in range(5):
-        assert stored["ids"][i] == ex[i]["id"]
+        assert stored["ids"][i] == ex[i].id
         assert abs(stored["values"][i][0] - float(c[i])) < 1e-4 and abs(stored["values"][i][1] - float(r[i])) < 1e-4
 
 
@@ -117,7 +117,7 @@ def test_tso_reference_swaps_exactly_at_minibatch_boundaries(tmp_path, tiny_mode
     """The stored reference log-probs of mini-batch k equal the log-probs of version v{k-1}."""
     from alignline.models import load_causal_lm
 
-    out = tso.run(tso_cfg(tmp_path, tiny_model_dir, pair_file))
+    out = tso.run(tso_cfg(tmp_path, tiny_model_dir, pair_file, keep_versions="true"))  # v1, v2 are read below
     versions = json.loads((out / "versions.json").read_text())
     assert [v["version"] for v in versions] == [0, 1, 2, 3]
     parts = json.loads((out / "minibatches.json").read_text())["ids"]
@@ -126,7 +126,7 @@ def test_tso_reference_swaps_exactly_at_minibatch_boundaries(tmp_path, tiny_mode
 
     from alignline.data.io import read_pairs
 
-    ex = {e["id"]: e for e in tokenise_pairs(read_pairs(pair_file), tiny_tokenizer, max_length=128, counts=Counter())}
+    ex = {e.id: e for e in tokenise_pairs(read_pairs(pair_file), tiny_tokenizer, max_length=128, counts=Counter())}
     for k in (1, 2, 3):
         stored = json.loads((out / f"iter-{k}" / "ref_logps.json").read_text())
         model = load_causal_lm(versions[k - 1]["path"], dtype="float32").eval()

@@ -7,6 +7,7 @@ Notation: ``h = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)]``,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -314,9 +315,9 @@ def layout_examples(tiny_tokenizer):
 def _naive_logps(model, ex: dict) -> tuple[float, float]:
     """One pair at a time: full log_softmax over model(prompt + response).logits, gathered at the response."""
     out = []
-    P = len(ex["prompt"])
-    for resp in (ex["chosen"], ex["rejected"]):
-        ids = torch.tensor([ex["prompt"] + resp])
+    P = ex.prompt_length
+    for resp in (ex.chosen_ids, ex.rejected_ids):
+        ids = torch.tensor([ex.prompt_ids + resp])
         logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
         out.append(sum(float(logp[P - 1 + j, tok]) for j, tok in enumerate(resp)))
     return out[0], out[1]
@@ -327,8 +328,8 @@ def test_shared_equals_separate_equals_naive(tiny_model, tiny_tokenizer, layout_
     agree within 1e-5; lengths count the response tokens including the end token."""
     model = tiny_model.eval()
     pad = tiny_tokenizer.pad_token_id
-    lens_c = torch.tensor([len(e["chosen"]) for e in layout_examples], dtype=torch.float32)
-    lens_r = torch.tensor([len(e["rejected"]) for e in layout_examples], dtype=torch.float32)
+    lens_c = torch.tensor([len(e.chosen_ids) for e in layout_examples], dtype=torch.float32)
+    lens_r = torch.tensor([len(e.rejected_ids) for e in layout_examples], dtype=torch.float32)
     assert (lens_c[0] > 5 * lens_r[0]) and (lens_r[1] > 5 * lens_c[1])
     with torch.no_grad():
         shared = pair_logps(model, collate_pairs(layout_examples, pad, "shared"))
@@ -352,12 +353,12 @@ def test_shared_layout_ignores_rejected_for_chosen(tiny_model, tiny_tokenizer, l
     """The chosen log-prob in the shared row does not depend on the rejected tokens (nor the reverse)."""
     model = tiny_model.eval()
     pad = tiny_tokenizer.pad_token_id
-    ex = dict(layout_examples[0])
-    other = dict(ex, rejected=layout_examples[1]["rejected"])
+    ex = layout_examples[0]
+    other = dataclasses.replace(ex, rejected_ids=layout_examples[1].rejected_ids)
     with torch.no_grad():
         a = pair_logps(model, collate_pairs([ex], pad, "shared"))
         b = pair_logps(model, collate_pairs([other], pad, "shared"))
-    assert abs(float(a[0][0] - b[0][0])) < 1e-5 * len(ex["chosen"])
+    assert abs(float(a[0][0] - b[0][0])) < 1e-5 * len(ex.chosen_ids)
     assert abs(float(a[1][0] - b[1][0])) > 1e-3
 
 

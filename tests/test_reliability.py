@@ -67,7 +67,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(damaged, interrupt
 
 
 def test_checkpoint_marker_records_sizes_and_checksums(tmp_path):
-    from alignline.train.checkpoint_verify import COMPLETE, checkpoint_problem, marker_bytes, newest_intact
+    from alignline.train.checkpoint import COMPLETE, checkpoint_problem, marker_bytes, newest_intact
 
     old, new = tmp_path / "step-1", tmp_path / "step-2"
     for d in (old, new):
@@ -245,7 +245,7 @@ def write_gguf(path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    from alignline.gguf_layout import read_gguf_layout
+    from alignline.models.gguf_layout import read_gguf_layout
 
     return read_gguf_layout(path).data_start
 
@@ -404,7 +404,7 @@ def test_pairs_with_an_empty_response_are_counted_drops(tmp_path, tiny_tokenizer
     """dpo / rm (load_pairs_for): a pair whose rejected is blank is dropped with its line in dropped_lines and
     counts towards data.max_drop_fraction (1 of 5 = 20 %: kept under 0.25, an error under 0.1)."""
     from alignline.errors import DataError
-    from alignline.stages.dpo import PairData, load_pairs_for
+    from alignline.train.preference import PairData, load_pairs_for
 
     data = tmp_path / "pairs.jsonl"
     pairs = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"Q{i}?"}], "chosen": f"good {i}",
@@ -412,7 +412,7 @@ def test_pairs_with_an_empty_response_are_counted_drops(tmp_path, tiny_tokenizer
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     counts: Counter = Counter()
     kept, _ = load_pairs_for(PairData(train=str(data), max_drop_fraction=0.25), tiny_tokenizer, counts)
-    assert [e["id"] for e in kept] == ["p0", "p1", "p2", "p4"]
+    assert [e.id for e in kept] == ["p0", "p1", "p2", "p4"]
     assert (counts["pairs_in"], counts["pairs_kept"], counts["dropped_empty_response"]) == (5, 4, 1)
     assert counts["dropped_lines"] == [f"{data}:4: empty rejected response"]
     with pytest.raises(DataError, match="1 of 5 pairs"):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -151,14 +153,44 @@ def find_browser():
     return None
 
 
-@pytest.mark.skipif(find_browser() is None, reason="no chromium / chrome binary on PATH")
+def no_browser_reason() -> str:
+    """Why there is no browser: `make test`'s `browser` target writes why it could not install one."""
+    note = os.environ.get("ALIGNLINE_BROWSER_NOTE")
+    why = Path(note).read_text().strip() if note and Path(note).is_file() else ""
+    return ("no chromium / chrome binary on PATH" + (f"; {why}" if why else
+                                                     "; `make browser` installs one (apt-get, as root or sudo)"))
+
+
+def screenshot(page_path, png) -> None:
+    subprocess.run([find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={png}", "--window-size=1200,1600", page_path.resolve().as_uri()],
+                   check=True, timeout=120, capture_output=True)
+
+
+@pytest.mark.skipif(find_browser() is None, reason=no_browser_reason())
 def test_headless_screenshot_is_not_blank(page, tmp_path):
     from PIL import Image
 
     _, out, _ = page
     png = tmp_path / "shot.png"
-    subprocess.run([find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={png}", "--window-size=1200,1600", out.resolve().as_uri()],
-                   check=True, timeout=120, capture_output=True)
+    screenshot(out, png)
     colours = Image.open(png).convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 16
+
+
+@pytest.mark.skipif(find_browser() is None, reason=no_browser_reason())
+def test_headless_screenshot_leads_with_the_progression_table(tmp_path):
+    """A pipeline's page: the progression table's header (its own background, #ffeeb0) is drawn in the top
+    quarter of the first screen, under the title."""
+    from PIL import Image
+    from tests.test_progression import fake_pipeline_run
+
+    fake_pipeline_run(tmp_path / "root")
+    out = report.build_report(report.ReportConfig(run_dir=str(tmp_path / "root")))
+    png = tmp_path / "shot.png"
+    screenshot(out, png)
+    shot = Image.open(png).convert("RGB")
+    width, height = shot.size
+    pixels = shot.load()
+    header_rows = [y for y in range(height) if sum(pixels[x, y] == (255, 238, 176) for x in range(0, width, 2)) > 100]
+    assert header_rows and header_rows[0] < height // 4, header_rows[:3]

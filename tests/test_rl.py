@@ -179,6 +179,34 @@ def test_verifier_reward_runs(tmp_path, tiny_model_dir):
     assert 0 <= row["reward_mean"] <= 1 and row["pass_rate"] is not None
 
 
+def test_verifier_reward_min_words_zeroes_near_empty_answers():
+    """A prompt with two instructions (no commas, all lowercase). "<<t>>" follows both: 1.0 without a floor,
+    0 under min_words=3 (1 word); "three plain words" follows both and has 3 words: 1.0 either way;
+    "Three, words here" breaks both: 0."""
+    from alignline.data.records import Prompt
+    from alignline.rewards import verifier_reward
+
+    prompt = Prompt(id="p", messages=[{"role": "user", "content": "Hi"}],
+                    meta={"instructions": [{"id": "no_commas", "kwargs": {}}, {"id": "all_lowercase", "kwargs": {}}]})
+    texts = ["<<t>>", "three plain words", "Three, words here"]
+    assert verifier_reward("strict")([prompt], [texts]) == [[1.0, 1.0, 0.0]]
+    assert verifier_reward("strict", min_words=3)([prompt], [texts]) == [[0.0, 1.0, 0.0]]
+
+
+def test_paired_change_reports_answer_lengths(tmp_path):
+    """Start: 2 instructions [1, 0], answer "a b c d" (4 words); end: [1, 1], answer "a b" (2 words).
+    Differences [0, 1]: mean 0.5, sd sqrt(0.5) = 0.7071, paired SE 0.7071 / sqrt(2) = 0.5."""
+    from alignline.stages.rl_run import paired_change
+
+    (tmp_path / "eval_start.jsonl").write_text(json.dumps({"prompt_id": "p", "strict": [True, False],
+                                                           "loose": [True, False], "text": "a b c d"}) + "\n")
+    (tmp_path / "eval_last.jsonl").write_text(json.dumps({"prompt_id": "p", "strict": [True, True],
+                                                          "loose": [True, True], "text": "a b"}) + "\n")
+    change = paired_change(tmp_path)
+    assert change["change"] == pytest.approx(0.5) and change["paired_se"] == pytest.approx(0.5)
+    assert (change["start_words"], change["end_words"]) == (4.0, 2.0)
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 def no_training(out):

@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from alignline.models import tiny_causal_lm_config
 from alignline.train.batching import collate_packed, collate_padded
-from alignline.train.pairs import collate_pairs
+from alignline.train.pairs import TokenisedPair, collate_pairs
 from alignline.train.telemetry import (
     GB,
     Telemetry,
@@ -49,8 +49,8 @@ def test_real_tokens_and_logit_positions_by_hand():
     packed = collate_packed([[a], [b]], pad_id=0)  # two rows, the second padded by one token
     assert packed["input_ids"].numel() == 8 and real_tokens(packed) == 7
     assert logit_positions(packed) == 4
-    pair = {"id": "x", "prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6, 7, 8, 9]}
-    short = {"id": "y", "prompt": [1], "chosen": [4], "rejected": [6]}
+    pair = TokenisedPair(id="x", prompt_ids=[1, 2, 3], chosen_ids=[4, 5], rejected_ids=[6, 7, 8, 9])
+    short = TokenisedPair(id="y", prompt_ids=[1], chosen_ids=[4], rejected_ids=[6])
     shared = collate_pairs([pair, short], pad_id=0, layout="shared")
     assert real_tokens(shared) == (3 + 2 + 4) + (1 + 1 + 1)  # prompt once per pair, padding not counted
     # response tokens only; the first chosen and first rejected token share the prompt's last position
@@ -129,8 +129,8 @@ def test_dpo_reference_pass_counts_no_grad_flops(tmp_path, tiny_model_dir, tiny_
                                        "mixed_precision": "no"}))
     steps, phases = _steps_and_phases(out)
     ex = tokenise_pairs(read_pairs(path), tiny_tokenizer, max_length=128, counts=Counter())
-    tokens = sum(len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in ex)
-    responses = sum(len(e["chosen"]) + len(e["rejected"]) - 1 for e in ex)  # shared layout: see above
+    tokens = sum(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in ex)
+    responses = sum(len(e.chosen_ids) + len(e.rejected_ids) - 1 for e in ex)  # shared layout: see above
     ref = phases["reference"]
     assert ref["seconds"] > 0 and ref["tokens"] == tokens and ref["logit_positions"] == responses
     body, head = phases["params"]["body"], phases["params"]["head"]

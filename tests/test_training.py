@@ -9,9 +9,11 @@ import torch
 from tests.conftest import tokenised_examples
 
 from alignline.errors import TrainingDivergedError
+from alignline.train.accelerator import make_accelerator
 from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded
+from alignline.train.checkpoint import complete_checkpoints
 from alignline.train.lm import causal_lm_loss
-from alignline.train.loop import TrainSettings, complete_checkpoints, make_accelerator, train
+from alignline.train.loop import TrainSettings, train
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +168,10 @@ def test_free_memory_trim_changes_memory_not_maths(tiny_model_dir, examples, tin
     twice (tso does) keeps one hook per layer."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    import alignline.train.loop as loop_mod
+    import alignline.train.memory as memory_mod
     from alignline.models import load_causal_lm
 
-    libc = loop_mod._glibc()
+    libc = memory_mod._glibc()
     if libc is None:
         pytest.skip("needs glibc")
     trims = []
@@ -182,7 +184,7 @@ def test_free_memory_trim_changes_memory_not_maths(tiny_model_dir, examples, tin
         def mallopt(self, *a):
             raise AssertionError("trim must not change malloc's thresholds")
 
-    monkeypatch.setattr(loop_mod, "_glibc", lambda: CountingLibc())
+    monkeypatch.setattr(memory_mod, "_glibc", lambda: CountingLibc())
     pad = tiny_tokenizer.pad_token_id
     params = {}
     for mode in ("keep", "trim"):

@@ -34,7 +34,7 @@ import torch
 from alignline.data.chat import render
 from alignline.data.records import Pair
 from alignline.losses import dpo_loss, hinge_loss, ipo_loss
-from alignline.train.pairs import collate_pairs, pair_logps, tokenise_pairs
+from alignline.train.pairs import TokenisedPair, collate_pairs, pair_logps, tokenise_pairs
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -111,10 +111,10 @@ def make_trainer(policy, ref, tokenizer, rows, loss_type, out_dir):
                       train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
 
 
-def trl_examples(trainer) -> list[dict]:
+def trl_examples(trainer) -> list[TokenisedPair]:
     ds = trainer.train_dataset
-    return [{"prompt": list(ds[i]["prompt_ids"]), "chosen": list(ds[i]["chosen_ids"]),
-             "rejected": list(ds[i]["rejected_ids"])} for i in range(len(ds))]
+    return [TokenisedPair(id=str(i), prompt_ids=list(ds[i]["prompt_ids"]), chosen_ids=list(ds[i]["chosen_ids"]),
+                          rejected_ids=list(ds[i]["rejected_ids"])) for i in range(len(ds))]
 
 
 def first_batch(trainer, examples):
@@ -123,8 +123,8 @@ def first_batch(trainer, examples):
     n = len(examples)
     assert batch["input_ids"].shape[0] == 2 * n
     for i, ex in enumerate(examples):
-        for row, resp in ((i, ex["chosen"]), (n + i, ex["rejected"])):
-            ids = ex["prompt"] + resp
+        for row, resp in ((i, ex.chosen_ids), (n + i, ex.rejected_ids)):
+            ids = ex.prompt_ids + resp
             assert batch["input_ids"][row, : len(ids)].tolist() == ids
             assert batch["completion_mask"][row].sum().item() == len(resp)
     return batch
@@ -179,10 +179,10 @@ def test_tokenisation_conversational_differs_by_trailing_newline(models, tiny_to
     theirs = trl_examples(trainer)
     eos = tiny_tokenizer.eos_token_id
     for a, b in zip(our_examples, theirs, strict=True):
-        assert b["prompt"] == a["prompt"]
-        assert a["chosen"][-1] == eos and a["rejected"][-1] == eos
-        assert b["chosen"] == a["chosen"] + [NEWLINE]
-        assert b["rejected"] == a["rejected"] + [NEWLINE]
+        assert b.prompt_ids == a.prompt_ids
+        assert a.chosen_ids[-1] == eos and a.rejected_ids[-1] == eos
+        assert b.chosen_ids == a.chosen_ids + [NEWLINE]
+        assert b.rejected_ids == a.rejected_ids + [NEWLINE]
     assert tiny_tokenizer.decode([NEWLINE]) == "\n"
     # so TRL's summed log-probs are ours plus the log-prob of "\n" after "<|im_end|>" (policy and reference)
     policy, ref = models
@@ -190,8 +190,8 @@ def test_tokenisation_conversational_differs_by_trailing_newline(models, tiny_to
     _, _, lp_own = our_side(policy, ref, our_examples, tiny_tokenizer.pad_token_id, "sigmoid", grads=False)
     with torch.no_grad():
         for k, model in enumerate((policy, policy, ref, ref)):
-            resps = [e["chosen"] if k % 2 == 0 else e["rejected"] for e in our_examples]
-            nl = torch.stack([torch.log_softmax(model(input_ids=torch.tensor([e["prompt"] + r])).logits[0, -1]
+            resps = [e.chosen_ids if k % 2 == 0 else e.rejected_ids for e in our_examples]
+            nl = torch.stack([torch.log_softmax(model(input_ids=torch.tensor([e.prompt_ids + r])).logits[0, -1]
                                                 .double(), -1)[NEWLINE] for e, r in zip(our_examples, resps)])
             assert torch.allclose(lp_trl[k] - lp_own[k], nl, atol=TOL, rtol=0), k
 
@@ -199,7 +199,10 @@ def test_tokenisation_conversational_differs_by_trailing_newline(models, tiny_to
 def test_tokenisation_standard_format_identical(models, tiny_tokenizer, our_examples, tmp_path):
     """Plain-text data with the template-rendered prompt: TRL's ids are exactly ours."""
     trainer = make_trainer(*models, tiny_tokenizer, standard_rows(tiny_tokenizer), "sigmoid", tmp_path)
-    assert trl_examples(trainer) == [{k: e[k] for k in ("prompt", "chosen", "rejected")} for e in our_examples]
+    def token_ids(examples):
+        return [(e.prompt_ids, e.chosen_ids, e.rejected_ids) for e in examples]
+
+    assert token_ids(trl_examples(trainer)) == token_ids(our_examples)
 
 
 # -------------------------------------------------------------------------------------------------- losses
@@ -218,7 +221,7 @@ def test_loss_parity_identical_tokens(models, tiny_tokenizer, our_examples, tmp_
         ours, g_ours, lp_ours = our_side(policy, ref, our_examples, tiny_tokenizer.pad_token_id, loss_type, layout)
         assert abs(ours - theirs) < TOL, (layout, ours, theirs)
         assert _grad_rel_diff(g_ours, g_theirs) < TOL, layout
-        lens = torch.tensor([[len(e["chosen"]), len(e["rejected"])] for e in our_examples], dtype=torch.float64)
+        lens = torch.tensor([[len(e.chosen_ids), len(e.rejected_ids)] for e in our_examples], dtype=torch.float64)
         for k in range(4):
             per_tok = (lp_ours[k] - lp_theirs[k]).abs() / lens[:, k % 2]
             assert float(per_tok.max()) < TOL, (layout, k, per_tok)
@@ -241,7 +244,7 @@ def test_loss_parity_conversational(models, tiny_tokenizer, our_examples, tmp_pa
     ours, g_ours, lp_ours = our_side(policy, ref, theirs_ex, tiny_tokenizer.pad_token_id, loss_type)
     assert abs(ours - theirs) < TOL, (ours, theirs)
     assert _grad_rel_diff(g_ours, g_theirs) < TOL
-    lens = torch.tensor([[len(e["chosen"]), len(e["rejected"])] for e in theirs_ex], dtype=torch.float64)
+    lens = torch.tensor([[len(e.chosen_ids), len(e.rejected_ids)] for e in theirs_ex], dtype=torch.float64)
     for k in range(4):
         assert float(((lp_ours[k] - lp_theirs[k]).abs() / lens[:, k % 2]).max()) < TOL, k
     # with our own tokenisation (no trailing "\n") the loss is measurably different from TRL's

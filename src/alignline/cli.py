@@ -18,6 +18,7 @@ from rich.markup import escape as rich_escape
 from rich.table import Table
 
 from alignline.errors import AlignlineError, ConfigError
+from alignline.stages.registry import STAGE_BY_TARGET, STAGES, StageSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="alignline: an LLM alignment pipeline (Xwin-LM and TSO papers). Each command is one stage.")
@@ -55,19 +56,13 @@ def _load(cls, args: list[str], extra: list[str]):
 
 
 def _stage(cls_path: str, args: list[str], help_config: bool, extra: list[str] | None = None) -> None:
-    module_name, cls_name = cls_path.rsplit(":", 1)
-    import importlib
-
-    module = importlib.import_module(module_name)
-    cls = getattr(module, cls_name)
+    """The stage whose config class is ``cls_path``: its settings listed, or loaded and the stage run."""
+    spec = STAGE_BY_TARGET[cls_path]
+    cls, _ = spec.load()
     if help_config:
         _print_config_help(cls)
         return
-    cfg = _load(cls, args, extra or [])
-    from alignline.stages.common import failures_recorded
-
-    with failures_recorded():  # a failed stage's run directory says "failed" and why, not "running"
-        module.run(cfg)
+    spec.run(_load(cls, args, extra or []))  # a failed stage's run directory says "failed" and why
 
 
 RESUME_HELP = "Continue from the newest complete checkpoint (default: yes)."
@@ -78,9 +73,10 @@ eval_app = typer.Typer(no_args_is_help=True,
 app.add_typer(eval_app, name="eval")
 
 
-def _register(name: str, cls_path: str, doc: str, *, resumable: bool, group: typer.Typer | None = None) -> None:
+def _register(spec: StageSpec, group: typer.Typer | None = None) -> None:
     """One sub-command per stage: CONFIG.yaml + key=value overrides, --help-config, optional --resume."""
-    if resumable:
+    cls_path = spec.target  # the command's stage, named by its config class (tests read it from the closure)
+    if spec.resumable:
         def command(
             args: list[str] = typer.Argument(None, help=ARGS_HELP),
             resume: bool | None = typer.Option(None, "--resume/--no-resume", help=RESUME_HELP),
@@ -93,15 +89,12 @@ def _register(name: str, cls_path: str, doc: str, *, resumable: bool, group: typ
             help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
         ) -> None:
             _stage(cls_path, args or [], help_config)
-    command.__doc__ = doc
-    (group or app).command(name)(command)
+    command.__doc__ = spec.doc
+    (group or app).command(spec.name)(command)
 
-
-from alignline.pipeline import STAGES  # noqa: E402 (the one stage table, shared with pipelines)
 
 for _spec in STAGES:
-    _register(_spec.name, _spec.target, _spec.doc, resumable=_spec.resumable,
-              group=eval_app if _spec.group == "eval" else None)
+    _register(_spec, group=eval_app if _spec.group == "eval" else None)
 
 
 @app.command("run")

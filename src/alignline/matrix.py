@@ -174,7 +174,7 @@ def normalise(weights: Mapping[str, float]) -> dict[str, float]:
 
 def prompt_rng(seed: int, prompt_id: str) -> random.Random:
     """The draws of one prompt: seeded by sha256 of (seed, prompt id), so a prompt's pair does not depend on
-    which other prompts are in the run or their order."""
+    which other prompts are in the run or their order (all seeded hashes: docs/architecture.md)."""
     key = json.dumps(["matrix", int(seed), str(prompt_id)], ensure_ascii=False, separators=(",", ":"))
     return random.Random(int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big"))
 
@@ -261,10 +261,6 @@ def human_responses(member: MatrixMember, prompts: list[Prompt]) -> list[Respons
             for p in prompts if p.reference and p.reference.strip()]
 
 
-def usable(r: Response) -> bool:
-    return r.status == "ok" and bool(r.text.strip())
-
-
 def read_member_dir(member: MatrixMember, directory: Path) -> list[Response]:
     """A member's sub-directory of an ``alignline sample matrix=...`` run: complete, and sampled under the
     member's current name@version."""
@@ -311,7 +307,7 @@ def load_member_responses(matrix: MatrixConfig, prompts: list[Prompt], sample_di
                               "output_dir as responses=..., or name a file in member_responses")
         by_prompt: dict[str, list[Response]] = {}
         for r in rows:
-            if usable(r):
+            if r.usable:
                 by_prompt.setdefault(r.prompt_id, []).append(r)
         out[m.name] = by_prompt
     return out, origin

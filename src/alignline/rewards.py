@@ -41,6 +41,9 @@ class RewardSpec(Section):
     """Weight of this term in the sum."""
     mode: Literal["strict", "loose"] = "strict"
     """verifier: strict or loose checking (see judges/verifiable.py)."""
+    min_words: int = Field(0, ge=0)
+    """verifier: a response of fewer words scores 0. The instructions constrain an answer; a near-empty reply
+    ("<<my title>>") follows most of them vacuously, and that is the first thing a small policy learns."""
     model: str | None = None
     """rm: the reward model directory (from ``alignline rm``)."""
     judge: EngineSettings | None = None
@@ -69,13 +72,16 @@ class RewardSpec(Section):
                 "function": (self.function or "function").rsplit(":", 1)[-1]}[self.type]
 
 
-def verifier_reward(mode: str = "strict") -> RewardFn:
+def verifier_reward(mode: str = "strict", min_words: int = 0) -> RewardFn:
     from alignline.judges.verifiable import VerifierJudge
 
     judge = VerifierJudge(mode)
 
+    def score(prompt, text: str) -> float:
+        return judge.score(prompt, text) if len(text.split()) >= min_words else 0.0
+
     def reward(prompts, responses):
-        return [[judge.score(p, text) for text in texts] for p, texts in zip(prompts, responses, strict=True)]
+        return [[score(p, text) for text in texts] for p, texts in zip(prompts, responses, strict=True)]
 
     return reward
 
@@ -83,7 +89,7 @@ def verifier_reward(mode: str = "strict") -> RewardFn:
 def rm_reward(path: str, device=None) -> RewardFn:
     from alignline.data.chat import ensure_chat_template, tokenise_prompt_response
     from alignline.judges.reward import score_responses
-    from alignline.models import load_reward_model, load_tokenizer, resolve_model
+    from alignline.models.loading import load_reward_model, load_tokenizer, resolve_model
 
     resolved = resolve_model(path)
     tokenizer = load_tokenizer(resolved)
@@ -143,7 +149,7 @@ def build_reward(spec: RewardSpec, index: int, *, out_dir: Path, counts: dict, d
     """The callable for one term (checks its settings first: errors name ``reward[i].setting``)."""
     where = f"reward[{index}]"
     if spec.type == "verifier":
-        return verifier_reward(spec.mode)
+        return verifier_reward(spec.mode, spec.min_words)
     if spec.type == "rm":  # (the settings each type needs: RewardSpec._needs)
         assert spec.model is not None
         if not Path(spec.model).exists():

@@ -13,8 +13,8 @@ after the end token (e.g. ChatML's trailing newline) is not trained.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from alignline.data.records import Conversation, Message, Prompt
 from alignline.errors import AlignlineError
@@ -196,11 +196,6 @@ def tokenise_prompt_response(tokenizer, prompt_messages, response: str, *, where
     return prefix, (resp if keep_tail else resp[: _trim_after_eos(resp, eos_ids)])
 
 
-@dataclass
-class FitStats:
-    counts: Counter = field(default_factory=Counter)
-
-
 def fit_to_length(
     ex: Tokenised, max_length: int, mode: Literal["blocks", "truncate"], stats: Counter
 ) -> list[Tokenised]:
@@ -265,7 +260,3 @@ def unfold(
         stats["unfolded_instances"] += 1
         k += 1
     return out
-
-
-def to_jsonable_example(ex: Tokenised) -> dict[str, Any]:
-    return {"input_ids": ex.input_ids, "labels": ex.labels, "source_id": ex.source_id}

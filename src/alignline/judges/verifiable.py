@@ -715,7 +715,8 @@ def compatible(a: str, b: str) -> bool:
 def instruction_seed(rng_seed: str | int, prompt_id: str) -> int:
     """The per-prompt seed: sha256 of the base seed and the prompt id (independent of order and sharding).
 
-    The base seed is used through ``str()``, so ``1234`` and ``"1234"`` give the same draw."""
+    The base seed is used through ``str()``, so ``1234`` and ``"1234"`` give the same draw. (All seeded hashes:
+    docs/architecture.md.)"""
     digest = hashlib.sha256(f"alignline.verifiable\x00{rng_seed}\x00{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
 

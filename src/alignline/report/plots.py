@@ -15,6 +15,20 @@ def _plt():
     return plt
 
 
+def one_step_axis(parts: list[list[dict]]) -> tuple[list[dict], list[float]]:
+    """Rows of several metrics logs (e.g. TSO's mini-batches) on one step axis: each log continues after the
+    previous one's last step. Returns the rows with a numeric step, re-stepped, and where each log after the
+    first starts."""
+    rows, bounds, offset = [], [], 0
+    for i, part in enumerate(parts):
+        stepped = [r for r in part if isinstance(r.get("step"), (int, float)) and not isinstance(r["step"], bool)]
+        if i:
+            bounds.append(offset)
+        rows += [{**r, "step": offset + r["step"]} for r in stepped]
+        offset += max((r["step"] for r in stepped), default=0)
+    return rows, bounds
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
@@ -25,22 +39,15 @@ def plot_reward_curves(metrics_paths: list[str | Path], out_png: str | Path, tit
     Several metrics files (e.g. TSO mini-batches) are drawn one after the other on a shared step axis.
     """
     plt = _plt()
-    steps, chosen, rejected, margin, bounds = [], [], [], [], []
-    offset = 0
-    for path in metrics_paths:
-        rows = [r for r in read_metrics(path) if "rewards/chosen" in r]
-        for r in rows:
-            steps.append(offset + r["step"])
-            chosen.append(r["rewards/chosen"])
-            rejected.append(r["rewards/rejected"])
-            margin.append(r["rewards/margin"])
-        offset += rows[-1]["step"] if rows else 0
-        bounds.append(offset)
+    rows, bounds = one_step_axis([[r for r in read_metrics(p) if "rewards/chosen" in r] for p in metrics_paths])
+    steps = [r["step"] for r in rows]
+    chosen, rejected = [r["rewards/chosen"] for r in rows], [r["rewards/rejected"] for r in rows]
+    margin = [r["rewards/margin"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, chosen, label="chosen reward", color="tab:green")
     ax.plot(steps, rejected, label="rejected reward", color="tab:red")
     ax.plot(steps, margin, label="margin", color="tab:blue", linestyle="--")
-    for b in bounds[:-1]:
+    for b in bounds:
         ax.axvline(b, color="grey", linewidth=0.8, linestyle=":")
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xlabel("optimizer step")

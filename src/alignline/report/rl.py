@@ -4,7 +4,7 @@ From a run directory of ``alignline rl``: ``iterations.jsonl`` (one row per roll
 pass rate, zero-variance groups, KL, clip fraction, entropy, response length, tokens per second) drawn with
 :func:`alignline.report.plots.plot_rl_curves` and listed in a table, and the manifest's held-out evaluation
 (``eval_metrics_start``, ``eval_metrics``, ``eval_change``: greedy answers' verifier pass rates at the start and
-at the end, the change with its paired standard error). Every text from the data is escaped (``html.esc``).
+at the end, the change with its paired standard error). Every text from the data is escaped (``common.esc``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from alignline.report.html import StageRun, esc, fmt, img, num, png_uri, read_jsonl, table
+from alignline.report.common import StageRun, esc, fmt, img, num, png_uri, read_jsonl, table
 from alignline.report.plots import RL_SE, plot_rl_curves
 
 ITERATION_COLUMNS = (("reward_mean", "reward mean"), ("pass_rate", "pass rate"), ("kl", "KL"),

@@ -15,20 +15,17 @@ judge prompt): a rerun makes zero judge calls. Pairs are written in resumable sh
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignline.config import Section
-from alignline.data.io import ShardedWriter, atomic_write_bytes, read_prompts, read_records
+from alignline.data.io import ShardedWriter, atomic_write_bytes, jsonl_bytes, read_prompts, read_records
 from alignline.data.records import Pair, Prompt, Response
-from alignline.errors import ConfigError
 from alignline.generate.base import SamplingParams
-from alignline.judges.cache import JudgeCache, judge_key
+from alignline.judges.cache import JudgeCache, ask_cached, user_calls
 from alignline.judges.pairwise import (
     PAIRWISE_VERSION,
     diagnose_pairwise,
@@ -36,7 +33,7 @@ from alignline.judges.pairwise import (
     parse_pairwise,
     verifier_rating,
 )
-from alignline.stages.common import RunDir, console, usable_responses
+from alignline.stages.common import RunDir, console, seeded_digest, usable_responses
 
 
 def default_judge_sampling() -> SamplingParams:
@@ -56,6 +53,13 @@ class JudgeSettings(Section):
     """llm: judge A/B and B/A; disagreeing verdicts become rating 'unsure'."""
     batch_size: int = Field(8, gt=0)
     """llm: judge prompts per engine call."""
+
+    @model_validator(mode="after")
+    def _llm_needs_a_model(self) -> JudgeSettings:
+        """Checked with the config, so ``alignline run --dry-run`` sees it."""
+        if self.type == "llm" and not self.model:
+            raise ValueError("judge.model is required for judge.type=llm (a local model dir, .gguf or alias)")
+        return self
 
 
 class AnnotateConfig(Section):
@@ -77,7 +81,7 @@ class AnnotateConfig(Section):
 
 def presentation_swapped(seed: int, prompt_id: str) -> bool:
     """Whether the first response is shown as B: a fair coin derived from (seed, prompt id)."""
-    return hashlib.sha256(f"{seed}\x1f{prompt_id}".encode()).digest()[0] % 2 == 1
+    return seeded_digest(seed, prompt_id)[0] % 2 == 1
 
 
 def pick_two(prompts: dict[str, Prompt], responses: list[Response], counts: Counter, where: str):
@@ -101,11 +105,87 @@ def make_pair(prompt: Prompt, win: Response, lose: Response, rating: str, reason
                                            "chosen_source": win.source, "rejected_source": lose.source, **prov})
 
 
+def verifier_pairs(todo: list[tuple[Prompt, Response, Response]], writer: ShardedWriter, counts: Counter) -> None:
+    """The response following more of the prompt's instructions wins; the gap sets the rating; a tie is no pair."""
+    from alignline.judges.verifiable import VerifierJudge
+
+    judge = VerifierJudge()
+    for prompt, x, y in todo:
+        sx, sy = judge.score(prompt, x.text), judge.score(prompt, y.text)
+        rating = verifier_rating(abs(sx - sy))
+        if rating is None:
+            counts["ties"] += 1
+            continue
+        win, lose = (x, y) if sx > sy else (y, x)
+        writer.add(make_pair(prompt, win, lose, rating, f"verifier: {max(sx, sy):.2f} vs {min(sx, sy):.2f} "
+                             "of the instructions followed", judge="verifier",
+                             scores={"chosen": max(sx, sy), "rejected": min(sx, sy)}))
+        counts["pairs"] += 1
+
+
+JudgeJob = tuple[int, int, str, tuple[Response, Response]]
+"""(item index, order, judge prompt text, the responses shown as (A, B))."""
+
+
+def llm_judge_outputs(cfg: AnnotateConfig, todo: list[tuple[Prompt, Response, Response]], cache_path: Path
+                      ) -> tuple[str, list[JudgeJob], list[str], int]:
+    """(judge id, the judge jobs, each job's raw output, calls made): only prompts missing from the judge cache
+    are sent to the judge, which is loaded only then."""
+    def load_judge():
+        from alignline.generate.hf import HFEngine
+
+        return HFEngine.from_path(cfg.judge.model)
+
+    judge_id = f"llm:{cfg.judge.model}"
+    jobs: list[JudgeJob] = []
+    for idx, (prompt, x, y) in enumerate(todo):
+        first = (y, x) if presentation_swapped(cfg.seed, prompt.id) else (x, y)
+        orders = [first, first[::-1]] if cfg.judge.both_orders else [first]
+        for o, (a, b) in enumerate(orders):
+            jobs.append((idx, o, pairwise_prompt(prompt.messages, a.text, b.text), (a, b)))
+    calls = user_calls([text for _, _, text, _ in jobs], cfg.judge.sampling, judge_id=judge_id,
+                       template_version=PAIRWISE_VERSION)
+    with JudgeCache(cache_path) as cache:
+        raws, made = ask_cached(load_judge, calls, cache, batch_size=cfg.judge.batch_size)
+    return judge_id, jobs, raws, made
+
+
+def llm_pairs(cfg: AnnotateConfig, todo: list[tuple[Prompt, Response, Response]], run_dir: Path,
+              writer: ShardedWriter, counts: Counter, failures: list[dict]) -> str:
+    """Pairs from the llm judge's parsed verdicts (a parse failure is recorded, never a verdict); returns the
+    judge id."""
+    judge_id, jobs, raws, calls = llm_judge_outputs(cfg, todo, run_dir / "judge_cache.jsonl")
+    verdicts: dict[int, list] = defaultdict(list)
+    for (idx, o, _text, (a, b)), raw in zip(jobs, raws):
+        v = parse_pairwise(raw)
+        if v is None:
+            failures.append({"prompt_id": todo[idx][0].id, "order": o, "reason": diagnose_pairwise(raw),
+                             "output": raw[:2000]})
+            counts["judge_parse_failures"] += 1
+        verdicts[idx].append((v, a, b))
+    for idx, (prompt, _x, _y) in enumerate(todo):
+        vs = verdicts[idx]
+        if any(v is None for v, _, _ in vs):
+            continue  # a failure is a failure, not a verdict
+        winners = [(a if v.winner == "A" else b) for v, a, b in vs]
+        v0, a0, b0 = vs[0]
+        win = winners[0]
+        lose = b0 if win is a0 else a0
+        rating = v0.degree
+        if len(winners) == 2 and winners[0].sample_idx != winners[1].sample_idx:
+            rating = "unsure"
+            counts["order_inconsistent"] += 1
+        writer.add(make_pair(prompt, win, lose, rating, v0.reason, judge=judge_id,
+                             template=PAIRWISE_VERSION, shown_first=a0.sample_idx))
+        counts["pairs"] += 1
+    counts["judge_calls"] = calls
+    return judge_id
+
+
 def run(cfg: AnnotateConfig) -> Path:
     rd = RunDir("annotate", cfg, cfg.output_dir, {"prompts": cfg.prompts, "responses": cfg.responses,
                                                   "judge_model": cfg.judge.model})
-    if rd.up_to_date():
-        console.print(f"[green]annotate: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     rd.start()
     counts: Counter = Counter()
@@ -117,78 +197,13 @@ def run(cfg: AnnotateConfig) -> Path:
     counts["resumed_pairs"] = len(done)
     # items that failed before are not in `done`: they are judged again (from the cache) and re-reported
     failures: list[dict] = []
-    judge_id = "verifier"
     with writer:
         if cfg.judge.type == "verifier":
-            from alignline.judges.verifiable import VerifierJudge
-
-            judge = VerifierJudge()
-            for prompt, x, y in todo:
-                sx, sy = judge.score(prompt, x.text), judge.score(prompt, y.text)
-                rating = verifier_rating(abs(sx - sy))
-                if rating is None:
-                    counts["ties"] += 1
-                    continue
-                win, lose = (x, y) if sx > sy else (y, x)
-                writer.add(make_pair(prompt, win, lose, rating, f"verifier: {max(sx, sy):.2f} vs {min(sx, sy):.2f} "
-                                     "of the instructions followed", judge="verifier",
-                                     scores={"chosen": max(sx, sy), "rejected": min(sx, sy)}))
-                counts["pairs"] += 1
+            judge_id = "verifier"
+            verifier_pairs(todo, writer, counts)
         else:
-            if not cfg.judge.model:
-                raise ConfigError("judge.model is required for judge.type=llm (a local model dir, .gguf or alias)")
-            from alignline.generate.hf import HFEngine
-
-            engine = HFEngine.from_path(cfg.judge.model)
-            judge_id = f"llm:{cfg.judge.model}"
-            cache = JudgeCache(rd.path / "judge_cache.jsonl")
-            sampling = cfg.judge.sampling
-            calls = 0
-
-            def key_of(text: str) -> str:
-                return judge_key(judge_id, PAIRWISE_VERSION, sampling, text)
-
-            jobs = []  # (item index, order, judge prompt text, shown as (A, B))
-            for idx, (prompt, x, y) in enumerate(todo):
-                first = (y, x) if presentation_swapped(cfg.seed, prompt.id) else (x, y)
-                orders = [first, first[::-1]] if cfg.judge.both_orders else [first]
-                for o, (a, b) in enumerate(orders):
-                    jobs.append((idx, o, pairwise_prompt(prompt.messages, a.text, b.text), (a, b)))
-            missing = [j for j in jobs if cache.get(key_of(j[2])) is None]
-            for s in range(0, len(missing), cfg.judge.batch_size):
-                chunk = missing[s: s + cfg.judge.batch_size]
-                reqs = [Prompt(id=key_of(j[2]), messages=[{"role": "user", "content": j[2]}]) for j in chunk]
-                outs = engine.generate(reqs, 1, sampling)
-                calls += len(reqs)
-                for j, out in zip(chunk, outs):
-                    cache.put(key_of(j[2]), out[0].text)
-            cache.close()
-            verdicts: dict[int, list] = defaultdict(list)
-            for idx, o, text, (a, b) in jobs:
-                raw = cache.get(key_of(text))
-                v = parse_pairwise(raw)
-                if v is None:
-                    failures.append({"prompt_id": todo[idx][0].id, "order": o, "reason": diagnose_pairwise(raw),
-                                     "output": raw[:2000]})
-                    counts["judge_parse_failures"] += 1
-                verdicts[idx].append((v, a, b))
-            for idx, (prompt, _x, _y) in enumerate(todo):
-                vs = verdicts[idx]
-                if any(v is None for v, _, _ in vs):
-                    continue  # a failure is a failure, not a verdict
-                winners = [(a if v.winner == "A" else b) for v, a, b in vs]
-                v0, a0, b0 = vs[0]
-                win = winners[0]
-                lose = b0 if win is a0 else a0
-                rating = v0.degree
-                if len(winners) == 2 and winners[0].sample_idx != winners[1].sample_idx:
-                    rating = "unsure"
-                    counts["order_inconsistent"] += 1
-                writer.add(make_pair(prompt, win, lose, rating, v0.reason, judge=judge_id,
-                                     template=PAIRWISE_VERSION, shown_first=a0.sample_idx))
-                counts["pairs"] += 1
-            counts["judge_calls"] = calls
-    atomic_write_bytes(rd.path / "failures.jsonl", b"".join(json.dumps(f).encode() + b"\n" for f in failures))
+            judge_id = llm_pairs(cfg, todo, rd.path, writer, counts, failures)
+    atomic_write_bytes(rd.path / "failures.jsonl", jsonl_bytes(failures, ensure_ascii=True))
     rd.finish(counts, judge=judge_id, template=PAIRWISE_VERSION)
     console.print(f"[green]annotate done[/green] ({judge_id}): {dict(counts)}\n  pairs: {rd.path}"
                   + (f"\n  parse failures: {rd.path / 'failures.jsonl'}" if failures else ""))

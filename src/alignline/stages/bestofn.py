@@ -112,8 +112,7 @@ def run(cfg: BestOfNConfig) -> Path:
     # without `ranked` the fingerprints are those of the settings before it existed: such runs stay up to date
     rd = RunDir("bestofn", cfg, cfg.output_dir, {**inputs, "ranked": cfg.ranked} if cfg.ranked else inputs,
                 () if cfg.ranked else ("ranked",))
-    if rd.up_to_date():
-        console.print(f"[green]bestofn: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     rd.start()
     if cfg.ranked is None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from rich.console import Console
 
 from alignline.config import save_resolved
@@ -26,8 +27,10 @@ def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | 
 
 #: Settings left out of every stage's config fingerprint: how to run, not what to compute (an interrupted run
 #: and its resumption may differ in them). train.free_memory only changes how freed memory is handed back
-#: (the trained weights are bit-identical, tests/test_training.py).
-ALWAYS_IGNORED = ("resume", "train.stop_after_step", "train.free_memory")
+#: (the trained weights are bit-identical, tests/test_training.py). train.keep_checkpoints_when_done and tso's
+#: keep_versions only decide what a finished run keeps on disk.
+ALWAYS_IGNORED = ("resume", "train.stop_after_step", "train.free_memory", "train.keep_checkpoints_when_done",
+                  "keep_versions")
 
 
 class RunDir:
@@ -58,6 +61,15 @@ class RunDir:
         self.fresh = self.previous is not None and (
             self.previous.get("config_fingerprint") != self.config_fp
             or self.previous.get("input_fingerprints") != self.inputs_fp)
+
+    def skip_if_done(self) -> bool:
+        """Whether the same config and inputs already completed here (the stage then has nothing to do: it
+        says so and returns)."""
+        if self.up_to_date() is None:
+            return False
+        label = self.stage.replace("eval_", "eval ").replace("_", "-")  # as the command is typed
+        console.print(f"[green]{label}: {self.path} is up to date[/green]; nothing to do")
+        return True
 
     def up_to_date(self) -> dict | None:
         m = read_manifest(self.path)
@@ -90,13 +102,26 @@ class RunDir:
                               config_fingerprint=self.config_fp, input_fingerprints=self.inputs_fp)
 
     def finish(self, counts: Counter | dict | None = None, **extra: Any) -> Path:
+        """Write the complete manifest, then remove what the finished run no longer needs: its checkpoints
+        (unless train.keep_checkpoints_when_done) and ``extra["dropped"]`` (tso's intermediate versions), listed
+        in the manifest's ``dropped``. Every process that trained calls it (they wait for each other there)."""
         if self in _RUNNING:
             _RUNNING.remove(self)
-        return write_manifest(
+        dropped = list(extra.pop("dropped", []))
+        if getattr(getattr(self.cfg, "train", None), "keep_checkpoints_when_done", True) is False:
+            from alignline.train.checkpoint import finished_checkpoints
+
+            dropped += finished_checkpoints(self.path)
+        path = write_manifest(
             self.path, stage=self.stage, status="complete", config=self.cfg.model_dump(mode="json"),
             config_fingerprint=self.config_fp, inputs=self.inputs, input_fingerprints=self.inputs_fp,
-            counts=dict(counts or {}), **extra,
+            counts=dict(counts or {}), **extra, **({"dropped": dropped} if dropped else {}),
         )
+        if dropped:
+            from alignline.train.checkpoint import remove_dropped
+
+            remove_dropped(self.path, dropped, say=lambda text: console.print(f"{self.stage}: {text}"))
+        return path
 
 
 _RUNNING: list[RunDir] = []
@@ -128,20 +153,51 @@ def record_drops(counts: Counter, key: str, lines: list[str], what: str) -> None
     console.print(f"dropped {len(lines)} {what}: {', '.join(lines[:5])}" + (" ..." if len(lines) > 5 else ""))
 
 
-def usable_responses(responses: Iterable[Response], prompt_ids: Container[str], where: str,
-                     counts: Counter) -> dict[str, list[Response]]:
-    """Each prompt's usable responses (status ok, non-blank text), by sample index. A response for a prompt
-    that is not in the prompts file is an error; failed or empty ones are counted and skipped."""
-    grouped: dict[str, list[Response]] = defaultdict(list)
+def seeded_digest(seed: int | str, key: str) -> bytes:
+    """sha256 of ``f"{seed}\\x1f{key}"``: a stable draw for ``key`` under ``seed``, independent of order,
+    process and ``PYTHONHASHSEED`` (annotate's presentation order, feedback's held-out questions). The other
+    seeded hashes each hash their own bytes (stored outputs depend on them): docs/architecture.md lists them."""
+    return hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()
+
+
+def failed_or_empty(r: Response) -> str:
+    """The default counter of a skipped response (both reasons in one count)."""
+    return "skipped_failed_or_empty_responses"
+
+
+def iter_usable(responses: Iterable[Response], prompt_ids: Container[str], where: str, counts: Counter,
+                skip_key: Callable[[Response], str] = failed_or_empty) -> Iterator[Response]:
+    """The usable responses (:attr:`Response.usable`: status ok, non-blank text), in file order. A response
+    for a prompt that is not in the prompts file is an error; failed or empty ones are counted under
+    ``skip_key(response)`` and skipped."""
     for r in responses:
         if r.prompt_id not in prompt_ids:
-            raise DataError("response for a prompt that is not in the prompts file", path=where, field="prompt_id",
-                            found=repr(r.prompt_id))
-        if r.status == "ok" and r.text.strip():
-            grouped[r.prompt_id].append(r)
+            raise DataError(f"response {r.prompt_id}/{r.sample_idx} answers a prompt that is not in the prompts "
+                            "file", path=where, field="prompt_id", found=repr(r.prompt_id))
+        if r.usable:
+            yield r
         else:
-            counts["skipped_failed_or_empty_responses"] += 1
+            counts[skip_key(r)] += 1
+
+
+def usable_responses(responses: Iterable[Response], prompt_ids: Container[str], where: str,
+                     counts: Counter) -> dict[str, list[Response]]:
+    """Each prompt's usable responses (:func:`iter_usable`), by sample index."""
+    grouped: dict[str, list[Response]] = defaultdict(list)
+    for r in iter_usable(responses, prompt_ids, where, counts):
+        grouped[r.prompt_id].append(r)
     return {pid: sorted(rs, key=lambda r: r.sample_idx) for pid, rs in grouped.items()}
+
+
+# The settings every training stage repeats, each defined once (type, default, description). Aliases rather than
+# a shared base class: a base's fields would come first in every dumped config.yaml and --help-config, and some
+# stages word these fields' descriptions for themselves (those keep a plain field of type ``Dtype``).
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+TrainingDtype = Annotated[Dtype, Field("auto", description=(
+    "auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision); with lora,\n"
+    "the frozen base in bf16 on GPUs that support it. bfloat16 / float16: the weights themselves in that dtype\n"
+    "(half the memory, but an update smaller than the weights' precision is lost, e.g. DPO's lr 5e-7)."))]
+TrustRemoteCode = Annotated[bool, Field(False, description="Allow model code from the checkpoint directory.")]
 
 
 def training_dtype(requested: str, lora: object | None = None) -> str:
@@ -151,3 +207,15 @@ def training_dtype(requested: str, lora: object | None = None) -> str:
     if requested != "auto":
         return requested
     return "auto" if lora is not None else "float32"
+
+
+def stage_tokenizer(model: str, trust_remote_code: bool):
+    """(resolved model path, its tokenizer with a chat template)."""
+    # imported here: every stage loads this module, and alignline.models pulls in torch
+    from alignline.data.chat import ensure_chat_template
+    from alignline.models import load_tokenizer, resolve_model
+
+    model_path = resolve_model(model)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    ensure_chat_template(tokenizer)
+    return model_path, tokenizer

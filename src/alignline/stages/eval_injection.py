@@ -12,7 +12,6 @@ makes zero judge calls.
 from __future__ import annotations
 
 import difflib
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,7 +20,14 @@ from pydantic import Field, model_validator
 from rich.table import Table
 
 from alignline.config import Section
-from alignline.data.io import atomic_write_bytes, atomic_write_json, read_pairs, read_prompts, read_records
+from alignline.data.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    jsonl_bytes,
+    read_pairs,
+    read_prompts,
+    read_records,
+)
 from alignline.data.records import Response
 from alignline.errors import DataError
 from alignline.evaluate.injection import CASE_NAMES, CASES, JudgeItem, run_suite
@@ -126,8 +132,7 @@ def run(cfg: InjectionConfig) -> Path:
     rd = RunDir("eval_injection", cfg, cfg.output_dir, {"pairs": cfg.pairs, "prompts": cfg.prompts,
                                                         "responses_a": cfg.responses_a,
                                                         "responses_b": cfg.responses_b})
-    if rd.up_to_date():
-        console.print(f"[green]eval injection: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     rd.start()
     t0 = time.perf_counter()
@@ -141,8 +146,8 @@ def run(cfg: InjectionConfig) -> Path:
                            template_version=PAIRWISE_VERSION, cases=cases, batch_size=cfg.batch_size)
     counts.update(result.counts)
     atomic_write_json(rd.path / "results.json", {"judge": judge_id, "template": PAIRWISE_VERSION, **result.summary})
-    atomic_write_bytes(rd.path / "verdicts.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in result.records))
-    atomic_write_bytes(rd.path / "failures.jsonl", b"".join(json.dumps(f).encode() + b"\n" for f in result.failures))
+    atomic_write_bytes(rd.path / "verdicts.jsonl", jsonl_bytes(result.records, ensure_ascii=True))
+    atomic_write_bytes(rd.path / "failures.jsonl", jsonl_bytes(result.failures, ensure_ascii=True))
     if not counts["engine_failures"]:
         rd.finish(counts, seconds=time.perf_counter() - t0, judge=judge_id, template=PAIRWISE_VERSION,
                   summary=result.summary)

@@ -29,7 +29,7 @@ from pathlib import Path
 from pydantic import Field
 
 from alignline.config import Section
-from alignline.data.io import atomic_write_bytes, atomic_write_json, fingerprint
+from alignline.data.io import atomic_write_json, fingerprint, write_records
 from alignline.errors import AlignlineError, ConfigError
 from alignline.evaluate import mtbench
 from alignline.generate.base import EngineSettings, SamplingParams, build_engine
@@ -114,8 +114,7 @@ def run(cfg: MTBenchConfig) -> Path:
         "judge_prompts": root / "judge_prompts.jsonl",
         "model": cfg.model.model if cfg.model is not None and cfg.model.engine == "hf" else None,
         "judge_model": cfg.judge.model if cfg.judge.engine == "hf" else None})
-    if rd.up_to_date():
-        console.print(f"[green]eval mtbench: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     rd.start()
     everything = mtbench.load_questions(cfg.reference_model, root)
@@ -141,8 +140,7 @@ def run(cfg: MTBenchConfig) -> Path:
         for engine in engines:
             getattr(engine, "close", lambda: None)()
     rows = mtbench.judgment_rows(jobs, outputs, judge_id)
-    atomic_write_bytes(rd.path / "judgments.jsonl",
-                       b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows))
+    write_records(rd.path / "judgments.jsonl", rows)
 
     results = {"model_id": answers[0].model_id, "judge": judge_id, "reference_model": cfg.reference_model,
                "repeats": cfg.repeats, "judge_sampling": cfg.judge_sampling.model_dump(mode="json"),

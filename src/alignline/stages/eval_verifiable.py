@@ -18,7 +18,6 @@ denominator and counts as not followed, and the failures are counted and listed.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from pydantic import Field
 from rich.table import Table
 
 from alignline.config import Section
-from alignline.data.io import atomic_write_bytes, atomic_write_json, read_prompts
+from alignline.data.io import atomic_write_bytes, atomic_write_json, jsonl_bytes, read_prompts
 from alignline.errors import DataError
 from alignline.evaluate import winrate as wr
 from alignline.generate.base import build_engine
@@ -87,14 +86,11 @@ def print_table(res: dict) -> None:
 def run(cfg: VerifiableConfig) -> Path:
     rd = RunDir("eval_verifiable", cfg, cfg.output_dir, {"prompts": cfg.prompts, "responses": cfg.model.responses,
                                                          "model": cfg.model.model})
-    if rd.up_to_date():
-        console.print(f"[green]eval verifiable: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     wr.check_system(cfg.model, "model")
     rd.start()
-    all_prompts = read_prompts(cfg.prompts)
-    if not all_prompts:
-        raise DataError("the prompts file holds no prompts", path=cfg.prompts, expected="at least one prompt record")
+    all_prompts = read_prompts(cfg.prompts, required=True)
     prompts = all_prompts[: cfg.max_prompts]
     bare = [p.id for p in prompts if not p.meta.get("instructions")]
     if bare:
@@ -107,7 +103,7 @@ def run(cfg: VerifiableConfig) -> Path:
     results, rows, failed = check_responses(prompts, responses, cfg.prompts)
     res = {"model": name, **aggregate(results), "failed_responses": len(failed), "failed_prompt_ids": failed,
            "failed_counted_as": "not followed"}
-    atomic_write_bytes(rd.path / "verifications.jsonl", b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+    atomic_write_bytes(rd.path / "verifications.jsonl", jsonl_bytes(rows, ensure_ascii=True))
     atomic_write_json(rd.path / "results.json", res)
     rd.finish(Counter(prompts=res["n_prompts"], instructions=res["n_instructions"], failed_responses=len(failed)),
               results={k: res[k] for k in METRICS})

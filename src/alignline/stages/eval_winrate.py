@@ -14,7 +14,6 @@ failure reasons, lengths), ``alpaca_eval/{model,reference}_outputs.json`` (Alpac
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -23,9 +22,8 @@ from pydantic import Field
 from rich.table import Table
 
 from alignline.config import Section
-from alignline.data.io import atomic_write_bytes, atomic_write_json, read_prompts
-from alignline.data.records import Rating
-from alignline.errors import DataError
+from alignline.data.io import atomic_write_json, read_prompts, write_records
+from alignline.data.records import Prompt, Rating, Response
 from alignline.evaluate import winrate as wr
 from alignline.generate.base import EngineSettings, LazyEngine, SamplingParams, build_engine
 from alignline.judges.cache import JudgeCache, ask_judge
@@ -110,29 +108,12 @@ def print_table(res: dict) -> None:
     console.print(table)
 
 
-def run(cfg: WinrateConfig) -> Path:
-    rd = RunDir("eval_winrate", cfg, cfg.output_dir, {
-        "prompts": cfg.prompts, "model_responses": cfg.model.responses, "model": cfg.model.model,
-        "reference_responses": cfg.reference.responses, "reference": cfg.reference.model,
-        "judge_model": cfg.judge.model})
-    if rd.up_to_date():
-        console.print(f"[green]eval winrate: {rd.path} is up to date[/green]; nothing to do")
-        return rd.path
-    wr.check_system(cfg.model, "model")
-    wr.check_system(cfg.reference, "reference")
-    rd.start()
-    all_prompts = read_prompts(cfg.prompts)
-    if not all_prompts:
-        raise DataError("the prompts file holds no prompts", path=cfg.prompts, expected="at least one prompt record")
-    prompts = all_prompts[: cfg.max_prompts]
-    known = {p.id for p in all_prompts}
-    # the module-level build_engine is looked up now, so a test can replace it
-    model_rs, model_name = wr.system_responses(cfg.model, "model", prompts, known, rd.path, build_engine)
-    ref_rs, ref_name = wr.system_responses(cfg.reference, "reference", prompts, known, rd.path, build_engine)
-
-    counts: Counter = Counter(prompts=len(prompts))
+def pair_rows(prompts: list[Prompt], model_rs: dict[str, Response], ref_rs: dict[str, Response],
+              counts: Counter) -> tuple[list[dict], list[tuple[Prompt, dict]]]:
+    """One judgments row per prompt, and the (prompt, row) of the prompts where both systems answered (a failed
+    response is counted per side and never judged)."""
     rows: list[dict] = []
-    jobs = []  # (prompt, row) of prompts where both systems answered
+    jobs = []
     for p in prompts:
         m, r = model_rs[p.id], ref_rs[p.id]
         row = {"prompt_id": p.id, "model_chars": len(m.text), "reference_chars": len(r.text)}
@@ -144,19 +125,31 @@ def run(cfg: WinrateConfig) -> Path:
                 counts[f"{side}_response_failures"] += 1
             continue
         jobs.append((p, row))
+    return rows, jobs
+
+
+def ask_both_orders(cfg: WinrateConfig, jobs: list[tuple[Prompt, dict]], model_rs: dict[str, Response],
+                    ref_rs: dict[str, Response], cache_path: Path, counts: Counter) -> tuple[str, list[str | None]]:
+    """(judge id, the judge's outputs: per job the model shown as A, then as B); cached calls are not made."""
     texts = [t for p, _ in jobs for t in (pairwise_prompt(p.messages, model_rs[p.id].text, ref_rs[p.id].text),
                                           pairwise_prompt(p.messages, ref_rs[p.id].text, model_rs[p.id].text))]
     judge_settings = EngineSettings.model_validate(cfg.judge.model_dump(include=set(EngineSettings.model_fields)))
     judge_id = f"llm:{cfg.judge.engine}:{cfg.judge.model}"
-    with JudgeCache(rd.path / "judge_cache.jsonl") as cache:
+    with JudgeCache(cache_path) as cache:
         outputs, calls = ask_judge(LazyEngine(judge_settings, build=build_engine), texts, cfg.judge.sampling, cache,
                                    judge_id=judge_id, template_version=PAIRWISE_VERSION,
                                    batch_size=cfg.judge.batch_size)
     counts["judge_calls"] = calls
+    return judge_id, outputs
 
+
+def prompt_outcomes(jobs: list[tuple[Prompt, dict]], outputs: list[str | None], tie_degrees: list[str],
+                    counts: Counter) -> tuple[list[float], list[int], list[str]]:
+    """(outcome of each judged prompt, its length difference model - reference, ids of prompts with a failed
+    order); each job's row gets its orders and outcome."""
     outcomes, diffs, failed_ids = [], [], []
     for k, (p, row) in enumerate(jobs):
-        orders, votes = judge_orders(outputs[2 * k: 2 * k + 2], list(cfg.tie_degrees), counts)
+        orders, votes = judge_orders(outputs[2 * k: 2 * k + 2], tie_degrees, counts)
         row["orders"] = orders
         if any(v is None for v in votes):
             row["outcome"] = "failure"  # counted and excluded, never a score
@@ -166,6 +159,39 @@ def run(cfg: WinrateConfig) -> Path:
         row.update(outcome=OUTCOME_NAMES[y], score=y)
         outcomes.append(y)
         diffs.append(row["model_chars"] - row["reference_chars"])
+    return outcomes, diffs, failed_ids
+
+
+def write_alpaca_eval(export: Path, prompts: list[Prompt], model_rs: dict[str, Response], model_name: str,
+                      ref_rs: dict[str, Response], ref_name: str) -> None:
+    """Both systems' outputs on ``prompts`` in AlpacaEval's input format."""
+    atomic_write_json(export / "model_outputs.json", wr.alpaca_eval_records(
+        prompts, {p.id: model_rs[p.id].text for p in prompts}, model_name))
+    atomic_write_json(export / "reference_outputs.json", wr.alpaca_eval_records(
+        prompts, {p.id: ref_rs[p.id].text for p in prompts}, ref_name))
+
+
+def run(cfg: WinrateConfig) -> Path:
+    rd = RunDir("eval_winrate", cfg, cfg.output_dir, {
+        "prompts": cfg.prompts, "model_responses": cfg.model.responses, "model": cfg.model.model,
+        "reference_responses": cfg.reference.responses, "reference": cfg.reference.model,
+        "judge_model": cfg.judge.model})
+    if rd.skip_if_done():
+        return rd.path
+    wr.check_system(cfg.model, "model")
+    wr.check_system(cfg.reference, "reference")
+    rd.start()
+    all_prompts = read_prompts(cfg.prompts, required=True)
+    prompts = all_prompts[: cfg.max_prompts]
+    known = {p.id for p in all_prompts}
+    # the module-level build_engine is looked up now, so a test can replace it
+    model_rs, model_name = wr.system_responses(cfg.model, "model", prompts, known, rd.path, build_engine)
+    ref_rs, ref_name = wr.system_responses(cfg.reference, "reference", prompts, known, rd.path, build_engine)
+
+    counts: Counter = Counter(prompts=len(prompts))
+    rows, jobs = pair_rows(prompts, model_rs, ref_rs, counts)
+    judge_id, outputs = ask_both_orders(cfg, jobs, model_rs, ref_rs, rd.path / "judge_cache.jsonl", counts)
+    outcomes, diffs, failed_ids = prompt_outcomes(jobs, outputs, list(cfg.tie_degrees), counts)
     rate, se = wr.win_rate(outcomes)
     fit = wr.fit_length_model(outcomes, diffs, lam=cfg.lc_l2)
     judged = [row for row in rows if "score" in row]
@@ -185,14 +211,9 @@ def run(cfg: WinrateConfig) -> Path:
         "mean_chars": {side: (sum(r[f"{side}_chars"] for r in judged) / len(judged) if judged else None)
                        for side in ("model", "reference")},
     }
-    atomic_write_bytes(rd.path / "judgments.jsonl",
-                       b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows))
-    both_ok = [p for p, _ in jobs]
+    write_records(rd.path / "judgments.jsonl", rows)
     export = rd.path / "alpaca_eval"
-    atomic_write_json(export / "model_outputs.json", wr.alpaca_eval_records(
-        both_ok, {p.id: model_rs[p.id].text for p in both_ok}, model_name))
-    atomic_write_json(export / "reference_outputs.json", wr.alpaca_eval_records(
-        both_ok, {p.id: ref_rs[p.id].text for p in both_ok}, ref_name))
+    write_alpaca_eval(export, [p for p, _ in jobs], model_rs, model_name, ref_rs, ref_name)
     atomic_write_json(rd.path / "results.json", res)
     counts.update(wins=res["wins"], ties=res["ties"], losses=res["losses"], judge_failures=len(failed_ids))
     rd.finish(counts, results=res)

@@ -18,8 +18,6 @@ rest to ``feedback.jsonl``; ``alignline judge-sft feedback=<this run dir>`` read
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
@@ -27,7 +25,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from alignline.config import Section
-from alignline.data.io import atomic_write_bytes, read_prompts, read_records, write_records
+from alignline.data.io import read_prompts, read_records, write_records
 from alignline.data.records import Prompt, Response
 from alignline.errors import AlignlineError, ConfigError, DataError
 from alignline.generate.base import EngineSettings, LazyEngine, SamplingParams
@@ -39,11 +37,12 @@ from alignline.judges.evaluator import (
     SCORE_MIN,
     FeedbackRecord,
     diagnose_evaluation,
+    distinct_criteria,
     evaluator_prompt,
     parse_evaluation,
     question_key,
 )
-from alignline.stages.common import RunDir, console
+from alignline.stages.common import RunDir, console, iter_usable, seeded_digest
 
 TRAIN_FILE, EVAL_FILE, FAILURES_FILE = "feedback.jsonl", "feedback_eval.jsonl", "failures.jsonl"
 
@@ -87,31 +86,12 @@ class FeedbackConfig(Section):
     seed: int = 0
     """Seed of the held-out split."""
 
-    @field_validator("criteria")
-    @classmethod
-    def _criteria(cls, v: list[str]) -> list[str]:
-        if not v or any(not c.strip() for c in v) or len(set(v)) != len(v):
-            raise ValueError("criteria must be a non-empty list of distinct names, e.g. [factuality, logic]")
-        return v
+    _criteria = field_validator("criteria")(distinct_criteria)
 
 
 def verifier_score(fraction: float) -> float:
     """Fraction of instructions followed (0..1) -> score (0 -> 2.0, 1 -> 10.0)."""
     return round(SCORE_MIN + (SCORE_MAX - SCORE_MIN) * fraction, 2)
-
-
-def usable_responses(prompts: dict[str, Prompt], responses: list[Response], counts: Counter,
-                     where: str) -> list[tuple[Prompt, Response]]:
-    out = []
-    for r in responses:
-        if r.prompt_id not in prompts:
-            raise DataError(f"response {r.prompt_id}/{r.sample_idx} answers a prompt that is not in the prompts "
-                            "file", path=where, field="prompt_id", found=repr(r.prompt_id))
-        if r.status != "ok" or not r.text.strip():
-            counts["skipped_failed_or_empty_responses"] += 1
-            continue
-        out.append((prompts[r.prompt_id], r))
-    return out
 
 
 def record_id(prompt_id: str, sample_idx: int, criterion: str) -> str:
@@ -207,7 +187,7 @@ def split_held_out(records: list[FeedbackRecord], fraction: float, seed: int):
     n_eval = round(fraction * len(keys))
     if fraction > 0 and len(keys) >= 2:
         n_eval = min(max(n_eval, 1), len(keys) - 1)
-    ranked = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}\x1f{k}".encode()).hexdigest())
+    ranked = sorted(keys, key=lambda k: seeded_digest(seed, k))
     held = set(ranked[:n_eval])
     train = [r for r in records if question_key(r.question) not in held]
     return train, [r for r in records if question_key(r.question) in held]
@@ -218,14 +198,14 @@ def run(cfg: FeedbackConfig) -> Path:
         else None
     rd = RunDir("feedback", cfg, cfg.output_dir, {"prompts": cfg.prompts, "responses": cfg.responses,
                                                   "corrections": cfg.corrections, "judge_model": judge_model})
-    if rd.up_to_date():
-        console.print(f"[green]feedback: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     rd.start()
     counts: Counter = Counter()
     corrections = read_corrections(cfg.corrections) if cfg.corrections else {}
     prompts = {p.id: p for p in read_prompts(cfg.prompts)}
-    items = usable_responses(prompts, read_records(cfg.responses, Response), counts, cfg.responses)
+    items = [(prompts[r.prompt_id], r)
+             for r in iter_usable(read_records(cfg.responses, Response), prompts, cfg.responses, counts)]
     failures: list[dict] = []
     if cfg.judge.type == "verifier":
         records = verifier_feedback(items, cfg.verifier_criterion, counts)
@@ -236,8 +216,7 @@ def run(cfg: FeedbackConfig) -> Path:
     counts["train_records"], counts["eval_records"] = len(train), len(held)
     write_records(rd.path / TRAIN_FILE, train)
     write_records(rd.path / EVAL_FILE, held)
-    atomic_write_bytes(rd.path / FAILURES_FILE, b"".join(json.dumps(f, ensure_ascii=False).encode() + b"\n"
-                                                         for f in failures))
+    write_records(rd.path / FAILURES_FILE, failures)
     if counts["corrections_unmatched"]:
         console.print(f"[yellow]feedback: {counts['corrections_unmatched']} corrections in {cfg.corrections} match "
                       "no judged item (ids are <prompt id>/<sample idx>/<criterion>); left out[/yellow]")

@@ -17,7 +17,6 @@ by the model's files), and each one's parse is in ``evaluations_before.jsonl`` /
 from __future__ import annotations
 
 import gc
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -27,7 +26,6 @@ from pydantic import Field
 from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, tokenise_conversation
 from alignline.data.io import (
-    atomic_write_bytes,
     atomic_write_json,
     fingerprint,
     read_manifest,
@@ -48,9 +46,9 @@ from alignline.judges.evaluator import (
     parse_evaluation,
     question_key,
 )
-from alignline.models import LoraSettings, load_tokenizer, resolve_model
+from alignline.models.loading import LoraSettings, load_tokenizer, resolve_model
 from alignline.stages import sft
-from alignline.stages.common import RunDir, console
+from alignline.stages.common import Dtype, RunDir, console
 from alignline.stages.feedback import EVAL_FILE, TRAIN_FILE
 from alignline.train.loop import TrainSettings
 
@@ -87,7 +85,7 @@ class JudgeSFTConfig(Section):
     """Optimiser and loop settings (sft defaults)."""
     lora: LoraSettings | None = None
     """Train LoRA adapters instead of all weights (merged into the saved model)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"
     """Weights dtype for loading (training and the agreement check)."""
     chat_template: Literal["model", "fallback"] = "model"
     """The tokenizer's own chat template, or alignline's fallback (always used when the model has none)."""
@@ -157,7 +155,7 @@ def evaluate(model_path: Path, cfg: JudgeSFTConfig, held: list[FeedbackRecord], 
         rows.append({"id": rec.id, "criterion": rec.criterion, "gold": rec.score,
                      "score": None if parsed is None else parsed.score,
                      "failure": None if parsed is not None else diagnose_evaluation(raw), "output": raw})
-    atomic_write_bytes(out_file, b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows))
+    write_records(out_file, rows)
     groups = [(question_key(r.question), r.criterion) for r in held]
     return {**agreement(groups, [r.score for r in held], pred), "model": str(model_path), "evaluator_calls": calls}
 
@@ -186,8 +184,7 @@ def run(cfg: JudgeSFTConfig) -> Path:
     train_path, held_path = feedback_paths(cfg)
     rd = RunDir("judge_sft", cfg, cfg.output_dir, {"model": cfg.model, "feedback": train_path,
                                                    "eval_feedback": held_path})
-    if rd.up_to_date():
-        console.print(f"[green]judge-sft: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     import torch
     from accelerate import PartialState

@@ -127,8 +127,7 @@ def run(cfg: PrepareConfig) -> Path:
     if src is None:
         raise ConfigError("path is required when source=conversations")
     rd = RunDir("prepare", cfg, cfg.output_dir, {"source": src})
-    if rd.up_to_date():
-        console.print(f"[green]prepare: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     rd.start()
     counts: Counter = Counter()
@@ -145,7 +144,7 @@ def run(cfg: PrepareConfig) -> Path:
 
     tokenizer = None
     if cfg.tokenizer:
-        from alignline.models import load_tokenizer
+        from alignline.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer)
         ensure_chat_template(tokenizer)

@@ -33,6 +33,7 @@ from alignline.config import Section
 from alignline.generate.base import SamplingParams
 from alignline.generate.endpoint import OpenAIConnection
 from alignline.rewards import RewardSpec
+from alignline.stages.common import Dtype, TrustRemoteCode
 from alignline.train.loop import TrainSettings
 
 
@@ -161,10 +162,9 @@ class RLConfig(Section):
     """Held-out greedy evaluation (train.eval_every steps, and at the start and the end)."""
     max_prompt_tokens: int = Field(1024, gt=0)
     """Prompts longer than this (rendered) are dropped and counted."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"
     """auto: float32 weights (bf16 autocast on GPUs that support it)."""
-    trust_remote_code: bool = False
-    """Allow model code from the checkpoint directory."""
+    trust_remote_code: TrustRemoteCode
     resume: bool = True
     """Continue from the newest complete checkpoint and the rollouts on disk."""
 

@@ -75,7 +75,7 @@ def push_weights(cfg: RLConfig, policy, tokenizer, out: Path) -> None:
     """Save the policy and ask the server to reload it (SGLang's update_weights_from_disk body)."""
     import urllib.request
 
-    from alignline.models import save_model
+    from alignline.models.saving import save_model
 
     save_model(policy, tokenizer, out)
     req = urllib.request.Request(cfg.openai.weights_url, data=json.dumps({"model_path": str(out.resolve())}).encode(),
@@ -196,7 +196,8 @@ def eval_fn(cfg: RLConfig, tokenizer, root: Path):
         atomic_write_bytes(root / ("eval_last.jsonl" if start.exists() else "eval_start.jsonl"), jsonl_bytes(rows))
         return {"instruction_strict": rate, "instruction_strict_se": math.sqrt(rate * (1 - rate) / len(inst)),
                 "instruction_loose": sum(x for r in rows for x in r["loose"]) / len(inst),
-                "prompt_strict": sum(all(r["strict"]) for r in rows) / len(rows), "instructions": len(inst)}
+                "prompt_strict": sum(all(r["strict"]) for r in rows) / len(rows), "instructions": len(inst),
+                "response_words": mean_words(rows)}
 
     return evaluate
 
@@ -215,7 +216,15 @@ def paired_change(root: Path) -> dict | None:
     n = len(d)
     mean = sum(d) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1)) if n > 1 else 0.0
-    return {"start": sum(x) / n, "end": sum(y) / n, "change": mean, "paired_se": sd / math.sqrt(n), "n": n}
+    return {"start": sum(x) / n, "end": sum(y) / n, "change": mean, "paired_se": sd / math.sqrt(n), "n": n,
+            "start_words": mean_words(r for _, r in iter_jsonl(a)), "end_words": mean_words(r for _, r in iter_jsonl(b))}
+
+
+def mean_words(rows) -> float:
+    """Mean length in words of the answers (beside a pass rate: a policy that stops answering passes many
+    instructions vacuously)."""
+    lengths = [len(r["text"].split()) for r in rows]
+    return sum(lengths) / max(len(lengths), 1)
 
 
 def iteration_rows(root: Path, iterations: int) -> list[dict]:
@@ -240,13 +249,14 @@ def iteration_rows(root: Path, iterations: int) -> list[dict]:
 
 
 def run(cfg: RLConfig) -> Path:
-    from alignline.models import load_causal_lm, load_reward_model, resolve_model
-    from alignline.stages.dpo import stage_tokenizer
-    from alignline.train.loop import make_accelerator, save_trained_model, train
+    from alignline.models.loading import load_causal_lm, load_reward_model, resolve_model
+    from alignline.stages.common import stage_tokenizer
+    from alignline.train.accelerator import make_accelerator
+    from alignline.train.checkpoint import save_trained_model
+    from alignline.train.loop import train
 
     rd = RunDir("rl", cfg, cfg.output_dir, {"model": cfg.model, "prompts": cfg.prompts, "eval": cfg.eval.prompts})
-    if rd.up_to_date():
-        console.print(f"[green]rl: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     accelerator = make_accelerator(cfg.train, rd.path)
     if accelerator.num_processes > 1:
@@ -306,6 +316,7 @@ def run(cfg: RLConfig) -> Path:
     console.print(f"[green]rl done[/green] ({cfg.loss.estimator}): {cfg.iterations} iterations, {result.steps} steps; "
                   f"last reward {last.get('reward_mean', float('nan')):.4f}"
                   + (f"; held-out strict instruction pass rate {change['start']:.3f} -> {change['end']:.3f} "
-                     f"({change['change']:+.3f} +- {change['paired_se']:.3f} paired SE, n={change['n']})" if change else "")
+                     f"({change['change']:+.3f} +- {change['paired_se']:.3f} paired SE, n={change['n']}; answers "
+                     f"{change['start_words']:.1f} -> {change['end_words']:.1f} words)" if change else "")
                   + f"\n  model: {rd.path / 'model'}\n  iterations: {rd.path / 'iterations.jsonl'}")
     return rd.path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -21,11 +22,20 @@ from alignline.config import Section
 from alignline.data.io import atomic_write_json
 from alignline.data.records import RATINGS
 from alignline.judges.reward import pair_rewards
-from alignline.models import LoraSettings, load_reward_model
-from alignline.stages.common import RunDir, console, training_dtype
-from alignline.stages.dpo import PairData, load_pairs_for, make_plan, stage_tokenizer
-from alignline.train.loop import TrainSettings, make_accelerator, save_trained_model, train
-from alignline.train.pairs import collate_pairs
+from alignline.models.loading import LoraSettings, load_reward_model
+from alignline.stages.common import (
+    RunDir,
+    TrainingDtype,
+    TrustRemoteCode,
+    console,
+    stage_tokenizer,
+    training_dtype,
+)
+from alignline.train.accelerator import make_accelerator
+from alignline.train.checkpoint import save_trained_model
+from alignline.train.loop import TrainSettings, train
+from alignline.train.pairs import TokenisedPair, collate_pairs
+from alignline.train.preference import PairData, load_pairs_for, make_plan
 from alignline.train.telemetry import Telemetry
 
 RM_METRICS = ("accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin")
@@ -61,36 +71,32 @@ class RMConfig(Section):
     """Pairs per forward pass in evaluation."""
     lora: LoraSettings | None = None
     """Train LoRA adapters (+ the head), merged into the saved model."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision); with lora,
-    the frozen base in bf16 on GPUs that support it. bfloat16 / float16: the weights themselves in that dtype
-    (half the memory, but an update smaller than the weights' precision is lost, e.g. DPO's lr 5e-7)."""
-    trust_remote_code: bool = False
-    """Allow model code from the checkpoint directory."""
+    dtype: TrainingDtype
+    trust_remote_code: TrustRemoteCode
     resume: bool = True
     """Continue from the newest complete checkpoint in output_dir."""
 
 
 def rm_step_fn(model, batch):
-    r_c, r_r = pair_rewards(model, batch)
-    loss_vec, c, r = losses.bradley_terry_loss(r_c, r_r, batch.get("margin"))
-    metrics = {"accuracy": float((c > r).float().sum()), "rewards/chosen": float(c.sum()),
-               "rewards/rejected": float(r.sum()), "rewards/margin": float((c - r).sum())}
-    return loss_vec.sum(), int(r_c.shape[0]), metrics
+    scores_chosen, scores_rejected = pair_rewards(model, batch)
+    loss_vec, chosen, rejected = losses.bradley_terry_loss(scores_chosen, scores_rejected, batch.get("margin"))
+    metrics = {"accuracy": float((chosen > rejected).float().sum()), "rewards/chosen": float(chosen.sum()),
+               "rewards/rejected": float(rejected.sum()), "rewards/margin": float((chosen - rejected).sum())}
+    return loss_vec.sum(), int(scores_chosen.shape[0]), metrics
 
 
 @torch.no_grad()
-def evaluate_rm(model, examples: list[dict], *, pad_id: int, layout: str, batch_size: int, device) -> dict:
-    """Accuracy overall and per rating level, and score statistics, on ``examples``."""
+def evaluate_rm(model, pairs: list[TokenisedPair], *, pad_id: int, layout: str, batch_size: int, device) -> dict:
+    """Accuracy overall and per rating level, and score statistics, on ``pairs``."""
     model.eval()
     chosen, rejected, ratings = [], [], []
-    for s in range(0, len(examples), batch_size):
-        part = examples[s: s + batch_size]
+    for s in range(0, len(pairs), batch_size):
+        part = pairs[s: s + batch_size]
         batch = {k: v.to(device) for k, v in collate_pairs(part, pad_id, layout).items()}
-        r_c, r_r = pair_rewards(model, batch)
-        chosen += r_c.tolist()
-        rejected += r_r.tolist()
-        ratings += [e.get("rating") or "unrated" for e in part]
+        scores_chosen, scores_rejected = pair_rewards(model, batch)
+        chosen += scores_chosen.tolist()
+        rejected += scores_rejected.tolist()
+        ratings += [pair.rating or "unrated" for pair in part]
     return summarize_scores(chosen, rejected, ratings)
 
 
@@ -119,26 +125,24 @@ def summarize_scores(chosen: list[float], rejected: list[float], ratings: list[s
 
 def run(cfg: RMConfig) -> Path:
     rd = RunDir("rm", cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train, "eval": cfg.data.eval})
-    if rd.up_to_date():
-        console.print(f"[green]rm: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     accelerator = make_accelerator(cfg.train, rd.path)
     rd.start(accelerator.wait_for_everyone)
     model_path, tokenizer = stage_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id, layout = tokenizer.pad_token_id, cfg.pair_layout
     counts: Counter = Counter()
-    examples, eval_examples = load_pairs_for(cfg.data, tokenizer, counts, keep_tail=True)
+    train_pairs, eval_pairs = load_pairs_for(cfg.data, tokenizer, counts, keep_tail=True)
     if cfg.margin_by_rating:
-        for ex in examples:
-            ex["margin"] = cfg.margins.get(ex.get("rating") or "", 0.0)
-    counts["ratings"] = dict(Counter(ex.get("rating") or "unrated" for ex in examples))
+        train_pairs = [replace(pair, margin=cfg.margins.get(pair.rating or "", 0.0)) for pair in train_pairs]
+    counts["ratings"] = dict(Counter(pair.rating or "unrated" for pair in train_pairs))
 
     device_dtype = training_dtype(cfg.dtype, cfg.lora)
     model = load_reward_model(model_path, dtype=device_dtype, trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
     model.to(accelerator.device)
 
     def evaluate(m) -> dict[str, float]:
-        ev = evaluate_rm(m, eval_examples, pad_id=pad_id, layout=layout, batch_size=cfg.eval_batch_size,
+        ev = evaluate_rm(m, eval_pairs, pad_id=pad_id, layout=layout, batch_size=cfg.eval_batch_size,
                          device=accelerator.device)
         flat = {k: v for k, v in ev.items() if isinstance(v, (int, float))}
         flat.update({f"accuracy/{k}": v["accuracy"] for k, v in ev["accuracy_by_rating"].items()})
@@ -146,19 +150,19 @@ def run(cfg: RMConfig) -> Path:
 
     tel = Telemetry(accelerator.device)
     result = train(
-        model, accelerator=accelerator, settings=cfg.train, out_dir=rd.path, plan=make_plan(examples, cfg.train, layout, accelerator.num_processes),
-        collate=lambda ix: collate_pairs([examples[i] for i in ix], pad_id, layout),
+        model, accelerator=accelerator, settings=cfg.train, out_dir=rd.path, plan=make_plan(train_pairs, cfg.train, layout, accelerator.num_processes),
+        collate=lambda ix: collate_pairs([train_pairs[i] for i in ix], pad_id, layout),
         count_units=lambda b: int(b["n_pairs"]), step_fn=rm_step_fn,
-        evaluate=evaluate if eval_examples else None, metric_keys=RM_METRICS, resume=cfg.resume and not rd.fresh, desc="rm",
+        evaluate=evaluate if eval_pairs else None, metric_keys=RM_METRICS, resume=cfg.resume and not rd.fresh, desc="rm",
         telemetry=tel, count_logits=lambda b: 2 * int(b["n_pairs"]),  # the scalar head reads each response's last token
     )
     if result.stopped_early:
         console.print(f"rm: stopped after step {result.steps} as asked; rerun to resume")
         return rd.path
     with tel.phase("final_eval"):
-        final = evaluate_rm(accelerator.unwrap_model(model), eval_examples or examples, pad_id=pad_id, layout=layout,
+        final = evaluate_rm(accelerator.unwrap_model(model), eval_pairs or train_pairs, pad_id=pad_id, layout=layout,
                             batch_size=cfg.eval_batch_size, device=accelerator.device)
-    final["split"] = "eval" if eval_examples else "train (no data.eval given)"
+    final["split"] = "eval" if eval_pairs else "train (no data.eval given)"
     with tel.phase("save_model"):
         save_trained_model(accelerator, model, tokenizer, rd.path / "model")
     if accelerator.is_main_process:

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignline.config import Section, ShardSetting
 from alignline.data.io import (
@@ -34,7 +34,7 @@ from alignline.data.io import (
     write_records,
 )
 from alignline.data.records import Response
-from alignline.errors import ConfigError, DataError
+from alignline.errors import DataError
 from alignline.generate.base import EngineSettings, SamplingParams, build_engine
 from alignline.generate.endpoint import OpenAIConnection
 from alignline.matrix import MatrixMember, human_responses, load_matrix
@@ -81,6 +81,13 @@ class SampleConfig(Section):
     trust_remote_code: bool = False
     """hf: allow model code from the checkpoint directory."""
 
+    @model_validator(mode="after")
+    def _one_source(self) -> SampleConfig:
+        """Checked with the config, so ``alignline run --dry-run`` sees it."""
+        if (self.model is None) == (self.matrix is None):
+            raise ValueError("sample needs exactly one of model=... (one model) or matrix=MATRIX.yaml (a TSO model "
+                             "matrix)")
+        return self
 
 
 def make_engine(cfg: SampleConfig, device=None):
@@ -111,8 +118,7 @@ def _run_matrix(cfg: SampleConfig) -> Path:
     rd = RunDir("sample", cfg, cfg.output_dir, {
         "prompts": cfg.prompts, "matrix": cfg.matrix,
         **{f"member:{m.name}": m.responses or (m.engine.model if m.engine else None) for m in members}})
-    if rd.up_to_date():
-        console.print(f"[green]sample: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     rd.start()
     shared = cfg.model_dump(exclude={"matrix", "model", "engine", "openai", "dtype", "max_batch", "trust_remote_code",
@@ -148,14 +154,10 @@ def _run_matrix(cfg: SampleConfig) -> Path:
 
 
 def run(cfg: SampleConfig) -> Path:
-    if (cfg.model is None) == (cfg.matrix is None):
-        raise ConfigError("sample needs exactly one of model=... (one model) or matrix=MATRIX.yaml (a TSO model "
-                          "matrix)")
     if cfg.matrix is not None:
         return _run_matrix(cfg)
     rd = RunDir("sample", cfg, cfg.output_dir, {"prompts": cfg.prompts, "model": cfg.model})
-    if rd.up_to_date():
-        console.print(f"[green]sample: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     import torch
     from accelerate import PartialState

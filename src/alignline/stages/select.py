@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignline.config import Section
 from alignline.data.io import atomic_write_json, read_prompts, read_records, write_records
@@ -82,6 +82,31 @@ class SelectConfig(Section):
     seed: int = 0
     """Seed of the rso and matrix draws."""
 
+    @model_validator(mode="after")
+    def _inputs_of_the_strategy(self) -> SelectConfig:
+        """The settings the mode and strategy need, checked with the config (so ``alignline run --dry-run``
+        sees them); what needs the ranked sets (ranks beyond the smallest set) is checked by run()."""
+        if self.mode == "pairs" and self.strategy == "matrix":
+            if self.matrix is None or self.prompts is None:
+                raise ValueError("strategy=matrix needs matrix=MATRIX.yaml (the model matrix) and prompts=PROMPTS "
+                                 "(the prompts the member responses answer)")
+            if self.self_ratio > 0 and self.ranked is None:
+                raise ValueError(f"strategy=matrix with self_ratio={self.self_ratio} needs ranked=... (the policy's "
+                                 "own samples ranked by `alignline score`); or set self_ratio=0 for matrix pairs only")
+            return self
+        if self.ranked is None:
+            raise ValueError("select needs ranked=... (ranked sets from `alignline score`)")
+        if self.mode == "pairs" and self.strategy == "fixed_rank":
+            if self.rejected_rank is None:
+                raise ValueError("strategy=fixed_rank needs rejected_rank (e.g. rejected_rank=32)")
+            if self.rejected_rank == self.rank:
+                raise ValueError(f"the rejected rank equals the chosen rank ({self.rank}): set rejected_rank to "
+                                 "another rank than rank")
+        if self.mode == "pairs" and self.strategy == "policy_matched" and self.policy_scores is None:
+            raise ValueError("strategy=policy_matched needs policy_scores: ranked sets of the current policy's "
+                             "own samples scored by the same reward model")
+        return self
+
 
 def _scores(rs: RankedSet) -> list[float]:
     return [r.scores[rs.scorer] for r in rs.responses]
@@ -131,12 +156,6 @@ def _pair(rs: RankedSet, ci: int, ri: int, strategy: str) -> Pair:
 
 
 def _matrix_inputs(cfg: SelectConfig) -> tuple[MatrixConfig, dict]:
-    if cfg.matrix is None or cfg.prompts is None:
-        raise ConfigError("strategy=matrix needs matrix=MATRIX.yaml (the model matrix) and prompts=PROMPTS "
-                          "(the prompts the member responses answer)")
-    if cfg.self_ratio > 0 and cfg.ranked is None:
-        raise ConfigError(f"strategy=matrix with self_ratio={cfg.self_ratio} needs ranked=... (the policy's own "
-                          "samples ranked by `alignline score`); or set self_ratio=0 for matrix pairs only")
     matrix = load_matrix(cfg.matrix)
     inputs = {"matrix": cfg.matrix, "prompts": cfg.prompts, "responses": cfg.responses,
               **{f"member:{m.name}": m.responses for m in matrix.used() if m.responses},
@@ -227,14 +246,11 @@ def run(cfg: SelectConfig) -> Path:
         matrix, extra = _matrix_inputs(cfg)
         inputs.update(extra)
     rd = RunDir("select", cfg, cfg.output_dir, inputs)
-    if rd.up_to_date():
-        console.print(f"[green]select: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     if matrix is not None:
         rd.start()
         return _run_matrix(cfg, matrix, rd)
-    if cfg.ranked is None:
-        raise ConfigError("select needs ranked=... (ranked sets from `alignline score`)")
     rd.start()
     sets = read_records(cfg.ranked, RankedSet)
     if not sets:
@@ -254,15 +270,10 @@ def run(cfg: SelectConfig) -> Path:
     else:
         rejected_rank = None
         if cfg.strategy == "fixed_rank":
-            if cfg.rejected_rank is None:
-                raise ConfigError("strategy=fixed_rank needs rejected_rank (e.g. rejected_rank=32)")
             rejected_rank = cfg.rejected_rank
         elif cfg.strategy == "best_worst":
             rejected_rank = n_min
         elif cfg.strategy == "policy_matched":
-            if cfg.policy_scores is None:
-                raise ConfigError("strategy=policy_matched needs policy_scores: ranked sets of the current policy's "
-                                  "own samples scored by the same reward model")
             policy = read_records(cfg.policy_scores, RankedSet)[: cfg.policy_prompts]
             all_scores = [x for s in policy for x in _scores(s)]
             if not all_scores:

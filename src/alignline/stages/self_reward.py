@@ -22,8 +22,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from alignline.stages.common import RunDir, console
-from alignline.stages.dpo import LossSettings
+from alignline.stages.common import RunDir
 from alignline.stages.select import SelectConfig
 from alignline.stages.tso import TSOConfig
 from alignline.stages.tso_loop import (
@@ -38,6 +37,7 @@ from alignline.stages.tso_loop import (
     run_stages,
     settings_of,
 )
+from alignline.train.preference import LossSettings
 
 DPOSettings = settings_of(
     TSOConfig, "DPOSettings",
@@ -81,8 +81,7 @@ def plan(cfg: SelfRewardConfig) -> list[Stage]:
 def run(cfg: SelfRewardConfig) -> Path:
     stages = plan(cfg)
     rd = RunDir("self_reward", cfg, cfg.output_dir, judge_inputs(cfg))
-    if rd.up_to_date():
-        console.print(f"[green]self-reward: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     rd.start()
     return run_stages(cfg, "self-reward", stages, rd)

@@ -13,11 +13,13 @@ from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, fit_to_length, tokenise_conversation
 from alignline.data.io import read_conversations
 from alignline.errors import ConfigError
-from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model
-from alignline.stages.common import RunDir, console, record_drops, training_dtype
+from alignline.models.loading import LoraSettings, load_causal_lm, load_tokenizer, resolve_model
+from alignline.stages.common import RunDir, TrainingDtype, console, record_drops, training_dtype
+from alignline.train.accelerator import make_accelerator
 from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded
+from alignline.train.checkpoint import save_trained_model
 from alignline.train.lm import causal_lm_loss
-from alignline.train.loop import TrainSettings, make_accelerator, save_trained_model, train
+from alignline.train.loop import TrainResult, TrainSettings, train
 from alignline.train.telemetry import Telemetry
 
 
@@ -63,10 +65,7 @@ class SFTConfig(Section):
     """Optimiser and loop settings."""
     lora: LoraSettings | None = None
     """Train LoRA adapters instead of all weights (merged into the saved model)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision); with lora,
-    the frozen base in bf16 on GPUs that support it. bfloat16 / float16: the weights themselves in that dtype
-    (half the memory, but an update smaller than the weights' precision is lost, e.g. DPO's lr 5e-7)."""
+    dtype: TrainingDtype
     chat_template: Literal["model", "fallback"] = "model"
     """The tokenizer's own chat template, or alignline's fallback (always used when the model has none)."""
     trust_remote_code: bool = False
@@ -104,42 +103,41 @@ def over_size(limit: int | None) -> Callable[[dict], str | None] | None:
     return check
 
 
-def run(cfg: SFTConfig, stage: str = "sft") -> Path:
-    rd = RunDir(stage, cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train, "eval": cfg.data.eval})
-    if rd.up_to_date():
-        console.print(f"[green]{stage}: {rd.path} is up to date[/green] (same config and inputs); nothing to do")
-        return rd.path
-    accelerator = make_accelerator(cfg.train, rd.path)
-    rd.start(accelerator.wait_for_everyone)
+def sft_tokenizer(cfg: SFTConfig):
+    """(resolved model path, its tokenizer with the chat template ``cfg.chat_template`` asks for)."""
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     if cfg.chat_template == "fallback":
         tokenizer.chat_template = None
     if ensure_chat_template(tokenizer):
         console.print("sft: the model has no chat template; using alignline's fallback template")
+    return model_path, tokenizer
 
-    counts: Counter = Counter()
+
+def load_examples(data: SFTData, tokenizer, counts: Counter) -> tuple[list[dict], list[dict]]:
+    """Training and eval examples (input_ids, labels); what was read, dropped and kept is counted."""
     skipped: list[str] = []
-    convs = read_conversations(cfg.data.train, drop=over_size(cfg.data.max_record_chars), dropped=skipped)
-    if cfg.data.max_examples is not None:
-        convs = convs[: cfg.data.max_examples]
+    convs = read_conversations(data.train, drop=over_size(data.max_record_chars), dropped=skipped)
+    if data.max_examples is not None:
+        convs = convs[: data.max_examples]
     counts["conversations"] = len(convs)
     record_drops(counts, "dropped_over_max_record_chars", skipped, "conversation(s) over data.max_record_chars")
-    examples = tokenise_all(convs, tokenizer, cfg.data.max_length, cfg.data.long_examples, cfg.data.train_on,
-                            counts, cfg.data.train)
+    examples = tokenise_all(convs, tokenizer, data.max_length, data.long_examples, data.train_on, counts, data.train)
     counts["examples"] = len(examples)
     if not examples:
-        raise ConfigError(f"data.train {cfg.data.train}: no usable examples ({dict(counts)})")
+        raise ConfigError(f"data.train {data.train}: no usable examples ({dict(counts)})")
     eval_examples = []
-    if cfg.data.eval:
-        eval_examples = tokenise_all(read_conversations(cfg.data.eval, drop=over_size(cfg.data.max_record_chars)),
-                                     tokenizer, cfg.data.max_length,
-                                     cfg.data.long_examples, cfg.data.train_on, Counter(), cfg.data.eval)
+    if data.eval:
+        eval_examples = tokenise_all(read_conversations(data.eval, drop=over_size(data.max_record_chars)),
+                                     tokenizer, data.max_length, data.long_examples, data.train_on, Counter(), data.eval)
     counts["trained_tokens"] = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
     counts["tokens"] = sum(len(e["input_ids"]) for e in examples)
+    return examples, eval_examples
 
+
+def batching(cfg: SFTConfig, examples: list[dict], pad_id: int) -> tuple[Callable, Callable]:
+    """The loop's ``plan(epoch)`` and ``collate``: packed rows of max_length tokens, or padded batches."""
     lengths = [len(e["input_ids"]) for e in examples]
-    pad_id = tokenizer.pad_token_id
     s = cfg.train
     if cfg.data.packing:
         def plan(epoch):
@@ -153,33 +151,25 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
 
         def collate(ix):
             return collate_padded([examples[i] for i in ix], pad_id)
+    return plan, collate
 
-    model = load_causal_lm(model_path, dtype=training_dtype(cfg.dtype, cfg.lora),
-                           trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
+
+def lm_eval_fn(eval_examples: list[dict], batch_size: int, pad_id: int, device) -> Callable:
+    """The loop's ``evaluate(model)``: the mean loss per trained token over ``eval_examples``."""
 
     def evaluate(m) -> dict[str, float]:
         total, n = 0.0, 0
-        for i in range(0, len(eval_examples), s.batch_size):
-            b = collate_padded(eval_examples[i: i + s.batch_size], pad_id)
-            b = {k: v.to(accelerator.device) for k, v in b.items()}
+        for i in range(0, len(eval_examples), batch_size):
+            b = collate_padded(eval_examples[i: i + batch_size], pad_id)
+            b = {k: v.to(device) for k, v in b.items()}
             loss_sum, units, _ = causal_lm_loss(m, b)
             total, n = total + float(loss_sum), n + units
         return {"loss": total / max(n, 1)}
 
-    tel = Telemetry(accelerator.device)
-    result = train(
-        model, accelerator=accelerator, settings=s, out_dir=rd.path, plan=plan, collate=collate,
-        count_units=count_targets, step_fn=causal_lm_loss, evaluate=evaluate if eval_examples else None,
-        resume=cfg.resume and not rd.fresh, desc=stage, telemetry=tel,
-    )
-    if result.stopped_early:
-        console.print(f"{stage}: stopped after step {result.steps} as asked (train.stop_after_step); rerun to resume")
-        return rd.path
-    with tel.phase("save_model"):
-        save_trained_model(accelerator, model, tokenizer, rd.path / "model")
-    rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
-              eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start, model_dir=str(rd.path / "model"),
-              phases=tel.summary())
+    return evaluate
+
+
+def report(stage: str, rd: RunDir, result: TrainResult, counts: Counter) -> None:
     console.print(
         f"[green]{stage} done[/green]: {result.steps} steps in {result.seconds:.0f}s, "
         f"final loss {result.last_metrics.get('loss', float('nan')):.4f}"
@@ -189,4 +179,36 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
         f"  checkpoint (HF format): {rd.path / 'model'}\n  metrics: {rd.path / 'metrics.jsonl'}\n"
         f"  resolved config: {rd.path / 'config.yaml'}\n  counts: {dict(counts)}"
     )
+
+
+def run(cfg: SFTConfig, stage: str = "sft") -> Path:
+    rd = RunDir(stage, cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train, "eval": cfg.data.eval})
+    if rd.skip_if_done():
+        return rd.path
+    accelerator = make_accelerator(cfg.train, rd.path)
+    rd.start(accelerator.wait_for_everyone)
+    model_path, tokenizer = sft_tokenizer(cfg)
+    counts: Counter = Counter()
+    examples, eval_examples = load_examples(cfg.data, tokenizer, counts)
+    pad_id = tokenizer.pad_token_id
+    plan, collate = batching(cfg, examples, pad_id)
+    model = load_causal_lm(model_path, dtype=training_dtype(cfg.dtype, cfg.lora),
+                           trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
+    evaluate = lm_eval_fn(eval_examples, cfg.train.batch_size, pad_id, accelerator.device)
+    tel = Telemetry(accelerator.device)
+    result = train(
+        model, accelerator=accelerator, settings=cfg.train, out_dir=rd.path, plan=plan, collate=collate,
+        count_units=count_targets, step_fn=causal_lm_loss, evaluate=evaluate if eval_examples else None,
+        resume=cfg.resume and not rd.fresh, desc=stage, telemetry=tel,
+    )
+    if result.stopped_early:
+        console.print(f"{stage}: stopped after step {result.steps} as asked (train.stop_after_step); rerun to resume")
+        return rd.path
+    with tel.phase("save_model"):
+        save_trained_model(accelerator, model, tokenizer, rd.path / "model",
+                           merge_lora=cfg.lora is None or cfg.lora.save == "merged")
+    rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
+              eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start, model_dir=str(rd.path / "model"),
+              phases=tel.summary())
+    report(stage, rd, result, counts)
     return rd.path

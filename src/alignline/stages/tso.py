@@ -5,7 +5,9 @@ k = 1..K the reference is the policy after mini-batch k-1 (k = 1: the starting m
 mini-batch k are computed in one no-grad pass with the *current* weights just before training on it, so
 no second model is ever held. Each mini-batch is a run of the shared loop in ``iter-k/`` (own schedule,
 checkpoints, exact resume) and its result is saved as version ``versions/v{k}``. Dual-clip is the default
-loss; any loss of ``alignline dpo`` works.
+loss; any loss of ``alignline dpo`` works. Once the run is complete only the final version is kept (the
+intermediate ones serve the run itself: the next mini-batch's reference), unless ``keep_versions``; the
+mini-batches' checkpoints go too, unless ``train.keep_checkpoints_when_done``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,8 +39,19 @@ from alignline.errors import ConfigError
 from alignline.generate.base import SamplingParams
 from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model, save_model
 from alignline.report.plots import plot_reward_curves
-from alignline.stages.common import RunDir, console, training_dtype
-from alignline.stages.dpo import (
+from alignline.stages.common import (
+    RunDir,
+    TrainingDtype,
+    TrustRemoteCode,
+    console,
+    stage_tokenizer,
+    training_dtype,
+)
+from alignline.train.accelerator import make_accelerator
+from alignline.train.checkpoint import complete_checkpoints, dropped_entry, is_sharded
+from alignline.train.loop import TrainResult, TrainSettings, train
+from alignline.train.pairs import TokenisedPair, collate_pairs, tokenise_pairs
+from alignline.train.preference import (
     PAIR_METRICS,
     LossSettings,
     PairData,
@@ -45,10 +60,7 @@ from alignline.stages.dpo import (
     make_plan,
     pair_step_fn,
     reference_logps,
-    stage_tokenizer,
 )
-from alignline.train.loop import TrainSettings, complete_checkpoints, is_sharded, make_accelerator, train
-from alignline.train.pairs import collate_pairs, tokenise_pairs
 
 
 def self_pairs(model, tokenizer, prompts: list[Prompt], settings: RegenerateSettings, version: int,
@@ -57,7 +69,7 @@ def self_pairs(model, tokenizer, prompts: list[Prompt], settings: RegenerateSett
     from alignline.data.chat import tokenise_prompt_response
     from alignline.generate.hf import HFEngine
     from alignline.judges.reward import score_responses
-    from alignline.models import load_reward_model
+    from alignline.models.loading import load_reward_model
 
     was_training = model.training
     model.eval()
@@ -123,6 +135,9 @@ class TSOConfig(Section):
     """Starting policy (and the first reference)."""
     output_dir: str = "runs/tso"
     """Run directory: iter-k/ (one loop run per mini-batch), versions/v{k}/, versions.json."""
+    keep_versions: bool = False
+    """Keep every versions/v{k} once the run is complete; false keeps only the final v{K} (each version is a whole
+    merged model: 0.5 GB for a 135M model in fp32). Ask for it to evaluate or sample an intermediate version."""
     data: PairData
     """Preference pairs, split into the mini-batches."""
     minibatches: int = Field(3, ge=1)
@@ -139,12 +154,8 @@ class TSOConfig(Section):
     """Pairs per forward pass in each reference pass."""
     lora: LoraSettings | None = None
     """Train LoRA adapters (merged into each saved version)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: float32 master weights on every device (bf16 autocast on GPUs: train.mixed_precision); with lora,
-    the frozen base in bf16 on GPUs that support it. bfloat16 / float16: the weights themselves in that dtype
-    (half the memory, but an update smaller than the weights' precision is lost, e.g. DPO's lr 5e-7)."""
-    trust_remote_code: bool = False
-    """Allow model code from the checkpoint directory."""
+    dtype: TrainingDtype
+    trust_remote_code: TrustRemoteCode
     regenerate: RegenerateSettings | None = None
     """Regenerate and rescore the policy's own responses between mini-batches (null: off)."""
     stop_at: tuple[int, int] | None = None
@@ -161,10 +172,146 @@ def split_minibatches(n: int, k: int, seed: int) -> list[list[int]]:
     return [order[bounds[i]: bounds[i + 1]] for i in range(k)]
 
 
+# --------------------------------------------------------------------------- the stage's steps
+
+@dataclass
+class Progress:
+    """What the mini-batches done so far leave behind: versions.json's rows, their metrics files and timings."""
+
+    versions: list[dict]
+    metrics_files: list[Path] = field(default_factory=list)
+    timings: list[dict] = field(default_factory=list)
+
+    def add(self, k: int, version_dir: Path, it_dir: Path, pairs: int) -> None:
+        self.versions.append({"version": k, "path": str(version_dir), "pairs": pairs})
+        self.metrics_files.append(it_dir / "metrics.jsonl")
+
+
+def load_minibatches(cfg: TSOConfig, tokenizer, counts: Counter, run_dir: Path
+                     ) -> tuple[list[TokenisedPair], list[list[int]]]:
+    """The tokenised pairs and their split into mini-batches (indices), recorded in ``minibatches.json``."""
+    pairs, _ = load_pairs_for(cfg.data.model_copy(update={"eval": None}), tokenizer, counts)
+    if len(pairs) < cfg.minibatches:
+        raise ConfigError(f"{len(pairs)} usable pairs cannot fill minibatches={cfg.minibatches}; "
+                          "lower minibatches or add pairs")
+    parts = split_minibatches(len(pairs), cfg.minibatches, cfg.split_seed)
+    atomic_write_json(run_dir / "minibatches.json", {"ids": [[pairs[i].id for i in p] for p in parts]})
+    return pairs, parts
+
+
+def regenerate_prompt_parts(cfg: TSOConfig) -> list[list[Prompt]]:
+    """The regenerate prompts split like the pairs (part k feeds mini-batch k); none without ``regenerate``."""
+    if cfg.regenerate is None:
+        return []
+    prompts = read_prompts(cfg.regenerate.prompts)
+    return [[prompts[i] for i in p] for p in split_minibatches(len(prompts), cfg.minibatches, cfg.split_seed)]
+
+
+def minibatch_done(it_dir: Path, version_dir: Path, resume: bool) -> bool:
+    # a run redone with other settings or inputs (RunDir.fresh: resume False) reuses nothing, not even
+    # finished mini-batches
+    done = read_manifest(it_dir)
+    return bool(resume and done and done.get("status") == "complete" and (version_dir / "model.safetensors").exists())
+
+
+def with_self_pairs(cfg: TSOConfig, k: int, pairs: list[TokenisedPair], policy, tokenizer,
+                    prompt_parts: list[list[Prompt]], counts: Counter, it_dir: Path) -> list[TokenisedPair]:
+    """Mini-batch k's pairs, plus (with ``regenerate``, k >= 2) the policy's own best-vs-worst pairs, sampled once
+    and kept in ``iter-k/self_pairs.jsonl``."""
+    if cfg.regenerate is None or k == 1:
+        return pairs
+    cache = it_dir / "self_pairs.jsonl"
+    if cache.exists():
+        fresh = read_pairs(cache)
+    else:
+        fresh = self_pairs(policy, tokenizer, prompt_parts[k - 1], cfg.regenerate, k - 1, counts)
+        write_records(cache, fresh)
+    return pairs + tokenise_pairs(fresh, tokenizer, max_length=cfg.data.max_length, counts=counts,
+                                  max_drop_fraction=1.0, where=str(cache))
+
+
+def with_reference(cfg: TSOConfig, k: int, pairs: list[TokenisedPair], reference_path: str, model, accelerator,
+                   pad_id: int, it_dir: Path) -> tuple[list[TokenisedPair], float]:
+    """Mini-batch k's pairs with the current weights' log-probs as reference (or the stored ones), and the seconds
+    it took."""
+    key = fingerprint({"reference": fingerprint(reference_path), "data": fingerprint(cfg.data.train),
+                       "pairs": [p.id for p in pairs], "normalize": cfg.loss.normalize,
+                       "max_length": cfg.data.max_length})
+    t0 = time.perf_counter()
+    referenced = cached_reference(
+        it_dir / "ref_logps.json", key,
+        lambda: reference_logps(model, pairs, accelerator=accelerator, pad_id=pad_id, layout=cfg.pair_layout,
+                                normalize=cfg.loss.normalize, batch_size=cfg.ref_batch_size,
+                                desc=f"reference pass {k}/{cfg.minibatches}"),
+        pairs, accelerator,
+    )
+    return referenced, time.perf_counter() - t0
+
+
+def train_minibatch(cfg: TSOConfig, k: int, pairs: list[TokenisedPair], loss_fn: Callable, model, accelerator,
+                    pad_id: int, it_dir: Path, resume: bool) -> TrainResult:
+    """One run of the loop on mini-batch k in ``iter-k/`` (stopping where ``stop_at`` says)."""
+    settings = cfg.train
+    if cfg.stop_at is not None and cfg.stop_at[0] == k:
+        settings = settings.model_copy(update={"stop_after_step": cfg.stop_at[1]})
+    result = train(
+        accelerator.unwrap_model(model), accelerator=accelerator, settings=settings, out_dir=it_dir,
+        plan=make_plan(pairs, settings, cfg.pair_layout, accelerator.num_processes),
+        collate=lambda ix: collate_pairs([pairs[i] for i in ix], pad_id, cfg.pair_layout),
+        count_units=lambda b: int(b["n_pairs"]),
+        step_fn=pair_step_fn(loss_fn, normalize=cfg.loss.normalize, sft_weight=cfg.loss.sft_weight),
+        metric_keys=PAIR_METRICS, resume=resume, desc=f"tso {k}/{cfg.minibatches} ({cfg.loss.type})",
+    )
+    accelerator.free_memory()
+    return result
+
+
+def save_version(k: int, model, tokenizer, accelerator, it_dir: Path, version_dir: Path, *, pairs: int,
+                 reference_path: str, result: TrainResult, reference_seconds: float) -> None:
+    """``versions/v{k}`` (LoRA merged) and the mini-batch's manifest, which marks it complete."""
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, version_dir, merge_lora=True)
+        write_manifest(it_dir, stage="tso-minibatch", status="complete", minibatch=k, pairs=pairs,
+                       reference=reference_path, steps=result.steps, reference_seconds=reference_seconds,
+                       train_seconds=result.seconds, final_metrics=result.last_metrics)
+    accelerator.wait_for_everyone()
+
+
+def intermediate_versions(cfg: TSOConfig, rd: RunDir, progress: Progress) -> list[dict]:
+    """The ``dropped`` entries of v1..v{K-1} (none with ``keep_versions``); their versions.json rows are marked
+    ``removed``."""
+    if cfg.keep_versions:
+        return []
+    dropped = []
+    for row in progress.versions[1:-1]:  # [0] is the starting model, [-1] the final version
+        if Path(row["path"]).is_dir():
+            dropped.append(dropped_entry(Path(row["path"]), rd.path, "intermediate TSO version (a whole model)",
+                                         "keep_versions=true"))
+            row["removed"] = True
+    return dropped
+
+
+def finish(cfg: TSOConfig, rd: RunDir, progress: Progress, counts: Counter, accelerator) -> None:
+    dropped = intermediate_versions(cfg, rd, progress)  # measured by every process before any removes them
+    if accelerator.is_main_process:
+        atomic_write_json(rd.path / "versions.json", progress.versions)
+        plot_reward_curves(progress.metrics_files, rd.path / "reward_curves.png",
+                           title=f"TSO mini-batch iterative ({cfg.loss.type}); dotted: reference updates")
+    rd.finish(counts, versions=progress.versions, timings=progress.timings, model_dir=progress.versions[-1]["path"],
+              dropped=dropped)
+    console.print(
+        f"[green]tso done[/green]: {cfg.minibatches} mini-batches, versions:\n"
+        + "\n".join(f"  v{v['version']}: {v['path']}" + (" (removed)" if v.get("removed") else "")
+                    for v in progress.versions)
+        + f"\n  reward curves: {rd.path / 'reward_curves.png'}"
+    )
+
+
+# --------------------------------------------------------------------------- the stage
+
 def run(cfg: TSOConfig) -> Path:
     rd = RunDir("tso", cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train}, ("resume", "stop_at"))
-    if rd.up_to_date():
-        console.print(f"[green]tso: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     accelerator = make_accelerator(cfg.train, rd.path)
     rd.start(accelerator.wait_for_everyone)
@@ -173,36 +320,20 @@ def run(cfg: TSOConfig) -> Path:
                           "policy being trained, split by data across processes. Launch it data parallel "
                           "(configs/gpu/accelerate_ddp.yaml)")
     model_path, tokenizer = stage_tokenizer(cfg.model, cfg.trust_remote_code)
-    pad_id, layout, normalize = tokenizer.pad_token_id, cfg.pair_layout, cfg.loss.normalize
+    pad_id, resume = tokenizer.pad_token_id, cfg.resume and not rd.fresh
     counts: Counter = Counter()
-    examples, _ = load_pairs_for(cfg.data.model_copy(update={"eval": None}), tokenizer, counts)
-    if len(examples) < cfg.minibatches:
-        raise ConfigError(f"{len(examples)} usable pairs cannot fill minibatches={cfg.minibatches}; "
-                          "lower minibatches or add pairs")
-    parts = split_minibatches(len(examples), cfg.minibatches, cfg.split_seed)
-    atomic_write_json(rd.path / "minibatches.json", {"ids": [[examples[i]["id"] for i in p] for p in parts]})
-
-    regen_parts: list[list[Prompt]] = []
-    if cfg.regenerate is not None:
-        regen_prompts = read_prompts(cfg.regenerate.prompts)
-        regen_parts = [[regen_prompts[i] for i in p]
-                       for p in split_minibatches(len(regen_prompts), cfg.minibatches, cfg.split_seed)]
-    device_dtype = training_dtype(cfg.dtype, cfg.lora)
-    model = load_causal_lm(model_path, dtype=device_dtype, trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
+    pairs, parts = load_minibatches(cfg, tokenizer, counts, rd.path)
+    prompt_parts = regenerate_prompt_parts(cfg)
+    model = load_causal_lm(model_path, dtype=training_dtype(cfg.dtype, cfg.lora),
+                           trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
     model.to(accelerator.device)
     loss_fn = cfg.loss.bound()
-    versions = [{"version": 0, "path": str(model_path)}]
-    metrics_files, timings = [], []
+    progress = Progress(versions=[{"version": 0, "path": str(model_path)}])
     loaded = 0  # the version the in-memory weights hold
     for k, part in enumerate(parts, start=1):
-        it_dir = rd.path / f"iter-{k}"
-        version_dir = rd.path / "versions" / f"v{k}"
-        done = read_manifest(it_dir)
-        # a run redone with other settings or inputs (rd.fresh) reuses nothing, not even finished mini-batches
-        if (cfg.resume and not rd.fresh and done and done.get("status") == "complete"
-                and (version_dir / "model.safetensors").exists()):
-            versions.append({"version": k, "path": str(version_dir), "pairs": len(part)})
-            metrics_files.append(it_dir / "metrics.jsonl")
+        it_dir, version_dir = rd.path / f"iter-{k}", rd.path / "versions" / f"v{k}"
+        if minibatch_done(it_dir, version_dir, resume):
+            progress.add(k, version_dir, it_dir, len(part))
             continue
         if loaded != k - 1:
             # resuming: the policy after mini-batch k-1 (its final checkpoint, written by this same code) is
@@ -210,60 +341,17 @@ def run(cfg: TSOConfig) -> Path:
             last = complete_checkpoints(rd.path / f"iter-{k - 1}")[-1]
             load_model(accelerator.unwrap_model(model), str(last / "model.safetensors"))
         loaded = k
-        mb = [dict(examples[i]) for i in part]
-        if cfg.regenerate is not None and k > 1:
-            cache = it_dir / "self_pairs.jsonl"
-            if cache.exists():
-                fresh = read_pairs(cache)
-            else:
-                fresh = self_pairs(accelerator.unwrap_model(model), tokenizer, regen_parts[k - 1], cfg.regenerate,
-                                   k - 1, counts)
-                write_records(cache, fresh)
-            mb += tokenise_pairs(fresh, tokenizer, max_length=cfg.data.max_length, counts=counts,
-                                 max_drop_fraction=1.0, where=str(cache))
-        prev = versions[-1]["path"]
-        key = fingerprint({"reference": fingerprint(prev), "data": fingerprint(cfg.data.train),
-                           "pairs": [e["id"] for e in mb], "normalize": normalize, "max_length": cfg.data.max_length})
-        t0 = time.perf_counter()
-        cached_reference(
-            it_dir / "ref_logps.json", key,
-            lambda mb=mb, k=k: reference_logps(model, mb, accelerator=accelerator, pad_id=pad_id, layout=layout,
-                                          normalize=normalize, batch_size=cfg.ref_batch_size,
-                                          desc=f"reference pass {k}/{cfg.minibatches}"),
-            mb, accelerator,
-        )
-        ref_s = time.perf_counter() - t0
-        settings = cfg.train
-        if cfg.stop_at is not None and cfg.stop_at[0] == k:
-            settings = settings.model_copy(update={"stop_after_step": cfg.stop_at[1]})
-        result = train(
-            accelerator.unwrap_model(model), accelerator=accelerator, settings=settings, out_dir=it_dir,
-            plan=make_plan(mb, settings, layout, accelerator.num_processes), collate=lambda ix, mb=mb: collate_pairs([mb[i] for i in ix], pad_id, layout),
-            count_units=lambda b: int(b["n_pairs"]), step_fn=pair_step_fn(loss_fn, normalize=normalize,
-                                                                           sft_weight=cfg.loss.sft_weight),
-            metric_keys=PAIR_METRICS, resume=cfg.resume and not rd.fresh, desc=f"tso {k}/{cfg.minibatches} ({cfg.loss.type})",
-        )
-        accelerator.free_memory()
+        minibatch = with_self_pairs(cfg, k, [pairs[i] for i in part], accelerator.unwrap_model(model), tokenizer,
+                                    prompt_parts, counts, it_dir)
+        reference_path = progress.versions[-1]["path"]
+        minibatch, ref_seconds = with_reference(cfg, k, minibatch, reference_path, model, accelerator, pad_id, it_dir)
+        result = train_minibatch(cfg, k, minibatch, loss_fn, model, accelerator, pad_id, it_dir, resume)
         if result.stopped_early:
             console.print(f"tso: stopped in mini-batch {k} after step {result.steps} as asked; rerun to resume")
             return rd.path
-        if accelerator.is_main_process:
-            save_model(accelerator.unwrap_model(model), tokenizer, version_dir, merge_lora=True)
-            write_manifest(it_dir, stage="tso-minibatch", status="complete", minibatch=k, pairs=len(part),
-                           reference=prev, steps=result.steps, reference_seconds=ref_s,
-                           train_seconds=result.seconds, final_metrics=result.last_metrics)
-        accelerator.wait_for_everyone()
-        versions.append({"version": k, "path": str(version_dir), "pairs": len(part)})
-        metrics_files.append(it_dir / "metrics.jsonl")
-        timings.append({"minibatch": k, "reference_seconds": ref_s, "train_seconds": result.seconds})
-    if accelerator.is_main_process:
-        atomic_write_json(rd.path / "versions.json", versions)
-        plot_reward_curves(metrics_files, rd.path / "reward_curves.png",
-                           title=f"TSO mini-batch iterative ({cfg.loss.type}); dotted: reference updates")
-    rd.finish(counts, versions=versions, timings=timings, model_dir=versions[-1]["path"])
-    console.print(
-        f"[green]tso done[/green]: {cfg.minibatches} mini-batches, versions:\n"
-        + "\n".join(f"  v{v['version']}: {v['path']}" for v in versions)
-        + f"\n  reward curves: {rd.path / 'reward_curves.png'}"
-    )
+        save_version(k, model, tokenizer, accelerator, it_dir, version_dir, pairs=len(part),
+                     reference_path=reference_path, result=result, reference_seconds=ref_seconds)
+        progress.add(k, version_dir, it_dir, len(part))
+        progress.timings.append({"minibatch": k, "reference_seconds": ref_seconds, "train_seconds": result.seconds})
+    finish(cfg, rd, progress, counts, accelerator)
     return rd.path

@@ -28,7 +28,8 @@ Top level: ``versions.json`` (every version with its path, the policy it was tra
 of each mini-batch), ``results.json`` (with eval_prompts: verifier pass rates per stage, comparable with
 ``alignline self-reward`` on the same prompts) and ``manifest.json``. Every sub-stage config and every
 stage's matrix is built and validated before anything runs (an unknown member name is an error then).
-Each sub-stage runs through its own ``run(cfg)``, which skips it when up to date (and starts afresh over an
+Each sub-stage runs through its own ``run(cfg)`` (the stage table's runner,
+:mod:`alignline.stages.registry`), which skips it when up to date (and starts afresh over an
 out-of-date run of other settings or inputs), so a rerun generates and trains nothing. One process: the
 sub-stages are not sharded across processes here.
 """
@@ -50,21 +51,14 @@ from alignline.errors import AlignlineError, ConfigError
 from alignline.evaluate.winrate import default_eval_sampling
 from alignline.generate.base import SamplingParams
 from alignline.matrix import MatrixConfig, load_matrix
-from alignline.stages import eval_verifiable as eval_stage
-from alignline.stages import sample as sample_stage
-from alignline.stages import score as score_stage
-from alignline.stages import select as select_stage
-from alignline.stages import tso as tso_stage
 from alignline.stages.common import RunDir, console
-from alignline.stages.dpo import PairData
 from alignline.stages.eval_verifiable import METRICS, VerifiableConfig
+from alignline.stages.registry import stage_spec
 from alignline.stages.sample import SampleConfig
 from alignline.stages.score import ScoreConfig
 from alignline.stages.select import SelectConfig
 from alignline.stages.tso import TSOConfig
-
-STAGES = {"sample": sample_stage, "score": score_stage, "select": select_stage, "tso": tso_stage,
-          "eval verifiable": eval_stage}
+from alignline.train.preference import PairData
 
 
 def settings_of(cls: type[Section], name: str, doc: str, exclude: set[str], **fields: Any) -> type[Section]:
@@ -216,10 +210,12 @@ def eval_config(cfg: IterationBase, policy: str, name: str, stage_dir: Path) -> 
                  output_dir=str(stage_dir / "eval"))
 
 
-def run_stage(name: str, cfg: Any) -> Path:
-    """One sub-stage through its own ``run(cfg)`` (which skips it when up to date)."""
-    console.print(f"[bold]== {name}[/bold] -> {cfg.output_dir}")
-    return STAGES[name].run(cfg)
+def run_sub_stage(key: str, cfg: Any) -> Path:
+    """One sub-stage (``key`` in the stage table) through its own ``run(cfg)``, which skips it when up to date."""
+    spec = stage_spec(key)
+    assert spec is not None, key
+    console.print(f"[bold]== {spec.command}[/bold] -> {cfg.output_dir}")
+    return spec.run(cfg)
 
 
 def _counts(cfg: Any) -> dict:
@@ -234,7 +230,7 @@ def evaluate(ev: VerifiableConfig | None) -> dict | None:
     """The verifier pass rates of one version, or None without eval_prompts."""
     if ev is None:
         return None
-    res = json.loads((run_stage("eval verifiable", ev) / "results.json").read_text())
+    res = json.loads((run_sub_stage("eval.verifiable", ev) / "results.json").read_text())
     keep = (*METRICS, "n_prompts", "n_instructions", "failed_responses")
     return {"model": ev.model.model, **{k: res[k] for k in keep}}
 
@@ -283,12 +279,12 @@ def run_stages(cfg: IterationBase, method: str, stages: list[Stage], rd: RunDir,
     record(out, method, cfg, versions, results)
     for st in stages:
         console.print(f"[bold]{method}: stage {st.index}/{len(stages)}[/bold], from {st.start}")
-        run_stage("sample", st.policy_sample)
-        run_stage("score", st.score)
+        run_sub_stage("sample", st.policy_sample)
+        run_sub_stage("score", st.score)
         if between is not None:
             between(st)
-        run_stage("select", st.select)
-        run_stage("tso", st.train)
+        run_sub_stage("select", st.select)
+        run_sub_stage("tso", st.train)
         version = trained_version(st, **(member(st) if member is not None else {}))
         evaluation = evaluate(st.eval)
         versions.append(version)
@@ -400,14 +396,13 @@ def run(cfg: TSOLoopConfig) -> Path:
     inputs = {**judge_inputs(cfg), "matrix": cfg.matrix,
               **{f"member:{m.name}": m.responses or (m.engine.model if m.engine else None) for m in matrix.members}}
     rd = RunDir("tso_loop", cfg, cfg.output_dir, inputs)
-    if rd.up_to_date():
-        console.print(f"[green]tso-loop: {rd.path} is up to date[/green]; nothing to do")
+    if rd.skip_if_done():
         return rd.path
     rd.start()
 
     def members(st: Stage) -> None:
         atomic_write_text(st.dir / "sample_matrix.yaml", _dump(st.sample_matrix))
-        run_stage("sample", st.members)
+        run_sub_stage("sample", st.members)
 
     def register(st: Stage) -> dict:
         atomic_write_text(st.dir / "matrix.yaml", _dump(st.registry))

@@ -1,4 +1,4 @@
-"""The one training loop shared by every stage (SFT, RS, RM, DPO, TSO).
+"""The one training loop shared by every stage (SFT, RS, RM, DPO, TSO, RL).
 
 A stage hands the loop its model, a deterministic *plan* of micro-batches per epoch, a collate function,
 a ``count_units`` function (trained tokens for SFT, pairs for DPO) and a ``step_fn`` that returns the
@@ -8,19 +8,19 @@ data parallelism, packing). The loop never knows which loss it is running.
 
 Under ``accelerate launch`` the loop runs data parallel (DDP) or fully sharded (FSDP2: parameters, gradients
 and optimizer state split across processes, the ZeRO-3 layout); every process runs the same collectives, so a
-process without a micro-batch at the tail of an epoch runs one weighted 0.
+process without a micro-batch at the tail of an epoch runs one weighted 0 (the Accelerator:
+:mod:`alignline.train.accelerator`).
 
-Checkpoints (``checkpoints/step-NNNNNNN``) hold safetensors weights, optimizer state (tensors in
-safetensors, the rest as JSON), scheduler state, per-process RNG state and the data position, and a
-``COMPLETE`` marker written last. They always hold whole (gathered) tensors, whatever the sharding (an exact
-resume needs the same number of processes). ``resume=True`` continues from the newest complete checkpoint
-exactly: same batches, same RNG, same optimizer moments. The marker records every file's size and sha256 and
-is checked first: a damaged checkpoint is named and the one before it resumed (``checkpoint_verify``). A non-finite loss or gradient stops the run before
-the optimizer step, leaving the last good checkpoint untouched.
+Checkpoints (:mod:`alignline.train.checkpoint`) let ``resume=True`` continue from the newest intact one
+exactly: same batches, same RNG, same optimizer moments; a damaged one is named and the one before it resumed.
+A non-finite loss or gradient stops the run before the optimizer step, leaving the last good checkpoint
+untouched; once the stage has finished, its checkpoints are removed (``keep_checkpoints_when_done``). How a
+CPU process frees memory and which activations it keeps: :mod:`alignline.train.memory`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -32,15 +32,20 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from alignline.config import Section
-from alignline.data.io import atomic_write_bytes, atomic_write_json
+from alignline.data.io import atomic_write_bytes
 from alignline.errors import AlignlineError, TrainingDivergedError
-from alignline.models import save_model
 from alignline.train import telemetry as tm
-from alignline.train.checkpoint_verify import COMPLETE, marker_bytes, resume_checkpoint
+from alignline.train.checkpoint import (
+    complete_checkpoints,
+    is_sharded,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
+from alignline.train.memory import enable_checkpointing, free_memory_policy
 
 
 class TrainSettings(Section):
@@ -79,7 +84,12 @@ class TrainSettings(Section):
     save_every: int | None = None
     """Write a resumable checkpoint every this many steps (null: only at the end)."""
     keep_checkpoints: int = 2
-    """How many complete checkpoints to keep (older ones are deleted)."""
+    """How many complete checkpoints to keep while the stage runs (older ones are deleted)."""
+    keep_checkpoints_when_done: bool = False
+    """Keep checkpoints/ once the stage has finished (model/ written, manifest complete). Each checkpoint holds
+    the weights and AdamW's two moments in fp32, about 3x the model (1.6 GB for a 135M model); false removes
+    them, as a finished stage never resumes (its manifest lists what was removed). Ask for it to inspect the
+    optimizer state or continue training by hand from the last step."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on GPUs that support it, none on CPU (fp32; bf16 is slow without native support)."""
     gradient_checkpointing: bool = False
@@ -90,145 +100,19 @@ class TrainSettings(Section):
     selective_layers: int = Field(0, ge=0)
     """With gradient_checkpointing: this many of the checkpointed decoder layers (the first ones) also keep
     their matmul and attention outputs (selective activation checkpointing), so their recompute redoes only
-    cheap elementwise ops. Per such layer: about 25 KB more activation memory per token in fp32 for a
-    576-wide model, and about 1/30 of the recompute's cost saved for a 30-layer model. A value at or above
-    the layer count applies it to every checkpointed layer."""
+    cheap elementwise ops: a little more activation memory per layer for a share of the recompute saved. A
+    value at or above the layer count applies it to every checkpointed layer."""
     free_memory: Literal["keep", "trim", "unmap"] = "trim"
     """How a CPU process hands freed activation memory back to the OS (Linux with glibc; no effect elsewhere).
     keep: glibc's default, freed memory stays in malloc's heap (fastest, highest peak RSS). trim: malloc_trim
-    after every micro-batch's backward and every 10th decoder-layer call (forward and recompute); about as fast
-    as keep at ~0.4 GB less peak RSS for SmolLM2-135M at micro-batch 1 with checkpointing. unmap: allocations
-    of 128 KiB and more are mmapped, so each large tensor is unmapped when freed: ~0.25 GB below trim there,
-    but every tensor costs fresh page faults (~10-15 % slower steps)."""
+    after every micro-batch's backward and every 10th decoder-layer call (forward and recompute): about as fast
+    as keep at a lower peak RSS. unmap: allocations of 128 KiB and more are mmapped, so each large tensor is
+    unmapped when freed: the lowest peak RSS, but every tensor costs fresh page faults (slower steps).
+    Measurements: docs/benchmarks.md, "Memory policy notes"."""
     report_to: list[Literal["tensorboard", "wandb"]] = []
     """Extra metric sinks (metrics.jsonl is always written)."""
     stop_after_step: int | None = None
     """Stop (after checkpointing) at this step as if interrupted; for testing resume."""
-
-
-def _glibc():
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
-
-
-def free_memory_policy(model, mode: str) -> Callable[[], None]:
-    """Apply ``TrainSettings.free_memory`` (see there) on a CPU process; returns what to call after each
-    micro-batch's backward. A no-op on GPUs and off glibc."""
-    libc = _glibc()
-    if mode == "keep" or libc is None or any(p.is_cuda for p in model.parameters()):
-        return lambda: None
-    if mode == "unmap":
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-        libc.mallopt(m_mmap_threshold, 128 * 1024)
-        libc.mallopt(m_trim_threshold, 128 * 1024)
-        return lambda: None
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    calls = [0]
-
-    def every_tenth_layer(module, args):
-        # the heap fragments as variable-length activations are freed; trimming now and then bounds it
-        # without giving up the reuse of freed memory inside a layer (which unmap gives up)
-        if module.training:
-            calls[0] += 1
-            if calls[0] % 10 == 0:
-                libc.malloc_trim(0)
-
-    for layer in model.modules():
-        if isinstance(layer, GradientCheckpointingLayer) and not getattr(layer, "_alignline_trims", False):
-            layer.register_forward_pre_hook(every_tenth_layer)
-            layer._alignline_trims = True  # a model trained again (tso mini-batches) keeps one hook
-    return lambda: libc.malloc_trim(0)
-
-
-def _keep_matmul_outputs(ctx, op, *args, **kwargs):
-    """Selective-checkpointing policy: keep what is expensive to recompute (matmuls, attention)."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    return CheckpointPolicy.MUST_SAVE if op in _EXPENSIVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-_EXPENSIVE_OPS = {getattr(torch.ops.aten, name).default for name in (
-    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-) if hasattr(torch.ops.aten, name)}
-
-
-def enable_checkpointing(model, *, every: int = 1, selective_layers: int = 0) -> None:
-    """Activation checkpointing on every ``every``-th decoder layer; the first ``selective_layers`` of those
-    keep matmul and attention outputs (their recompute redoes only elementwise ops)."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5 name; older: gradient_...
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    selective = functools.partial(checkpoint, use_reentrant=False, context_fn=functools.partial(
-        create_selective_checkpoint_contexts, _keep_matmul_outputs))
-    checkpointed = 0
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i % every == 0
-        if layer.gradient_checkpointing:
-            if checkpointed < selective_layers:
-                layer._gradient_checkpointing_func = selective
-            checkpointed += 1
-
-
-def is_sharded(accelerator) -> bool:
-    """Whether the prepared model's parameters are split across processes (FSDP)."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
-def make_accelerator(settings: TrainSettings, out_dir: Path | None = None):
-    """The run's Accelerator: DDP or FSDP2 as ``accelerate launch`` configured it, bf16 autocast on GPUs that
-    support it (``settings.mixed_precision``). DeepSpeed and FSDP version 1 are refused with the alternative."""
-    import os
-
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    mp = settings.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    # cpu=True lets accelerate run several CPU processes (gloo) under torchrun / accelerate launch
-    kwargs: dict[str, Any] = {"mixed_precision": mp, "cpu": not torch.cuda.is_available()}
-    if settings.report_to:
-        kwargs["log_with"] = list(settings.report_to)
-        kwargs["project_dir"] = str(out_dir) if out_dir else None
-    accelerator = Accelerator(**kwargs)
-    state = accelerator.state
-    if state.distributed_type == DistributedType.DEEPSPEED:
-        raise AlignlineError(
-            "DeepSpeed is not supported by alignline's training loop (the loop accumulates micro-batches and "
-            "writes whole-tensor checkpoints itself). For ZeRO-3-style sharding launch with FSDP2 instead: "
-            "accelerate launch --config_file configs/gpu/accelerate_fsdp.yaml ...; for models that fit on each "
-            "GPU, DDP: configs/gpu/accelerate_ddp.yaml")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and state.distributed_type == DistributedType.MULTI_CPU:
-        # accelerate drops an FSDP request on CPU processes; torch's FSDP2 runs there (gloo), so honour it
-        # (as accelerate does for GPUs: every later AcceleratorState() copies the type from PartialState)
-        PartialState._shared_state["distributed_type"] = state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = FullyShardedDataParallelPlugin()
-    if is_sharded(accelerator) and state.fsdp_plugin.fsdp_version != 2:
-        raise AlignlineError(
-            f"FSDP version {state.fsdp_plugin.fsdp_version} is not supported; alignline trains with FSDP2: set "
-            "fsdp_version: 2 in the accelerate config file (or FSDP_VERSION=2), as configs/gpu/accelerate_fsdp.yaml does")
-    return accelerator
 
 
 @dataclass
@@ -243,147 +127,6 @@ class TrainResult:
     tokens: int = 0
     phases: dict[str, Any] = field(default_factory=dict)
     """:meth:`Telemetry.summary` at the end of training (see ``alignline.train.telemetry``)."""
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-def complete_checkpoints(out_dir: Path) -> list[Path]:
-    root = out_dir / "checkpoints"
-    if not root.exists():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists())
-
-
-def _optimizer_to_files(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, meta = {}, {"param_groups": opt_state["param_groups"], "state": {}}
-    for idx, st in opt_state["state"].items():
-        meta["state"][str(idx)] = {}
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                meta["state"][str(idx)][k] = v
-    return tensors, meta
-
-
-def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    def param_key(key: str) -> int | str:  # torch's own state dict numbers parameters; a sharded one names them
-        return int(key) if key.isdigit() else key
-
-    state: dict[int | str, dict] = {param_key(i): dict(v) for i, v in meta["state"].items()}
-    for key, t in tensors.items():
-        idx, name = key.rsplit(".", 1)
-        state.setdefault(param_key(idx), {})[name] = t
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _full_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _tied_groups(model) -> list[list[str]]:
-    """Names that share one parameter (tied embeddings); the first is the one a checkpoint stores."""
-    groups: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    return [g for g in groups.values() if len(g) > 1]
-
-
-def full_model_state(accelerator, model) -> dict[str, torch.Tensor]:
-    """The whole model's weights on the main process (a tied parameter once, under its first name), ``{}`` on
-    the others. Every process must call it: for a sharded model it is a collective that gathers the shards."""
-    if is_sharded(accelerator):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(model, options=_full_options())
-    else:
-        state = accelerator.unwrap_model(model).state_dict() if accelerator.is_main_process else {}
-    for group in _tied_groups(accelerator.unwrap_model(model)):
-        for alias in group[1:]:
-            state.pop(alias, None)
-    return state
-
-
-def save_trained_model(accelerator, model, tokenizer, out_dir: Path) -> None:
-    """Write the trained model as an HF checkpoint (LoRA merged). Every process calls it; a sharded model's
-    weights are gathered to the main process, which writes."""
-    state = full_model_state(accelerator, model) if is_sharded(accelerator) else None
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out_dir, merge_lora=True, state_dict=state)
-    accelerator.wait_for_everyone()
-
-
-def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: Path, position: dict, keep: int) -> Path:
-    ckpt = out_dir / "checkpoints" / f"step-{position['step']:07d}"
-    weights = full_model_state(accelerator, model)
-    if is_sharded(accelerator):
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        optimizer_state = get_optimizer_state_dict(model, optimizer, options=_full_options())
-    else:
-        optimizer_state = optimizer.state_dict() if accelerator.is_main_process else {}
-    if accelerator.is_main_process:
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
-        ckpt.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(ckpt / "model.safetensors"),
-                  metadata={"format": "pt"})
-        tensors, meta = _optimizer_to_files(optimizer_state)
-        save_file(tensors, str(ckpt / "optimizer.safetensors"))
-        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        atomic_write_json(ckpt / "optimizer.json", meta)
-        atomic_write_json(ckpt / "scheduler.json", sched)
-        atomic_write_json(ckpt / "position.json", position)
-    accelerator.wait_for_everyone()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(ckpt / f"rng-{accelerator.process_index}.safetensors"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_bytes(ckpt / COMPLETE, marker_bytes(ckpt))  # written last (sizes, sha256): the checkpoint is whole
-        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for partial in (out_dir / "checkpoints").glob("step-*"):
-            if not (partial / COMPLETE).exists():
-                shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return ckpt
-
-
-def load_checkpoint(accelerator, model, optimizer, scheduler, ckpt: Path) -> dict:
-    weights = load_file(str(ckpt / "model.safetensors"))
-    for group in _tied_groups(accelerator.unwrap_model(model)):
-        stored = next((name for name in group if name in weights), None)
-        for alias in group if stored else []:
-            weights.setdefault(alias, weights[stored])
-    meta = json.loads((ckpt / "optimizer.json").read_text())
-    optimizer_state = _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), meta)
-    if is_sharded(accelerator):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        # every process holds the whole tensors (read from the shared file) and keeps its own shard
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
-    else:
-        accelerator.unwrap_model(model).load_state_dict(weights)
-        optimizer.load_state_dict(optimizer_state)
-    sched = scheduler.state_dict()
-    sched.update(json.loads((ckpt / "scheduler.json").read_text()))
-    scheduler.load_state_dict(sched)
-    rng_file = ckpt / f"rng-{accelerator.process_index}.safetensors"
-    if rng_file.exists():
-        rng = load_file(str(rng_file))
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((ckpt / "position.json").read_text())
 
 
 # --------------------------------------------------------------------------- metrics
@@ -429,6 +172,267 @@ def _all_sum_dict(accelerator, values: dict[str, float], keys: list[str]) -> dic
     return dict(zip(keys, vec.tolist()))
 
 
+@dataclass
+class _Stage:
+    """The callables a stage hands :func:`train` (see the module docstring)."""
+
+    plan: Callable[[int], list[list[int]]]
+    collate: Callable[[list[int]], dict[str, torch.Tensor]]
+    count_units: Callable[[dict[str, torch.Tensor]], int]
+    step_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int, dict[str, float]]]
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None
+    metric_keys: tuple[str, ...]
+    count_logits: Callable[[dict[str, torch.Tensor]], int]
+
+
+@dataclass
+class _Run:
+    """What the steps of one :func:`train` call share."""
+
+    accelerator: Any
+    settings: TrainSettings
+    out_dir: Path
+    stage: _Stage
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tel: tm.Telemetry
+    params: tuple[int, int]
+    """(body, head) parameter counts of the unwrapped model, for useful FLOPs."""
+    after_backward: Callable[[], None]
+    log: MetricsLog | None = None
+    bar: Any = None
+
+
+def _count_steps(plan: Callable[[int], list], settings: TrainSettings, per_step: int) -> tuple[list[int], int]:
+    """Optimizer steps in each epoch, and in the whole run (``max_steps`` caps it)."""
+    steps_per_epoch = [math.ceil(len(plan(e)) / per_step) for e in range(settings.epochs)]
+    total_steps = sum(steps_per_epoch)
+    if settings.max_steps is not None:
+        total_steps = min(total_steps, settings.max_steps)
+    if total_steps == 0:
+        raise AlignlineError("no training data: the plan has no micro-batches (check the data and max_length)")
+    return steps_per_epoch, total_steps
+
+
+def _make_optimizer(model: torch.nn.Module, settings: TrainSettings, sharded: bool) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with no weight decay on biases and norms (ndim < 2)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr, betas=tuple(settings.adam_betas), eps=settings.adam_eps,
+        # one fused kernel instead of a Python loop over ~300 tensors: ~4x faster steps on CPU
+        # (FSDP swaps the parameters for sharded DTensors at prepare: the default foreach kernels take those)
+        fused=None if sharded else all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None,
+    )
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else int(settings.warmup_ratio * total_steps)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[settings.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _set_up(model, accelerator, settings: TrainSettings, out_dir: Path, stage: _Stage, total_steps: int,
+            telemetry: tm.Telemetry | None) -> _Run:
+    """Memory policy, optimizer and schedule, then the model and optimizer prepared for DDP / FSDP (the memory
+    hooks and parameter counts go on the unwrapped model, before the wrap)."""
+    if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        enable_checkpointing(model, every=settings.checkpoint_every, selective_layers=settings.selective_layers)
+    sharded = is_sharded(accelerator)
+    if sharded and hasattr(model, "peft_config"):
+        raise AlignlineError("LoRA under FSDP is not supported: LoRA's trainable weights are small, so launch it "
+                             "data parallel (configs/gpu/accelerate_ddp.yaml) with the frozen base in bf16")
+    after_backward = free_memory_policy(model, settings.free_memory)
+    optimizer = _make_optimizer(model, settings, sharded)
+    scheduler = _make_scheduler(optimizer, settings, total_steps)
+    tel = telemetry or tm.Telemetry(accelerator.device)
+    params = tel.params_of(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return _Run(accelerator, settings, out_dir, stage, model, optimizer, scheduler, tel, params, after_backward)
+
+
+_START = {"step": 0, "epoch": 0, "step_in_epoch": 0}
+
+
+def _resume_or_clear(run: _Run, resume: bool) -> tuple[dict[str, int], bool]:
+    """Where training starts, and whether that is a resumed checkpoint. Resuming takes the newest intact
+    checkpoint; starting over deletes an earlier run's checkpoints, so they are never resumed later."""
+    acc, out_dir = run.accelerator, run.out_dir
+    if not resume:
+        if complete_checkpoints(out_dir):
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+            acc.wait_for_everyone()
+        return dict(_START), False
+    ckpt = resume_checkpoint(acc, complete_checkpoints(out_dir))  # verified; damaged: the one before
+    if ckpt is None:
+        return dict(_START), False
+    position = load_checkpoint(acc, run.model, run.optimizer, run.scheduler, ckpt)
+    acc.print(f"resuming from {ckpt} (step {position['step']})")
+    return position, True
+
+
+def _steps_from(plan: Callable[[int], list[list[int]]], steps_per_epoch: list[int], per_step: int,
+                position: dict[str, int]):
+    """(epoch, step within the epoch, that step's micro-batches across processes) from ``position`` on; an
+    epoch's plan is built when the epoch is reached."""
+    for epoch in range(position["epoch"], len(steps_per_epoch)):
+        micro_batches = plan(epoch)
+        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        for index in range(first, steps_per_epoch[epoch]):
+            yield epoch, index, micro_batches[index * per_step: (index + 1) * per_step]
+
+
+def _position_after(step: int, epoch: int, index: int, steps_in_epoch: int) -> dict[str, int]:
+    """The resume position after step ``index`` of ``epoch`` (the next epoch's start after its last step)."""
+    if index + 1 == steps_in_epoch:
+        return {"step": step, "epoch": epoch + 1, "step_in_epoch": 0}
+    return {"step": step, "epoch": epoch, "step_in_epoch": index + 1}
+
+
+def _every(interval: int | None, step: int) -> bool:
+    return bool(interval) and step % interval == 0
+
+
+def _forward_backward(run: _Run, group: list[list[int]], batches: list[dict], global_units: float,
+                      clock: tm.StepClock) -> dict[str, float]:
+    """Forward and backward of this process's micro-batches, each loss scaled so that the gradients add up to
+    the per-unit mean over the whole step; returns the step's sums over all processes (loss, tokens, logit
+    positions, the stage's metrics)."""
+    acc, stage, world = run.accelerator, run.stage, run.accelerator.num_processes
+    loss_total, sums = 0.0, {k: 0.0 for k in stage.metric_keys}
+    step_tokens = step_logits = 0
+    weights = [1.0] * len(batches)
+    if not batches:  # no micro-batch here at the tail: run one weighted 0 to join the collectives
+        batches, weights = [stage.collate(group[0])], [0.0]
+    for i, (batch, weight) in enumerate(zip(batches, weights)):
+        last_mb = i == len(batches) - 1
+        ctx = acc.no_sync(run.model) if (world > 1 and not last_mb) else contextlib.nullcontext()
+        with ctx, acc.autocast():
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            loss_sum, _, m = stage.step_fn(run.model, batch)
+            clock.lap("forward")
+            # DDP and FSDP average gradients over processes, hence the factor `world`.
+            acc.backward(loss_sum * (weight * world / global_units))
+            run.after_backward()
+            clock.lap("backward")
+        if weight:
+            step_tokens += tm.real_tokens(batch)
+            step_logits += stage.count_logits(batch)
+            loss_total += float(loss_sum.detach())
+            for k in stage.metric_keys:
+                sums[k] += float(m.get(k, 0.0))
+    return _all_sum_dict(acc, {"loss": loss_total, "tokens": step_tokens, "logit_positions": step_logits, **sums},
+                         ["loss", "tokens", "logit_positions", *stage.metric_keys])
+
+
+def _clip_gradients(run: _Run) -> float | None:
+    """The global gradient norm before clipping (None when clipping is off)."""
+    if run.settings.max_grad_norm is None:
+        return None
+    norm = run.accelerator.clip_grad_norm_(run.model.parameters(), run.settings.max_grad_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+
+
+def _stop_if_diverged(run: _Run, step: int, loss_value: float, grad_norm: float | None) -> None:
+    """Raise :class:`TrainingDivergedError` before the update of ``step`` when its loss or gradient norm is
+    not finite, after logging the event and closing the run's sinks."""
+    if math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    good = complete_checkpoints(run.out_dir)
+    run.log.log({"step": step, "event": "non_finite", "loss": str(loss_value), "grad_norm": str(grad_norm)})
+    run.log.close()
+    run.bar.close()
+    run.tel.close("train")
+    raise TrainingDivergedError(
+        f"step {step}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} "
+        f"({loss_value if not math.isfinite(loss_value) else grad_norm}); stopped before the update. "
+        + (f"The last good checkpoint {good[-1]} is kept; " if good else "No checkpoint was written yet; ")
+        + "lower train.lr, check the data, or use train.max_grad_norm."
+    )
+
+
+def _run_step(run: _Run, group: list[list[int]], step: int, epoch: int) -> dict[str, Any]:
+    """Optimizer step ``step + 1`` over ``group`` (its micro-batches across processes, this process taking
+    every ``world``-th); returns the step's metrics record."""
+    acc, stage = run.accelerator, run.stage
+    batches = [stage.collate(ix) for ix in group[acc.process_index::acc.num_processes]]
+    global_units = _all_sum(acc, sum(stage.count_units(b) for b in batches))
+    if global_units == 0:
+        raise AlignlineError(f"step {step + 1}: no trained units in the whole step (check the labels)")
+    t0 = time.perf_counter()
+    clock = run.tel.step_clock()
+    sums = _forward_backward(run, group, batches, global_units, clock)
+    loss_value = sums["loss"] / global_units
+    grad_norm = _clip_gradients(run)
+    _stop_if_diverged(run, step + 1, loss_value, grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    clock.lap("optimizer")
+    seconds = time.perf_counter() - t0
+    tokens, positions = int(sums["tokens"]), int(sums["logit_positions"])
+    record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": run.scheduler.get_last_lr()[0],
+              "units": global_units, "tokens": tokens, "tokens_per_s": sums["tokens"] / max(seconds, 1e-9),
+              "logit_positions": positions, "flops": run.tel.count(run.params, tokens, positions, grad=True),
+              **clock.record()}
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
+    for k in stage.metric_keys:
+        record[k] = sums[k] / global_units
+    return record
+
+
+def _evaluate(run: _Run, step: int) -> dict[str, float]:
+    """The stage's evaluation at ``step`` (no gradients, eval mode), logged as ``eval/<name>``."""
+    run.model.eval()
+    with torch.no_grad(), run.tel.phase("eval"):
+        metrics = run.stage.evaluate(run.model)
+    run.model.train()
+    run.log.log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    return metrics
+
+
+def _save(run: _Run, position: dict[str, int]) -> Path:
+    with run.tel.phase("checkpoint"):
+        return save_checkpoint(run.accelerator, run.model, run.optimizer, run.scheduler, run.out_dir, position,
+                               run.settings.keep_checkpoints)
+
+
+def _open_sinks(run: _Run, resumed: bool, step: int, total_steps: int, desc: str) -> None:
+    """metrics.jsonl (cut back to ``step`` when resumed), the accelerate trackers and the progress bar."""
+    acc, settings = run.accelerator, run.settings
+    run.log = MetricsLog(acc, run.out_dir / "metrics.jsonl", step if resumed else None)
+    if settings.report_to:
+        acc.init_trackers(run.out_dir.name, config=settings.model_dump(mode="json"))
+    run.bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not acc.is_local_main_process,
+                   dynamic_ncols=True)
+
+
+def _report(run: _Run, record: dict[str, Any], total_steps: int) -> None:
+    step = record["step"]
+    if step % run.settings.log_every == 0 or step == total_steps:
+        run.log.log(record)
+    run.bar.update(1)
+    run.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+
+def _close_sinks(run: _Run, result: TrainResult, step: int) -> None:
+    run.bar.close()
+    run.tel.add(steps=step - result.steps)
+    run.tel.close("train")
+    result.phases = run.tel.summary()
+    run.log.close()
+    if run.settings.report_to:
+        run.accelerator.end_training()
+
+
 def train(
     model: torch.nn.Module,
     *,
@@ -456,199 +460,36 @@ def train(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = settings.grad_accum * world
-
-    epoch_plans: dict[int, list[list[int]]] = {}
-
-    def micro_batches(epoch: int) -> list[list[int]]:
-        if epoch not in epoch_plans:
-            epoch_plans.clear()
-            epoch_plans[epoch] = plan(epoch)
-        return epoch_plans[epoch]
-
-    steps_per_epoch = [math.ceil(len(plan(e)) / per_step) for e in range(settings.epochs)]
-    total_steps = sum(steps_per_epoch)
-    if settings.max_steps is not None:
-        total_steps = min(total_steps, settings.max_steps)
-    if total_steps == 0:
-        raise AlignlineError("no training data: the plan has no micro-batches (check the data and max_length)")
-
-    if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        enable_checkpointing(model, every=settings.checkpoint_every, selective_layers=settings.selective_layers)
-    sharded = is_sharded(accelerator)
-    if sharded and hasattr(model, "peft_config"):
-        raise AlignlineError("LoRA under FSDP is not supported: LoRA's trainable weights are small, so launch it "
-                             "data parallel (configs/gpu/accelerate_ddp.yaml) with the frozen base in bf16")
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    after_backward = free_memory_policy(model, settings.free_memory)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr, betas=tuple(settings.adam_betas), eps=settings.adam_eps,
-        # one fused kernel instead of a Python loop over ~300 tensors: ~4x faster steps on CPU
-        # (FSDP swaps the parameters for sharded DTensors at prepare: the default foreach kernels take those)
-        fused=None if sharded else all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) or None,
-    )
-    from transformers import get_scheduler
-
-    warmup = settings.warmup_steps if settings.warmup_steps is not None else int(settings.warmup_ratio * total_steps)
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[settings.schedule]
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    tel = telemetry or tm.Telemetry(accelerator.device)
-    params = tel.params_of(model)  # before DDP/FSDP wrap it
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    step, start_epoch, start_in_epoch = 0, 0, 0
-    resumed_from = None
-    if not resume and complete_checkpoints(out_dir):
-        # starting over: checkpoints of an earlier run in this directory must never be resumed later
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
-        accelerator.wait_for_everyone()
-    if resume:
-        resumed_from = resume_checkpoint(accelerator, complete_checkpoints(out_dir))  # verified; damaged: the one before
-        if resumed_from is not None:
-            pos = load_checkpoint(accelerator, model, optimizer, scheduler, resumed_from)
-            step, start_epoch, start_in_epoch = pos["step"], pos["epoch"], pos["step_in_epoch"]
-            accelerator.print(f"resuming from {resumed_from} (step {step})")
-    log = MetricsLog(accelerator, out_dir / "metrics.jsonl", step if resumed_from else None)
-    if settings.report_to:
-        accelerator.init_trackers(out_dir.name, config=settings.model_dump(mode="json"))
-
-    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not accelerator.is_local_main_process,
-               dynamic_ncols=True)
+    per_step = settings.grad_accum * accelerator.num_processes
+    steps_per_epoch, total_steps = _count_steps(plan, settings, per_step)
+    stage = _Stage(plan, collate, count_units, step_fn, evaluate, metric_keys, count_logits)
+    run = _set_up(model, accelerator, settings, out_dir, stage, total_steps, telemetry)
+    position, resumed = _resume_or_clear(run, resume)
+    step = position["step"]
+    _open_sinks(run, resumed, step, total_steps, desc)
     result = TrainResult(steps=step, stopped_early=False)
     t_start, tokens_seen, last = time.perf_counter(), 0, {}
-    tel.open("train")
-    if evaluate is not None and step == 0:
-        # the starting point, so the run's effect on held-out data is visible
-        model.eval()
-        with torch.no_grad(), tel.phase("eval"):
-            ev = evaluate(model)
-        model.train()
-        result.eval_metrics_start = ev
-        log.log({"step": 0, **{f"eval/{k}": v for k, v in ev.items()}})
-    model.train()
-    done = step >= total_steps
-    for epoch in range(start_epoch, settings.epochs):
-        if done:
-            break
-        mbs = micro_batches(epoch)
-        first = start_in_epoch if epoch == start_epoch else 0
-        for s_in_epoch in range(first, steps_per_epoch[epoch]):
-            group = mbs[s_in_epoch * per_step: (s_in_epoch + 1) * per_step]
-            mine = group[rank::world]
-            batches = [collate(ix) for ix in mine]
-            units = sum(count_units(b) for b in batches)
-            global_units = _all_sum(accelerator, units)
-            if global_units == 0:
-                raise AlignlineError(f"step {step + 1}: no trained units in the whole step (check the labels)")
-            t0 = time.perf_counter()
-            clock = tel.step_clock()
-            loss_total, sums = 0.0, {k: 0.0 for k in metric_keys}
-            step_tokens = step_logits = 0
-            weights = [1.0] * len(batches)
-            if not batches:  # no micro-batch here at the tail: run one weighted 0 to join the collectives
-                batches, weights = [collate(group[0])], [0.0]
-            for i, (batch, weight) in enumerate(zip(batches, weights)):
-                last_mb = i == len(batches) - 1
-                ctx = accelerator.no_sync(model) if (world > 1 and not last_mb) else _null()
-                with ctx, accelerator.autocast():
-                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                    loss_sum, _, m = step_fn(model, batch)
-                    clock.lap("forward")
-                    # DDP and FSDP average gradients over processes, hence the factor `world`.
-                    accelerator.backward(loss_sum * (weight * world / global_units))
-                    after_backward()
-                    clock.lap("backward")
-                if weight:
-                    step_tokens += tm.real_tokens(batch)
-                    step_logits += count_logits(batch)
-                    loss_total += float(loss_sum.detach())
-                    for k in metric_keys:
-                        sums[k] += float(m.get(k, 0.0))
-            reduced = _all_sum_dict(accelerator, {"loss": loss_total, "tokens": step_tokens,
-                                                  "logit_positions": step_logits, **sums},
-                                    ["loss", "tokens", "logit_positions", *metric_keys])
-            loss_value = reduced["loss"] / global_units
-            grad_norm = None
-            if settings.max_grad_norm is not None:
-                norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-            if not math.isfinite(loss_value) or (grad_norm is not None and not math.isfinite(grad_norm)):
-                good = complete_checkpoints(out_dir)
-                log.log({"step": step + 1, "event": "non_finite", "loss": str(loss_value), "grad_norm": str(grad_norm)})
-                log.close()
-                bar.close()
-                tel.close("train")
-                raise TrainingDivergedError(
-                    f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} "
-                    f"({loss_value if not math.isfinite(loss_value) else grad_norm}); stopped before the update. "
-                    + (f"The last good checkpoint {good[-1]} is kept; " if good else "No checkpoint was written yet; ")
-                    + "lower train.lr, check the data, or use train.max_grad_norm."
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            clock.lap("optimizer")
-            step += 1
-            dt = time.perf_counter() - t0
-            tokens_seen += int(reduced["tokens"])
-            last = {"step": step, "epoch": epoch, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                    "units": global_units, "tokens": int(reduced["tokens"]),
-                    "tokens_per_s": reduced["tokens"] / max(dt, 1e-9),
-                    "logit_positions": int(reduced["logit_positions"]),
-                    "flops": tel.count(params, int(reduced["tokens"]), int(reduced["logit_positions"]), grad=True),
-                    **clock.record()}
-            if grad_norm is not None:
-                last["grad_norm"] = grad_norm
-            for k in metric_keys:
-                last[k] = reduced[k] / global_units
-            if step % settings.log_every == 0 or step == total_steps:
-                log.log(last)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+    run.tel.open("train")
+    if evaluate is not None and step == 0:  # the starting point, so the run's effect on held-out data is visible
+        result.eval_metrics_start = _evaluate(run, 0)
+    run.model.train()
+    steps = _steps_from(plan, steps_per_epoch, per_step, position)
+    if step < total_steps:  # a run resumed from its final checkpoint has no step left
+        for epoch, index, group in steps:
+            last = _run_step(run, group, step, epoch)
+            step = last["step"]
+            tokens_seen += last["tokens"]
+            _report(run, last, total_steps)
             finished = step >= total_steps
-            if evaluate is not None and ((settings.eval_every and step % settings.eval_every == 0) or finished):
-                model.eval()
-                with torch.no_grad(), tel.phase("eval"):
-                    ev = evaluate(model)
-                model.train()
-                result.eval_metrics = ev
-                log.log({"step": step, **{f"eval/{k}": v for k, v in ev.items()}})
-            position = {"step": step, "epoch": epoch, "step_in_epoch": s_in_epoch + 1}
-            if s_in_epoch + 1 == steps_per_epoch[epoch]:
-                position.update(epoch=epoch + 1, step_in_epoch=0)
+            if evaluate is not None and (_every(settings.eval_every, step) or finished):
+                result.eval_metrics = _evaluate(run, step)
             stop_now = settings.stop_after_step is not None and step >= settings.stop_after_step
-            if (settings.save_every and step % settings.save_every == 0) or finished or stop_now:
-                with tel.phase("checkpoint"):
-                    result.checkpoint = save_checkpoint(accelerator, model, optimizer, scheduler, out_dir, position,
-                                                        settings.keep_checkpoints)
-            if stop_now and not finished:
-                result.stopped_early = True
-                done = True
+            if _every(settings.save_every, step) or finished or stop_now:
+                result.checkpoint = _save(run, _position_after(step, epoch, index, steps_per_epoch[epoch]))
+            if finished or stop_now:
+                result.stopped_early = not finished
                 break
-            if finished:
-                done = True
-                break
-    bar.close()
-    tel.add(steps=step - result.steps)
-    tel.close("train")
-    result.phases = tel.summary()
-    log.close()
-    if settings.report_to:
-        accelerator.end_training()
+    _close_sinks(run, result, step)
     result.steps, result.last_metrics = step, last
     result.seconds, result.tokens = time.perf_counter() - t_start, tokens_seen
     return result
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -19,7 +19,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -30,10 +31,37 @@ from alignline.errors import DataError
 Layout = Literal["shared", "separate"]
 
 
+@dataclass(frozen=True)
+class TokenisedPair:
+    """One preference pair as token ids, as :func:`collate_pairs` takes it. Stages add what they know later
+    (``dataclasses.replace``): rm its rating margin, dpo / tso the reference log-probs."""
+
+    id: str
+    """The Pair record's id."""
+    prompt_ids: list[int]
+    """The rendered prompt (history + generation prompt)."""
+    chosen_ids: list[int]
+    """The chosen response, ending with its end token (cut to fit max_length)."""
+    rejected_ids: list[int]
+    """The rejected response, likewise."""
+    rating: str | None = None
+    """The Pair's rating level, if it has one."""
+    margin: float | None = None
+    """rm's margin_by_rating margin inside the Bradley-Terry loss; None: no margin."""
+    reference_chosen: float | None = None
+    """The reference model's log-prob of the chosen response (dpo / tso; None before the reference pass)."""
+    reference_rejected: float | None = None
+    """... and of the rejected one."""
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.prompt_ids)
+
+
 def tokenise_pairs(pairs: Sequence[Pair], tokenizer, *, max_length: int, counts: Counter,
                    max_drop_fraction: float = 0.1, where: str = "pairs", keep_tail: bool = False,
-                   dropped_on_read: int = 0) -> list[dict[str, Any]]:
-    """Token ids per pair: ``prompt``, ``chosen``, ``rejected`` (responses end with their end token).
+                   dropped_on_read: int = 0) -> list[TokenisedPair]:
+    """Token ids per pair (responses end with their end token).
 
     Responses are cut so that ``prompt + response`` fits ``max_length``. Dropped and counted: chosen equal
     to rejected (as text, or as tokens after cutting), a prompt that leaves no room for a response, an
@@ -62,7 +90,8 @@ def tokenise_pairs(pairs: Sequence[Pair], tokenizer, *, max_length: int, counts:
         if chosen == rejected:
             counts["dropped_identical_after_truncation"] += 1
             continue
-        out.append({"id": p.id, "prompt": prompt, "chosen": chosen, "rejected": rejected, "rating": p.rating})
+        out.append(TokenisedPair(id=p.id, prompt_ids=prompt, chosen_ids=chosen, rejected_ids=rejected,
+                                 rating=p.rating))
     total = len(pairs) + dropped_on_read
     dropped = total - len(out)
     counts["pairs_in"] += total
@@ -77,10 +106,11 @@ def tokenise_pairs(pairs: Sequence[Pair], tokenizer, *, max_length: int, counts:
     return out
 
 
-def pair_length(ex: dict, layout: Layout) -> int:
+def pair_length(pair: TokenisedPair, layout: Layout) -> int:
+    """Tokens of the pair's row (shared layout), or of its longer row (separate layout)."""
     if layout == "shared":
-        return len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"])
-    return len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"]))
+        return pair.prompt_length + len(pair.chosen_ids) + len(pair.rejected_ids)
+    return pair.prompt_length + max(len(pair.chosen_ids), len(pair.rejected_ids))
 
 
 def plan_bucketed(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: int = 32,
@@ -107,7 +137,8 @@ def plan_bucketed(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return [b[i: i + micro_batch_size] for b in batches for i in range(0, len(b), micro_batch_size)]
 
 
-def collate_pairs(examples: Sequence[dict], pad_id: int, layout: Layout = "shared") -> dict[str, torch.Tensor]:
+def collate_pairs(examples: Sequence[TokenisedPair], pad_id: int, layout: Layout = "shared"
+                  ) -> dict[str, torch.Tensor]:
     """Tensors for :func:`pair_logps`. Targets are described by flat index lists:
 
     ``src``: for each response token, the (row, position) whose output predicts it, as an index into the
@@ -118,7 +149,7 @@ def collate_pairs(examples: Sequence[dict], pad_id: int, layout: Layout = "share
     blocks: list[list[tuple[int, int]]] = []  # per row: [(start, end) of chosen], for the mask
     ends: list[tuple[int, int, int, int]] = []  # per pair: (row, last chosen pos, row, last rejected pos)
     for b, ex in enumerate(examples):
-        p, c, r = ex["prompt"], ex["chosen"], ex["rejected"]
+        p, c, r = ex.prompt_ids, ex.chosen_ids, ex.rejected_ids
         P, C = len(p), len(c)
         if layout == "shared":
             rows.append((p + c + r, list(range(P + C)) + list(range(P, P + len(r)))))
@@ -153,11 +184,11 @@ def collate_pairs(examples: Sequence[dict], pad_id: int, layout: Layout = "share
         batch["allowed"] = allowed.unsqueeze(1)
     else:
         batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    if all("margin" in ex for ex in examples):
-        batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float32)
-    if all("ref_chosen" in ex for ex in examples):
-        batch["ref_chosen"] = torch.tensor([ex["ref_chosen"] for ex in examples], dtype=torch.float64)
-        batch["ref_rejected"] = torch.tensor([ex["ref_rejected"] for ex in examples], dtype=torch.float64)
+    if all(ex.margin is not None for ex in examples):
+        batch["margin"] = torch.tensor([ex.margin for ex in examples], dtype=torch.float32)
+    if all(ex.reference_chosen is not None for ex in examples):
+        batch["ref_chosen"] = torch.tensor([ex.reference_chosen for ex in examples], dtype=torch.float64)
+        batch["ref_rejected"] = torch.tensor([ex.reference_rejected for ex in examples], dtype=torch.float64)
     return batch
 
 
@@ -276,20 +307,32 @@ def token_logps(logits: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> t
     return logits[src, tgt] - _row_logsumexp(logits)[src]
 
 
-def pair_logps(model, batch: dict[str, torch.Tensor], *, length_normalize: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen logps [B], rejected logps [B], chosen lengths [B], rejected lengths [B]), summed over tokens
-    (or averaged when ``length_normalize``)."""
+class PairLogps(NamedTuple):
+    """Per-pair log-probs of the responses (summed over their tokens, or averaged) and their token counts."""
+
+    chosen: torch.Tensor
+    """[B] chosen responses' log-probs."""
+    rejected: torch.Tensor
+    """[B] rejected responses' log-probs."""
+    chosen_lengths: torch.Tensor
+    """[B] chosen responses' token counts (float)."""
+    rejected_lengths: torch.Tensor
+    """[B] rejected responses' token counts (float)."""
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor], *, length_normalize: bool = False) -> PairLogps:
+    """Chosen and rejected log-probs per pair, summed over tokens (or averaged when ``length_normalize``),
+    with the response lengths."""
     padded = padded_width(batch)
     out = model(**model_inputs(model, padded), logits_to_keep=padded["keep"], use_cache=False)
     logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
     del out  # the backward overwrites the logits in place: nothing else may hold them
-    token_logps_ = token_logps(logits, batch["src"], batch["tgt"])
+    per_token = token_logps(logits, batch["src"], batch["tgt"])
     B = int(batch["n_pairs"])
-    slot = batch["pair"] * 2 + batch["seg"]
-    sums = torch.zeros(2 * B, dtype=token_logps_.dtype, device=token_logps_.device).index_add(0, slot, token_logps_)
-    counts = torch.zeros(2 * B, dtype=token_logps_.dtype, device=token_logps_.device).index_add(
-        0, slot, torch.ones_like(token_logps_))
+    slot = batch["pair"] * 2 + batch["seg"]  # even slots: chosen, odd: rejected
+    sums = torch.zeros(2 * B, dtype=per_token.dtype, device=per_token.device).index_add(0, slot, per_token)
+    counts = torch.zeros(2 * B, dtype=per_token.dtype, device=per_token.device).index_add(
+        0, slot, torch.ones_like(per_token))
     if length_normalize:
         sums = sums / counts.clamp(min=1)
-    return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
+    return PairLogps(sums[0::2], sums[1::2], counts[0::2], counts[1::2])

@@ -1,0 +1,53 @@
+"""Saving a model (or its LoRA adapter) and tokenizer in safetensors, replacing the directory atomically."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from alignline.errors import ModelError
+from alignline.models.atomic_dir import _replace_dir, _tmp_dir_for
+from alignline.models.gguf_import import _strip_gguf_quantizer
+from alignline.models.loading import _pickled_files
+
+
+def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = False,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save ``model`` (and ``tokenizer`` unless None) to ``out_dir`` in safetensors, replacing it atomically.
+
+    ``state_dict``: the weights to write instead of the model's own (the gathered full weights of a model
+    sharded across processes, whose own parameters are shards); not with a PEFT model.
+
+    A PEFT model is saved as its adapter (``adapter_config.json`` + ``adapter_model.safetensors``, whose
+    ``base_model_name_or_path`` points at the base checkpoint) unless ``merge_lora`` is true, in which case
+    the adapters are merged into a plain checkpoint (the model passed in is left unmerged). Every loader in
+    :mod:`alignline.models.loading` accepts both kinds of directory.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    tmp = _tmp_dir_for(out)
+    try:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            assert state_dict is None, "a PEFT model is saved from its own weights"
+            if merge_lora:
+                import copy
+
+                copy.deepcopy(model).merge_and_unload().save_pretrained(str(tmp))
+            else:
+                model.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            if getattr(model, "hf_quantizer", None) is not None:
+                _strip_gguf_quantizer(model)
+            model.save_pretrained(str(tmp), state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        pickled = _pickled_files(tmp)
+        if pickled:
+            raise ModelError(f"saving {out} produced pickled files {[p.name for p in pickled]}; refusing")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
