@@ -106,6 +106,11 @@ class LoraSettings(Section):
     loader merges it on load)."""
 
 
+def merged_on_save(lora: LoraSettings | None) -> bool:
+    """Whether a stage's final model/ is a full checkpoint (no LoRA, or lora.save=merged) or the adapter alone."""
+    return lora is None or lora.save == "merged"
+
+
 def apply_lora(model, settings: LoraSettings, *, task_type: str = "CAUSAL_LM"):
     """Wrap ``model`` with fresh LoRA adapters; only they (and, for SEQ_CLS, the score head) are trainable."""
     from peft import LoraConfig, get_peft_model

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from alignline.config import Section
 from alignline.data.io import fingerprint
-from alignline.models.loading import LoraSettings, load_causal_lm, resolve_model
+from alignline.models.loading import LoraSettings, load_causal_lm, merged_on_save, resolve_model
 from alignline.report.plots import plot_reward_curves
 from alignline.stages.common import (
     RunDir,
@@ -164,7 +164,7 @@ def run(cfg: DPOConfig) -> Path:
         return rd.path
     with tel.phase("save_model"):
         save_trained_model(accelerator, model, tokenizer, rd.path / "model",
-                           merge_lora=cfg.lora is None or cfg.lora.save == "merged")
+                           merge_lora=merged_on_save(cfg.lora))
     if accelerator.is_main_process:
         plot_reward_curves([rd.path / "metrics.jsonl"], rd.path / "reward_curves.png",
                            title=f"{cfg.loss.type}: implicit rewards")

@@ -13,7 +13,13 @@ from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, fit_to_length, tokenise_conversation
 from alignline.data.io import read_conversations
 from alignline.errors import ConfigError
-from alignline.models.loading import LoraSettings, load_causal_lm, load_tokenizer, resolve_model
+from alignline.models.loading import (
+    LoraSettings,
+    load_causal_lm,
+    load_tokenizer,
+    merged_on_save,
+    resolve_model,
+)
 from alignline.stages.common import RunDir, TrainingDtype, console, record_drops, training_dtype
 from alignline.train.accelerator import make_accelerator
 from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded
@@ -206,7 +212,7 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
         return rd.path
     with tel.phase("save_model"):
         save_trained_model(accelerator, model, tokenizer, rd.path / "model",
-                           merge_lora=cfg.lora is None or cfg.lora.save == "merged")
+                           merge_lora=merged_on_save(cfg.lora))
     rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
               eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start, model_dir=str(rd.path / "model"),
               phases=tel.summary())
