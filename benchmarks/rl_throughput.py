@@ -9,6 +9,22 @@ same number of optimizer steps (one per rollout), TRL's ``loss_type="grpo"`` (al
 aggregation seq_mean_token_mean), beta 0 (no reference model on either side), no vLLM, fp32. Each row runs in
 its own child process (``benchmarks/common.py``) and reports rollout tokens/s, training tokens/s, seconds per
 iteration and peak RSS. The goal of issue 16: >= 2x TRL's iterations/s at <= 1/2 of its peak RSS.
+
+Rows (``--configs``): every alignline row takes one optimizer step per rollout, as TRL does; they differ in how
+the step's P x G responses are split into micro-batches (the loss and the step are the same: the loop weighs
+micro-batches by their tokens):
+
+* ``alignline``: micro-batches of G responses (one prompt's group: one prefix-shared row), P accumulation steps;
+* ``alignline-gc``: the same with ``train.gradient_checkpointing`` (every decoder layer recomputed in backward);
+* ``alignline-batch32``: all P x G responses in one micro-batch (the row measured first, 2026-12-03);
+* ``trl``: TRL's ``per_device_train_batch_size`` P x G, no accumulation (its generation batch is the rollout).
+
+Share of the limit (issue 20): useful training FLOPs (``telemetry.useful_flops``: 6 x body parameters x real
+tokens + 6 x head parameters x response positions) per second of the optimizer steps, over the fp32 matmul
+limit measured in the same run on the model's layer shapes. alignline reads both from the stage's
+``metrics.jsonl`` (``flops``, ``time/step_s``); TRL's steps are timed by a callback minus the generation inside
+them (``_generate_and_score_completions``), its tokens taken from the inputs of ``_compute_loss`` (TRL computes
+each prompt once per response, and those repeats count as real tokens, as in the DPO benchmark).
 """
 
 from __future__ import annotations
@@ -22,7 +38,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-CONFIGS = ("alignline", "trl")
+CONFIGS = {
+    "alignline": {"micro_batch": "group", "gc": False},
+    "alignline-gc": {"micro_batch": "group", "gc": True},
+    "alignline-batch32": {"micro_batch": "rollout", "gc": False},
+    "trl": {},
+}
+DEFAULT_CONFIGS = ("alignline", "alignline-gc", "trl")
+SMOKE_CONFIGS = ("alignline", "trl")
 FULL = {"iterations": 10, "prompts_per_iteration": 4, "group_size": 8, "max_new_tokens": 128}
 QUICK = {"iterations": 3, "prompts_per_iteration": 2, "group_size": 8, "max_new_tokens": 64}
 SMOKE = {"iterations": 2, "prompts_per_iteration": 2, "group_size": 4, "max_new_tokens": 8}
@@ -47,19 +70,25 @@ def alignline_side(spec: dict) -> dict:
     from alignline.stages import rl
 
     P, G = spec["prompts_per_iteration"], spec["group_size"]
+    per_group = spec["micro_batch"] == "group"
     cfg = load_config(rl.RLConfig, None, [
         f"model={spec['model']}", f"prompts={spec['prompts']}", f"output_dir={spec['out']}",
         f"iterations={spec['iterations']}", f"rollout.prompts={P}", f"rollout.group_size={G}",
-        f"rollout.sampling.max_new_tokens={spec['max_new_tokens']}", f"train.batch_size={P * G}",
-        "train.grad_accum=1", "loss.estimator=grpo", "kl.coef=0", "reward=verifier", "dtype=float32"])
+        f"rollout.sampling.max_new_tokens={spec['max_new_tokens']}", f"train.batch_size={G if per_group else P * G}",
+        f"train.grad_accum={P if per_group else 1}", f"train.gradient_checkpointing={str(spec['gc']).lower()}",
+        "loss.estimator=grpo", "kl.coef=0", "reward=verifier", "dtype=float32"])
     t0 = time.perf_counter()
     out = rl.run(cfg)
     wall = time.perf_counter() - t0
     rows = [json.loads(ln) for ln in (out / "iterations.jsonl").read_text().splitlines()]
+    steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if "time/step_s" in s]
     return {"wall_s": wall, "s_per_iteration": wall / len(rows),
             "rollout_tokens_per_s": sum(r["rollout_tokens"] for r in rows) / sum(r["rollout_seconds"] for r in rows),
             "train_tokens_per_s": sum(r["train_tokens_per_s"] * r["train_seconds"] for r in rows)
             / sum(r["train_seconds"] for r in rows),
+            "train_step_s": sum(s["time/step_s"] for s in steps), "train_flops": sum(s["flops"] for s in steps),
+            "train_steps": len(steps), "train_peak_rss_gb": max(s.get("mem/peak_rss_gb", 0) for s in steps),
             "reward_mean": [r["reward_mean"] for r in rows]}
 
 
@@ -70,6 +99,7 @@ def trl_side(spec: dict) -> dict:
     from alignline.data.io import read_prompts
     from alignline.judges.verifiable import verify
     from alignline.models import load_causal_lm, load_tokenizer
+    from alignline.train.telemetry import param_counts, useful_flops
 
     P, G = spec["prompts_per_iteration"], spec["group_size"]
     prompts = read_prompts(spec["prompts"])
@@ -85,18 +115,41 @@ def trl_side(spec: dict) -> dict:
                       max_steps=spec["iterations"], learning_rate=1e-6, lr_scheduler_type="constant", bf16=False,
                       use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, temperature=1.0,
                       seed=0, dataloader_num_workers=0)
-    trainer = GRPOTrainer(model=load_causal_lm(spec["model"], dtype="float32"), reward_funcs=verifier, args=args,
-                          train_dataset=data, processing_class=load_tokenizer(spec["model"]))
+    generation_s: list[float] = []
+    batches: list[dict] = []
+
+    class Timed(GRPOTrainer):
+        def _generate_and_score_completions(self, *a, **kw):
+            t0 = time.perf_counter()
+            out = super()._generate_and_score_completions(*a, **kw)
+            generation_s.append(time.perf_counter() - t0)
+            return out
+
+        def _compute_loss(self, model, inputs):
+            completion = int(inputs["completion_mask"].sum())
+            batches.append({"tokens": int(inputs["prompt_mask"].sum()) + completion, "logit_positions": completion})
+            return super()._compute_loss(model, inputs)
+
+    model = load_causal_lm(spec["model"], dtype="float32")
+    timeline: list[dict] = []
+    trainer = Timed(model=model, reward_funcs=verifier, args=args, train_dataset=data,
+                    processing_class=load_tokenizer(spec["model"]),
+                    callbacks=[common.trl_step_timer(common.RssSampler(), timeline)])
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "reward" in h]
     lengths = [h.get("completions/mean_length", 0) for h in logs]
+    assert len(generation_s) == len(timeline), "one generation per optimizer step (gradient_accumulation_steps=1)"
+    params = param_counts(model)
     return {"wall_s": wall, "s_per_iteration": wall / spec["iterations"],
-            "rollout_tokens": sum(n * P * G for n in lengths), "reward_mean": [h["reward"] for h in logs]}
+            "rollout_tokens": sum(n * P * G for n in lengths), "reward_mean": [h["reward"] for h in logs],
+            "train_step_s": sum(t["t1"] - t["t0"] for t in timeline) - sum(generation_s),
+            "generation_s": sum(generation_s), "train_steps": len(timeline),
+            "train_flops": sum(useful_flops(*params, b["tokens"], b["logit_positions"], grad=True) for b in batches)}
 
 
-SIDES = {"alignline": alignline_side, "trl": trl_side}
+SIDES = {name: (trl_side if name == "trl" else alignline_side) for name in CONFIGS}
 
 
 def parse_args(argv=None):
@@ -104,9 +157,9 @@ def parse_args(argv=None):
     for key in FULL:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, dest=key)
     p.add_argument("--prompts", type=Path, help="prompts JSONL with meta.instructions (default: generated)")
-    common.add_common_args(p, configs=CONFIGS, default_configs=CONFIGS, default_out=DEFAULT_OUT)
+    common.add_common_args(p, configs=CONFIGS, default_configs=DEFAULT_CONFIGS, default_out=DEFAULT_OUT)
     return common.finish_args(p.parse_args(argv), full=FULL, quick=QUICK, smoke=SMOKE, default_out=DEFAULT_OUT,
-                              smoke_configs=CONFIGS)
+                              smoke_configs=SMOKE_CONFIGS)
 
 
 def main(argv=None) -> int:
@@ -118,23 +171,33 @@ def main(argv=None) -> int:
     base = {"model": common.model_path(args, work), "prompts": str(prompts),
             **{k: getattr(args, k) for k in FULL}}
     env = common.child_env(args.threads)
+    # a typical training row: one prompt's group (prompt + G responses of about max_new_tokens)
+    limit = common.measure_limit(args, base["model"], 64 + args.group_size * args.max_new_tokens)
 
     def run_config(name):
-        child, res, quiet = common.run_in_child(__file__, name, {**base, "out": str(work / name)}, args, work, env)
+        spec = {**base, **CONFIGS[name], "out": str(work / name)}
+        child, res, quiet = common.run_in_child(__file__, name, spec, args, work, env)
         if child is None:
             return None, common.failure_of(res)
+        share = common.share_of_limit(child["train_flops"], child["train_step_s"], limit)
         return {"config": name, **child, "peak_rss_gb": res.peak_rss_bytes / common.GB,
-                "contention": getattr(res, "contention", None)}, None
+                "train_useful_gflops_s": child["train_flops"] / child["train_step_s"] / 1e9,
+                "share_pct": common.percent(share), "contention": getattr(res, "contention", None)}, None
 
-    rows, failures = common.measure_rows(common.config_names(args, CONFIGS, CONFIGS), run_config, args)
-    result = {"settings": base, "machine": common.machine_info(), "rows": rows, "failures": failures}
+    rows, failures = common.measure_rows(common.config_names(args, CONFIGS, DEFAULT_CONFIGS), run_config, args)
+    result = {"settings": base, "machine": common.machine_info(), "limit": limit, "rows": rows, "failures": failures}
     by = {r["config"]: r for r in rows}
-    if "alignline" in by and "trl" in by:
-        result["speedup_iterations_per_s"] = by["trl"]["s_per_iteration"] / by["alignline"]["s_per_iteration"]
-        result["rss_ratio"] = by["alignline"]["peak_rss_gb"] / by["trl"]["peak_rss_gb"]
+    for r in rows:
+        if "trl" in by and r["config"] != "trl":
+            r["speedup_vs_trl"] = by["trl"]["s_per_iteration"] / r["s_per_iteration"]
+            r["rss_vs_trl"] = r["peak_rss_gb"] / by["trl"]["peak_rss_gb"]
     common.write_json(args.out, result)
-    print(common.markdown_table(rows, [("config", "config", ""), ("s_per_iteration", "s / iteration", ".2f"),
-                                       ("peak_rss_gb", "peak RSS GB", ".2f")]))
+    print(common.markdown_table(rows, [
+        ("config", "config", ""), ("s_per_iteration", "s / iteration", ".2f"),
+        ("rollout_tokens_per_s", "rollout tok/s", ".1f"), ("train_tokens_per_s", "train tok/s", ".1f"),
+        ("train_step_s", "optimizer steps (s)", ".1f"), ("train_useful_gflops_s", "useful GFLOP/s", ".1f"),
+        ("share_pct", "share of limit (%)", ".1f"), ("peak_rss_gb", "peak RSS GB", ".2f"),
+        ("speedup_vs_trl", "iterations/s vs TRL", ".2f"), ("rss_vs_trl", "peak RSS vs TRL", ".2f")]))
     print(f"results: {args.out}")
     common.drop_work_dir(args, work)
     return 1 if failures else 0
