@@ -17,7 +17,10 @@ micro-batches by their tokens):
 * ``alignline``: micro-batches of G responses (one prompt's group: one prefix-shared row), P accumulation steps;
 * ``alignline-gc``: the same with ``train.gradient_checkpointing`` (every decoder layer recomputed in backward);
 * ``alignline-batch32``: all P x G responses in one micro-batch (the row measured first, 2026-12-03);
-* ``trl``: TRL's ``per_device_train_batch_size`` P x G, no accumulation (its generation batch is the rollout).
+* ``trl``: TRL's ``per_device_train_batch_size`` P x G, no accumulation (its generation batch is the rollout);
+* ``trl-mb8``: TRL with micro-batches of G and P accumulation steps (its generation batch is still the P x G
+  rollout, one optimizer step per rollout): the micro-batching of the ``alignline`` rows, for the memory
+  comparison.
 
 Share of the limit (issue 20): useful training FLOPs (``telemetry.useful_flops``: 6 x body parameters x real
 tokens + 6 x head parameters x response positions) per second of the optimizer steps, over the fp32 matmul
@@ -42,10 +45,11 @@ CONFIGS = {
     "alignline": {"micro_batch": "group", "gc": False},
     "alignline-gc": {"micro_batch": "group", "gc": True},
     "alignline-batch32": {"micro_batch": "rollout", "gc": False},
-    "trl": {},
+    "trl": {"micro_batch": "rollout"},
+    "trl-mb8": {"micro_batch": "group"},
 }
-DEFAULT_CONFIGS = ("alignline", "alignline-gc", "trl")
-SMOKE_CONFIGS = ("alignline", "trl")
+DEFAULT_CONFIGS = ("alignline", "alignline-gc", "trl", "trl-mb8")
+SMOKE_CONFIGS = ("alignline", "trl", "trl-mb8")
 FULL = {"iterations": 10, "prompts_per_iteration": 4, "group_size": 8, "max_new_tokens": 128}
 QUICK = {"iterations": 3, "prompts_per_iteration": 2, "group_size": 8, "max_new_tokens": 64}
 SMOKE = {"iterations": 2, "prompts_per_iteration": 2, "group_size": 4, "max_new_tokens": 8}
@@ -89,6 +93,8 @@ def alignline_side(spec: dict) -> dict:
             / sum(r["train_seconds"] for r in rows),
             "train_step_s": sum(s["time/step_s"] for s in steps), "train_flops": sum(s["flops"] for s in steps),
             "train_steps": len(steps), "train_peak_rss_gb": max(s.get("mem/peak_rss_gb", 0) for s in steps),
+            "per_step": [{"seconds": s["time/step_s"], "flops": s["flops"], "tokens": s["tokens"]} for s in steps],
+            "details": {"phases": json.loads((out / "manifest.json").read_text())["phases"]},
             "reward_mean": [r["reward_mean"] for r in rows]}
 
 
@@ -110,7 +116,9 @@ def trl_side(spec: dict) -> dict:
         return [verify(c[0]["content"] if isinstance(c, list) else c, json.loads(i), "strict").score
                 for c, i in zip(completions, instructions)]
 
-    args = GRPOConfig(output_dir=spec["out"], per_device_train_batch_size=P * G, gradient_accumulation_steps=1,
+    per_group = spec["micro_batch"] == "group"
+    args = GRPOConfig(output_dir=spec["out"], per_device_train_batch_size=G if per_group else P * G,
+                      gradient_accumulation_steps=P if per_group else 1,
                       num_generations=G, max_completion_length=spec["max_new_tokens"], beta=0.0, loss_type="grpo",
                       max_steps=spec["iterations"], learning_rate=1e-6, lr_scheduler_type="constant", bf16=False,
                       use_cpu=True, report_to=[], save_strategy="no", logging_steps=1, temperature=1.0,
@@ -140,7 +148,7 @@ def trl_side(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "reward" in h]
     lengths = [h.get("completions/mean_length", 0) for h in logs]
-    assert len(generation_s) == len(timeline), "one generation per optimizer step (gradient_accumulation_steps=1)"
+    assert len(generation_s) == len(timeline), "one generation per optimizer step (generation batch = rollout)"
     params = param_counts(model)
     return {"wall_s": wall, "s_per_iteration": wall / spec["iterations"],
             "rollout_tokens": sum(n * P * G for n in lengths), "reward_mean": [h["reward"] for h in logs],
@@ -149,7 +157,7 @@ def trl_side(spec: dict) -> dict:
             "train_flops": sum(useful_flops(*params, b["tokens"], b["logit_positions"], grad=True) for b in batches)}
 
 
-SIDES = {name: (trl_side if name == "trl" else alignline_side) for name in CONFIGS}
+SIDES = {name: (trl_side if name.startswith("trl") else alignline_side) for name in CONFIGS}
 
 
 def parse_args(argv=None):
@@ -182,7 +190,8 @@ def main(argv=None) -> int:
         share = common.share_of_limit(child["train_flops"], child["train_step_s"], limit)
         return {"config": name, **child, "peak_rss_gb": res.peak_rss_bytes / common.GB,
                 "train_useful_gflops_s": child["train_flops"] / child["train_step_s"] / 1e9,
-                "share_pct": common.percent(share), "contention": getattr(res, "contention", None)}, None
+                "share_of_limit": share, "share_pct": common.percent(share),
+                "contention": getattr(res, "contention", None)}, None
 
     rows, failures = common.measure_rows(common.config_names(args, CONFIGS, DEFAULT_CONFIGS), run_config, args)
     result = {"settings": base, "machine": common.machine_info(), "limit": limit, "rows": rows, "failures": failures}

@@ -9,6 +9,12 @@ The RM is SmolLM2-135M-Instruct with a freshly initialised scalar head (speed do
 head's values). Token ids are random (fixed seed) with the requested lengths: prompt P tokens, N
 responses of 128 tokens. Both paths run in the same process, one after the other, on the same inputs;
 timed: the scoring calls only. Scores must agree within 1e-4 (checked and reported).
+
+Share of the limit (issue 20): useful FLOPs (``telemetry.useful_flops`` without gradients: 2 x body parameters x
+tokens computed + 2 x head parameters x responses scored) per second, over the fp32 matmul limit measured at the
+start of the run on the model's layer shapes at one forward's size (``--chunk`` x response tokens). Each path is
+credited with the tokens it computes: prompt + N x response for the prefix-shared path, N x (prompt + response)
+for the plain path, whose repeated prompts count as its work (as TRL's repeated prompts do in the DPO benchmark).
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ from benchmarks.common import (
     finish_args,
     machine_info,
     markdown_table,
+    measure_limit,
     model_path,
     new_work_dir,
+    percent,
     quiet_gate,
+    share_of_limit,
     write_json,
 )
 
@@ -55,9 +64,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from alignline.judges.reward import score_plain, score_responses
     from alignline.models import load_reward_model
+    from alignline.train.telemetry import param_counts, useful_flops
 
     work = new_work_dir(a, "alignline-score-bench-")
-    model = load_reward_model(model_path(a, work), dtype="float32").eval()
+    model_dir = model_path(a, work)
+    model = load_reward_model(model_dir, dtype="float32").eval()
+    params = param_counts(model)
+    limit = measure_limit(a, model_dir, a.chunk * a.response_tokens)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     rows = []
@@ -73,17 +86,25 @@ def main(argv=None) -> int:
             plain = score_plain(model, prompt, resps, pad_id=0, batch_size=a.batch)
             t_plain = time.perf_counter() - t0
             diff = max(abs(x - y) for x, y in zip(shared, plain))
+            r = a.response_tokens
+            shared_flops = useful_flops(*params, plen + n * r, n, grad=False)
+            plain_flops = useful_flops(*params, n * (plen + r), n, grad=False)
             rows.append({"prompt_tokens": plen, "n": n, "shared_resp_s": n / t_shared, "plain_resp_s": n / t_plain,
-                         "speedup": t_plain / t_shared, "max_abs_diff": diff, "loadavg": quiet["loadavg"]})
+                         "speedup": t_plain / t_shared, "max_abs_diff": diff,
+                         "shared_share_pct": percent(share_of_limit(shared_flops, t_shared, limit)),
+                         "plain_share_pct": percent(share_of_limit(plain_flops, t_plain, limit)),
+                         "loadavg": quiet["loadavg"]})
             print(rows[-1], flush=True)
     table = markdown_table(rows, [("prompt_tokens", "prompt", ""), ("n", "N", ""),
                                   ("shared_resp_s", "prefix-shared resp/s", ".2f"),
                                   ("plain_resp_s", "plain resp/s", ".2f"), ("speedup", "speed-up", ".2f"),
+                                  ("shared_share_pct", "prefix-shared share of limit (%)", ".1f"),
+                                  ("plain_share_pct", "plain share of limit (%)", ".1f"),
                                   ("max_abs_diff", "max |diff|", ".1e")])
     print(table)
     write_json(a.out, {
         "command": " ".join([".venv/bin/python", "benchmarks/score_throughput.py", *(argv or sys.argv[1:])]),
-        "settings": vars(a), "machine": machine_info(), "rows": rows})
+        "settings": vars(a), "machine": machine_info(), "matmul_limit": limit, "rows": rows})
     drop_work_dir(a, work)
     return 0 if all(r["max_abs_diff"] < 1e-4 for r in rows) else 1
 

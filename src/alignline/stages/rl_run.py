@@ -95,7 +95,7 @@ def whiten(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def rollout_source(cfg: RLConfig, root: Path, prompts, ids, tokenizer, policy, ref, critic, engine, reward_fn,
-                   counts: Counter):
+                   counts: Counter, tel):
     """``get(iteration) -> records``: the shard if it exists, else a new rollout from the current weights."""
     from alignline.data.chat import tokenise_prompt_response
 
@@ -162,7 +162,11 @@ def rollout_source(cfg: RLConfig, root: Path, prompts, ids, tokenizer, policy, r
         if it not in cache:
             cache.clear()
             stored = ro.read_rollout(root, it)
-            cache[it] = stored[0] if stored is not None else make(it)
+            if stored is not None:
+                cache[it] = stored[0]
+            else:
+                with tel.phase("rollout"):
+                    cache[it] = make(it)
         return cache[it]
 
     return get
@@ -254,6 +258,7 @@ def run(cfg: RLConfig) -> Path:
     from alignline.train.accelerator import make_accelerator
     from alignline.train.checkpoint import save_trained_model
     from alignline.train.loop import train
+    from alignline.train.telemetry import Telemetry
 
     rd = RunDir("rl", cfg, cfg.output_dir, {"model": cfg.model, "prompts": cfg.prompts, "eval": cfg.eval.prompts})
     if rd.skip_if_done():
@@ -286,7 +291,9 @@ def run(cfg: RLConfig) -> Path:
         critic = load_reward_model(resolve_model(cfg.ppo.critic) if cfg.ppo.critic else model_path, dtype=dtype,
                                    trust_remote_code=cfg.trust_remote_code).to(device)
         model = ro.ActorCritic(policy, critic)
-    get = rollout_source(cfg, rd.path, prompts, ids, tokenizer, policy, ref, critic, engine, combine(terms), counts)
+    tel = Telemetry(device)
+    get = rollout_source(cfg, rd.path, prompts, ids, tokenizer, policy, ref, critic, engine, combine(terms), counts,
+                         tel)
     n = cfg.rollout.prompts * cfg.rollout.group_size
     agg, max_new = cfg.loss.aggregation_name, cfg.rollout.sampling.max_new_tokens
 
@@ -296,13 +303,14 @@ def run(cfg: RLConfig) -> Path:
     result = train(model, accelerator=accelerator, settings=cfg.train.model_copy(update={"epochs": cfg.iterations}),
                    out_dir=rd.path, plan=make_plan(cfg), collate=collate, count_units=lambda b: int(b["units"]),
                    step_fn=rl_step_fn(cfg), evaluate=evaluate, metric_keys=metric_names(cfg),
-                   resume=cfg.resume and not rd.fresh, desc=f"rl ({cfg.loss.estimator})")
+                   resume=cfg.resume and not rd.fresh, desc=f"rl ({cfg.loss.estimator})", telemetry=tel)
     if result.stopped_early:
         console.print(f"rl: stopped after step {result.steps} as asked; rerun to resume")
         return rd.path
-    save_trained_model(accelerator, policy, tokenizer, rd.path / "model")
-    if critic is not None:
-        save_trained_model(accelerator, critic, tokenizer, rd.path / "critic")
+    with tel.phase("save_model"):
+        save_trained_model(accelerator, policy, tokenizer, rd.path / "model")
+        if critic is not None:
+            save_trained_model(accelerator, critic, tokenizer, rd.path / "critic")
     rows = iteration_rows(rd.path, cfg.iterations)
     atomic_write_bytes(rd.path / "iterations.jsonl", jsonl_bytes(rows))
     from alignline.report.plots import plot_rl_curves
@@ -311,7 +319,7 @@ def run(cfg: RLConfig) -> Path:
     change = paired_change(rd.path)
     rd.finish(counts, steps=result.steps, train_seconds=result.seconds, final_metrics=result.last_metrics,
               eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start,
-              eval_change=change, model_dir=str(rd.path / "model"))
+              eval_change=change, model_dir=str(rd.path / "model"), phases=tel.summary())
     last = rows[-1] if rows else {}
     console.print(f"[green]rl done[/green] ({cfg.loss.estimator}): {cfg.iterations} iterations, {result.steps} steps; "
                   f"last reward {last.get('reward_mean', float('nan')):.4f}"
