@@ -100,9 +100,9 @@ def test_finished_tso_keeps_only_its_final_version(tmp_path, tiny_model_dir):
     assert (out / "versions" / "v2" / "model.safetensors").exists() and not (out / "versions" / "v1").exists()
     assert not list(out.glob("iter-*/checkpoints")) and (out / "iter-1" / "metrics.jsonl").exists()
     m = manifest(out)
+    # mini-batch 1's final checkpoint is where mini-batch 2 would resume from; the last one writes none
     assert {e["path"]: e["kept_with"] for e in m["dropped"]} == {
-        "versions/v1": "keep_versions=true", "iter-1/checkpoints": "train.keep_checkpoints_when_done=true",
-        "iter-2/checkpoints": "train.keep_checkpoints_when_done=true"}
+        "versions/v1": "keep_versions=true", "iter-1/checkpoints": "train.keep_checkpoints_when_done=true"}
     assert m["model_dir"] == str(out / "versions" / "v2")
     rows = json.loads((out / "versions.json").read_text())
     assert [r.get("removed", False) for r in rows] == [False, True, False]

@@ -318,6 +318,35 @@ def test_greedy_equals_model_generate_across_decoder_families(kind, tiny_tokeniz
         assert all(r.token_ids == ref for r in rows)
 
 
+def test_logprobs_are_the_models_own_for_every_token_and_the_end_token(tiny_model, tiny_tokenizer):
+    """Sampled at temperature 0.7 with top-k 20 (so the drawing distribution differs from the model's), each
+    returned log-prob equals log_softmax of a full forward over prompt + tokens at that token, the end token's
+    last; the texts are those of a call without log-probs."""
+    prompts = [_prompt("a"), _prompt("b", "a longer second question, with more tokens in it")]
+    ids = [prompt_ids(tiny_tokenizer, p.messages) for p in prompts]
+    seeds = [[sample_seed(0, p.id, i) for i in range(3)] for p in prompts]
+    sampling = SamplingParams(temperature=0.7, top_k=20, max_new_tokens=10, seed=1)
+    engine = HFEngine(tiny_model, tiny_tokenizer, max_batch=4)
+    plain = engine.sample_prompts(ids, seeds, sampling)
+    end = plain[0][0].token_ids[3]
+    engine.end_ids = engine.end_ids | {end}  # some samples end on a drawn end token
+    plain = engine.sample_prompts(ids, seeds, sampling)
+    scored = engine.sample_prompts(ids, seeds, sampling, logprobs=True)
+    ended = 0
+    for prompt, rows_a, rows_b in zip(ids, plain, scored, strict=True):
+        for a, b in zip(rows_a, rows_b, strict=True):
+            assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+            assert a.logprobs is None
+            tokens = b.token_ids + ([b.end_token] if b.end_token is not None else [])
+            ended += b.end_token is not None
+            assert (b.end_token is None or b.end_token in engine.end_ids) and len(b.logprobs) == len(tokens)
+            with torch.no_grad():
+                logits = tiny_model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1: -1]
+            want = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(tokens).view(-1, 1)).view(-1)
+            torch.testing.assert_close(torch.tensor(b.logprobs), want, atol=1e-5, rtol=0)
+    assert ended
+
+
 def test_fallback_path_gives_the_same_samples(tiny_model, tiny_tokenizer):
     prompts = [_prompt("a"), _prompt("b", "second question")]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=12, stop=["ab"], seed=4)

@@ -11,6 +11,9 @@ Which random number a token uses depends only on the sample's seed and the step 
 drawn when it starts), and a slot's attention sees only its prompt and its own tokens, so a sample's text
 does not depend on the slot, the batch size or which samples run beside it (up to floating-point rounding of
 the batched matmuls).
+
+With ``logprobs`` each drawn token's log-probability under the model's own distribution (the logits before
+temperature and filtering) is kept as well: an RL rollout then needs no second pass of the sampling policy.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ class ContinuousBatch:
     """One call's samples decoded with continuous batching; :meth:`run` returns their token ids and endings."""
 
     def __init__(self, engine, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]],
-                 sampling: SamplingParams):
+                 sampling: SamplingParams, *, logprobs: bool = False):
         self.engine, self.prompts, self.seeds, self.sampling = engine, prompts, seeds, sampling
+        self.want_logprobs = logprobs
         order = sorted((i for i in range(len(prompts)) if seeds[i]), key=lambda i: len(prompts[i]))
         self.queue = deque((p, j) for p in order for j in range(len(seeds[p])))
         self.remaining = {p: len(seeds[p]) for p in order}
@@ -49,6 +53,7 @@ class ContinuousBatch:
         self.row_logits: dict[int, torch.Tensor] = {}
         self.job: list[tuple[int, int] | None] = [None] * slots
         self.tokens: list[list[int]] = [[] for _ in range(slots)]
+        self.logps: list[list[float]] = [[] for _ in range(slots)]
         self.uniforms = torch.zeros(slots, self.decoder.new_capacity, dtype=torch.float64)
         self.logits: torch.Tensor | None = None
         self.results: list[list] = [[None] * len(s) for s in seeds]
@@ -84,11 +89,13 @@ class ContinuousBatch:
             self.logits[slot] = self.row_logits[row]
             if self.sampling.temperature > 0:
                 self.uniforms[slot] = uniforms_for(self.seeds[prompt][j], self.decoder.new_capacity)
-            self.job[slot], self.tokens[slot] = (prompt, j), []
+            self.job[slot], self.tokens[slot], self.logps[slot] = (prompt, j), [], []
 
-    def _finish(self, slot: int, reason: str) -> None:
+    def _finish(self, slot: int, reason: str, end_token: int | None = None) -> None:
+        """Record the slot's sample as (tokens, reason, end token, log-probs or None) and free the slot."""
         prompt, j = self.job[slot]
-        self.results[prompt][j] = (self.tokens[slot], reason)
+        self.results[prompt][j] = (self.tokens[slot], reason, end_token,
+                                   self.logps[slot] if self.want_logprobs else None)
         self.job[slot] = None
         self.remaining[prompt] -= 1
         if not self.remaining[prompt]:
@@ -103,6 +110,7 @@ class ContinuousBatch:
         index = torch.tensor(keep, dtype=torch.long)
         self.job = [self.job[s] for s in keep]
         self.tokens = [self.tokens[s] for s in keep]
+        self.logps = [self.logps[s] for s in keep]
         self.uniforms = self.uniforms[index]
         self.logits = self.logits[index.to(self.logits.device)]
 
@@ -113,14 +121,19 @@ class ContinuousBatch:
         slots = len(self.job)
         steps = torch.tensor([len(t) for t in self.tokens])
         uniforms = self.uniforms[torch.arange(slots), steps.clamp(max=self.uniforms.shape[1] - 1)]
-        drawn = pick(self.logits, self.sampling, uniforms).cpu()
+        drawn = pick(self.logits, self.sampling, uniforms)
+        if self.want_logprobs:
+            logps = torch.log_softmax(self.logits.float(), dim=-1).gather(1, drawn.view(-1, 1)).view(-1).tolist()
+        drawn = drawn.cpu()
         candidates = self.stop_flags[drawn].tolist() if self.stops else [False] * slots
         feed = [False] * slots
         for slot, token in enumerate(drawn.tolist()):
             if self.job[slot] is None:
                 continue
+            if self.want_logprobs:
+                self.logps[slot].append(logps[slot])
             if token in self.engine.end_ids:
-                self._finish(slot, "stop")
+                self._finish(slot, "stop", token)
                 continue
             self.tokens[slot].append(token)
             if candidates[slot] and self._stopped(slot):
@@ -131,8 +144,9 @@ class ContinuousBatch:
                 feed[slot] = True
         return drawn, torch.tensor(feed)
 
-    def run(self) -> list[list[tuple[list[int], str]]]:
-        """Decode every queued sample; per prompt, per seed: (new token ids, "stop" | "length")."""
+    def run(self) -> list[list[tuple[list[int], str, int | None, list[float] | None]]]:
+        """Decode every queued sample; per prompt, per seed: (new token ids, "stop" | "length", the end token
+        drawn or None, the tokens' log-probs (end token's last) or None)."""
         if self.stops:
             self.stop_flags = self.engine.stop_flags(tuple(self.stops), self.decoder.head.out_features)
         self._fill(list(range(len(self.job))))

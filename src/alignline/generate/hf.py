@@ -40,11 +40,18 @@ FinishReason = str  # "stop" | "length"
 @dataclass
 class Sample:
     """One continuation: new token ids (no end token; a stop string's tokens included), the text (cut before
-    the stop string) and why it ended ("stop": end token or stop string, "length": max_new_tokens)."""
+    the stop string) and why it ended ("stop": end token or stop string, "length": max_new_tokens).
+
+    With ``sample_prompts(..., logprobs=True)``: ``end_token``, the end token drawn (None if the sample ended
+    otherwise), and ``logprobs``, the model's log-probability of each token of ``token_ids`` and then of
+    ``end_token``, under its own distribution (no temperature, top-k or top-p: what a policy-gradient ratio
+    needs), as computed by the decode step (float32; equal to a full forward's up to rounding)."""
 
     token_ids: list[int]
     text: str
     finish_reason: FinishReason
+    end_token: int | None = None
+    logprobs: list[float] | None = None
 
 
 class EngineStats(dict):
@@ -143,9 +150,11 @@ class HFEngine(Engine):
 
     @torch.inference_mode()
     def sample_prompts(self, prompts: Sequence[Sequence[int]], seeds: Sequence[Sequence[int]],
-                       sampling: SamplingParams) -> list[list[Sample]]:
+                       sampling: SamplingParams, *, logprobs: bool = False) -> list[list[Sample]]:
         """One continuation per seed for each prompt (``seeds[i]`` are prompt ``i``'s sample seeds), all of them
-        decoded with continuous batching in at most ``max_batch`` slots."""
+        decoded with continuous batching in at most ``max_batch`` slots. ``logprobs``: also each sample's
+        ``end_token`` and ``logprobs`` (see :class:`Sample`); the generic fallback path (``fallback_reason``)
+        leaves them None."""
         for i, ids in enumerate(prompts):
             if not ids:
                 raise ConfigError(f"prompt {i} has no tokens; nothing to continue")
@@ -160,17 +169,19 @@ class HFEngine(Engine):
             if self.fallback_reason is None:
                 from alignline.generate.continuous import ContinuousBatch
 
-                decoded = ContinuousBatch(self, prompts, seeds, sampling).run()
+                decoded = ContinuousBatch(self, prompts, seeds, sampling, logprobs=logprobs).run()
             else:
                 from alignline.generate.hf_generic import decode_lockstep
 
-                decoded = decode_lockstep(self, prompts, seeds, sampling)
-        return [[self._finish(tokens, reason, sampling) for tokens, reason in rows] for rows in decoded]
+                decoded = [[(tokens, reason, None, None) for tokens, reason in rows]
+                           for rows in decode_lockstep(self, prompts, seeds, sampling)]
+        return [[self._finish(*row, sampling) for row in rows] for rows in decoded]
 
-    def _finish(self, tokens: list[int], reason: FinishReason, sampling: SamplingParams) -> Sample:
+    def _finish(self, tokens: list[int], reason: FinishReason, end_token: int | None, logps: list[float] | None,
+                sampling: SamplingParams) -> Sample:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         text, cut = cut_at_stop(text, sampling.stop)
-        return Sample(tokens, text, "stop" if cut else reason)
+        return Sample(tokens, text, "stop" if cut else reason, end_token, logps)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

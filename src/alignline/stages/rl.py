@@ -50,6 +50,12 @@ class RolloutSettings(Section):
     """hf engine: responses decoded together (slots refilled from the rollout's queue as responses finish)."""
     pass_batch: int = Field(4, gt=0)
     """Prompts (groups) per forward in the no-grad passes (sampling policy, reference, critic)."""
+    engine_logprobs: bool = True
+    """hf engine: take the sampling policy's log-probs (the clipped ratio's denominator, needed when an
+    iteration takes more than one optimizer step or the KL is in the reward) from the decode steps that drew
+    the tokens, instead of a no-grad pass of the policy over the rollout. They agree up to float rounding
+    (about 1e-5; the decode attends over a KV cache, the pass over whole rows); false recomputes them exactly
+    as the training forward does, as verl does. The engine's generic fallback path always recomputes."""
 
 
 class PGLoss(Section):

@@ -103,6 +103,7 @@ def rollout_source(cfg: RLConfig, root: Path, prompts, ids, tokenizer, policy, r
     end_id = tokenise_prompt_response(tokenizer, [{"role": "user", "content": "x"}], "y")[1][-1]
     est = ESTIMATORS[cfg.loss.estimator]
     want_old = cfg.steps_per_iteration > 1 or (cfg.kl.coef > 0 and cfg.kl.where == "reward")
+    engine_logps = want_old and cfg.rollout.engine_logprobs and cfg.engine == "hf"
     cache: dict[int, list[dict]] = {}
 
     def make(it: int) -> list[dict]:
@@ -110,16 +111,17 @@ def rollout_source(cfg: RLConfig, root: Path, prompts, ids, tokenizer, policy, r
         chosen = [prompts[i] for i in drawn]
         t0 = time.perf_counter()
         if cfg.engine == "hf":
-            groups = ro.sample_hf(engine, [ids[i] for i in drawn], [p.id for p in chosen], G, sampling, it, end_id)
+            groups = ro.sample_hf(engine, [ids[i] for i in drawn], [p.id for p in chosen], G, sampling, it, end_id,
+                                  logprobs=engine_logps)
         else:
             if it > 0:
                 push_weights(cfg, policy, tokenizer, root / "served_policy")
             groups = ro.sample_openai(engine, chosen, tokenizer, G, sampling, it)
         t_sample = time.perf_counter() - t0
-        scores, parts = reward_fn(chosen, [[t for _, t, _ in g] for g in groups])
+        scores, parts = reward_fn(chosen, [[x[1] for x in g] for g in groups])
         records = []
         for pi, (p, g) in enumerate(zip(chosen, groups)):
-            for i, (toks, text, finish) in enumerate(g):
+            for i, (toks, text, finish, _) in enumerate(g):
                 score = scores[pi][i] - cfg.length_penalty * len(toks) / sampling.max_new_tokens
                 records.append({"iteration": it, "prompt_id": p.id, "sample_idx": i, "prompt": ids[drawn[pi]],
                                 "response": toks, "text": text, "finish_reason": finish, "score": score,
@@ -128,8 +130,13 @@ def rollout_source(cfg: RLConfig, root: Path, prompts, ids, tokenizer, policy, r
         t1 = time.perf_counter()
         groups_ids = [{"prompt": records[pi * G]["prompt"], "responses": [r["response"] for r in records[pi * G: (pi + 1) * G]]}
                       for pi in range(P)]
+        sampled_logps = [x[3] for g in groups for x in g]
+        from_engine = want_old and all(v is not None for v in sampled_logps)
+        if from_engine:  # the sampling policy's log-probs came with the tokens: no pass of the policy
+            for r, v in zip(records, sampled_logps):
+                r["old_logps"] = v
         passes = ro.token_passes(policy, ref, critic, groups_ids, pad_id=tokenizer.pad_token_id,
-                                 batch=cfg.rollout.pass_batch, want_old=want_old)
+                                 batch=cfg.rollout.pass_batch, want_old=want_old and not from_engine)
         for key, lists in passes.items():
             for r, v in zip(records, lists):
                 r[key] = v
@@ -149,7 +156,8 @@ def rollout_source(cfg: RLConfig, root: Path, prompts, ids, tokenizer, policy, r
         stats = {"iteration": it, **ro.group_stats(totals, [r["passed"] for r in records], lengths,
                                                    [r["finish_reason"] for r in records]),
                  "rollout_tokens": sum(lengths), "rollout_seconds": t_sample,
-                 "rollout_tokens_per_s": sum(lengths) / max(t_sample, 1e-9), "pass_seconds": t_pass}
+                 "rollout_tokens_per_s": sum(lengths) / max(t_sample, 1e-9), "pass_seconds": t_pass,
+                 "old_logps_from": "engine" if from_engine else ("pass" if want_old else None)}
         ro.write_rollout(root, it, records, stats)
         counts["rollouts"] += 1
         pr = "" if stats["pass_rate"] is None else f", pass rate {stats['pass_rate']:.3f}"

@@ -261,6 +261,7 @@ def train_minibatch(cfg: TSOConfig, k: int, pairs: list[TokenisedPair], loss_fn:
         count_units=lambda b: int(b["n_pairs"]),
         step_fn=pair_step_fn(loss_fn, normalize=cfg.loss.normalize, sft_weight=cfg.loss.sft_weight),
         metric_keys=PAIR_METRICS, resume=resume, desc=f"tso {k}/{cfg.minibatches} ({cfg.loss.type})",
+        final_checkpoint=k < cfg.minibatches,  # mini-batch k+1 resumes from it (run, above)
     )
     accelerator.free_memory()
     return result

@@ -14,7 +14,9 @@ process without a micro-batch at the tail of an epoch runs one weighted 0 (the A
 Checkpoints (:mod:`alignline.train.checkpoint`) let ``resume=True`` continue from the newest intact one
 exactly: same batches, same RNG, same optimizer moments; a damaged one is named and the one before it resumed.
 A non-finite loss or gradient stops the run before the optimizer step, leaving the last good checkpoint
-untouched; once the stage has finished, its checkpoints are removed (``keep_checkpoints_when_done``). How a
+untouched; once the stage has finished, its checkpoints are removed (``keep_checkpoints_when_done``), so the
+end of training writes one only when it will be kept (or the stage asks, ``final_checkpoint``): a kill between
+the last step and the stage's ``model/`` then resumes from the last periodic checkpoint. How a
 CPU process frees memory and which activations it keeps: :mod:`alignline.train.memory`.
 """
 
@@ -82,7 +84,8 @@ class TrainSettings(Section):
     eval_every: int | None = None
     """Run the stage's evaluation every this many steps (and always at the end)."""
     save_every: int | None = None
-    """Write a resumable checkpoint every this many steps (null: only at the end)."""
+    """Write a resumable checkpoint every this many steps (null: none while training; the end of training writes
+    one only with keep_checkpoints_when_done, as a finished stage removes its checkpoints)."""
     keep_checkpoints: int = 2
     """How many complete checkpoints to keep while the stage runs (older ones are deleted)."""
     keep_checkpoints_when_done: bool = False
@@ -449,6 +452,7 @@ def train(
     desc: str = "train",
     telemetry: tm.Telemetry | None = None,
     count_logits: Callable[[dict[str, torch.Tensor]], int] = tm.logit_positions,
+    final_checkpoint: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place; see the module docstring for the contract of each callable.
 
@@ -456,7 +460,10 @@ def train(
     ``metric_keys`` are reported as per-unit means over the optimizer step. ``telemetry`` (the stage's, so
     that its other phases land in the same summary) records the "train", "eval" and "checkpoint" phases and
     per-step times, memory and useful FLOPs; ``count_logits(batch)`` is the number of positions whose head
-    output a batch computes (default :func:`alignline.train.telemetry.logit_positions`).
+    output a batch computes (default :func:`alignline.train.telemetry.logit_positions`). The last step is
+    checkpointed only with ``settings.keep_checkpoints_when_done`` or ``final_checkpoint`` (a stage that resumes
+    a later part from it, as tso's mini-batches do): writing the weights and both AdamW moments for a stage that
+    deletes them once ``model/`` is saved costs seconds and disk for nothing.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
@@ -468,6 +475,7 @@ def train(
     step = position["step"]
     _open_sinks(run, resumed, step, total_steps, desc)
     result = TrainResult(steps=step, stopped_early=False)
+    save_at_end = final_checkpoint or settings.keep_checkpoints_when_done
     t_start, tokens_seen, last = time.perf_counter(), 0, {}
     run.tel.open("train")
     if evaluate is not None and step == 0:  # the starting point, so the run's effect on held-out data is visible
@@ -484,7 +492,7 @@ def train(
             if evaluate is not None and (_every(settings.eval_every, step) or finished):
                 result.eval_metrics = _evaluate(run, step)
             stop_now = settings.stop_after_step is not None and step >= settings.stop_after_step
-            if _every(settings.save_every, step) or finished or stop_now:
+            if _every(settings.save_every, step) or (finished and save_at_end) or stop_now:
                 result.checkpoint = _save(run, _position_after(step, epoch, index, steps_per_epoch[epoch]))
             if finished or stop_now:
                 result.stopped_early = not finished

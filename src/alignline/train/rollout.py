@@ -84,19 +84,31 @@ def write_rollout(root: Path, iteration: int, records: list[dict], stats: dict) 
 
 
 def sample_hf(engine, prompt_ids: list[list[int]], prompt_keys: list[str], G: int, sampling, iteration: int,
-              end_id: int) -> list[list[tuple[list[int], str, str]]]:
-    """(response token ids incl. an emitted end token, text, finish reason) per sample, per prompt. Sample i of
-    prompt p in iteration k is seeded by ``sample_seed(seed, p, k * G + i)``. One engine call: its continuous
-    batching keeps ``max_batch`` samples decoding until the whole rollout is done."""
+              end_id: int, *, logprobs: bool = False) -> list[list[tuple[list[int], str, str, list[float] | None]]]:
+    """(response token ids incl. an emitted end token, text, finish reason, the sampling policy's log-prob of
+    each of those ids or None) per sample, per prompt. Sample i of prompt p in iteration k is seeded by
+    ``sample_seed(seed, p, k * G + i)``. One engine call: its continuous batching keeps ``max_batch`` samples
+    decoding until the whole rollout is done. The end token kept is the one drawn (``end_id`` where the engine
+    does not say); ``logprobs`` asks the engine for the log-probs, which its fallback path does not give (None).
+    """
     seeds = [[sample_seed(sampling.seed, key, iteration * G + i) for i in range(G)] for key in prompt_keys]
-    return [[(list(x.token_ids) + ([end_id] if x.finish_reason == "stop" and not sampling.stop else []),
-              x.text, x.finish_reason) for x in samples]
-            for samples in engine.sample_prompts(prompt_ids, seeds, sampling)]
+    out = []
+    for samples in engine.sample_prompts(prompt_ids, seeds, sampling, logprobs=logprobs):
+        group = []
+        for x in samples:
+            ended = x.finish_reason == "stop" and not sampling.stop
+            ids = list(x.token_ids) + ([end_id if x.end_token is None else x.end_token] if ended else [])
+            logps = None if x.logprobs is None else x.logprobs[: len(ids)]
+            assert logps is None or len(logps) == len(ids), "the engine gives one log-prob per token"
+            group.append((ids, x.text, x.finish_reason, logps))
+        out.append(group)
+    return out
 
 
 def sample_openai(engine, prompts: Sequence[Prompt], tokenizer, G: int, sampling, iteration: int
-                  ) -> list[list[tuple[list[int], str, str]]]:
-    """The same through an OpenAI-compatible server: texts are tokenised back with the chat template."""
+                  ) -> list[list[tuple[list[int], str, str, None]]]:
+    """The same through an OpenAI-compatible server: texts are tokenised back with the chat template (no
+    log-probs: the run computes them in its own pass)."""
     from alignline.data.chat import tokenise_prompt_response
     from alignline.errors import AlignlineError
 
@@ -109,7 +121,7 @@ def sample_openai(engine, prompts: Sequence[Prompt], tokenizer, G: int, sampling
                 raise AlignlineError(f"the rollout server failed on prompt '{p.id}': {r.error}; check the server "
                                      "(engine openai settings)")
             _, ids = tokenise_prompt_response(tokenizer, p.messages, r.text, where=f"prompt {p.id}")
-            group.append((ids[:-1] if r.finish_reason == "length" else ids, r.text, r.finish_reason or "stop"))
+            group.append((ids[:-1] if r.finish_reason == "length" else ids, r.text, r.finish_reason or "stop", None))
         out.append(group)
     return out
 
