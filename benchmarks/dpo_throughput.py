@@ -334,6 +334,7 @@ def child_alignline(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     recorded = read_run(out_dir)
     ph = recorded["phases"]
+    checkpoint_s = ph.get("checkpoint", {}).get("seconds", 0.0)  # none unless the run keeps or resumes one
     steps = [{"step": r["step"], "seconds": r["seconds"], "loss": r["loss"], "tokens": r["tokens"],
               "logit_positions": r["logit_positions"], "flops": r["flops"], "pairs": r["pairs"],
               "margin": r.get("rewards/margin"), "grad_norm": r.get("grad_norm"),
@@ -342,7 +343,7 @@ def child_alignline(spec: dict) -> dict:
     ref = json.loads((out_dir / "ref_logps.json").read_text())
     return {
         "reference_s": ph["reference"]["seconds"], "reference_flops": ph["reference"].get("flops", 0),
-        "train_s": ph["train"]["seconds"] - ph["checkpoint"]["seconds"], "checkpoint_save_s": ph["checkpoint"]["seconds"],
+        "train_s": ph["train"]["seconds"] - checkpoint_s, "checkpoint_save_s": checkpoint_s,
         "model_save_s": ph["save_model"]["seconds"], "run_seconds": wall, "steps": steps, "phases": ph,
         "ref_logps": dict(zip(ref["ids"], ref["values"])), "counts": recorded["counts"],
         "rss": {"peaks_gb": {name: ph[name]["peak_rss_gb"] for name in ("reference", "train")}},

@@ -228,6 +228,7 @@ def child_alignline(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     recorded = read_run(out_dir)
     ph = recorded["phases"]
+    checkpoint_s = ph.get("checkpoint", {}).get("seconds", 0.0)  # none unless the run keeps or resumes one
     steps = [{"step": r["step"], "seconds": r["seconds"], "loss": r["loss"], "tokens_computed": r["tokens"],
               "flops": r["flops"], "pairs": r["pairs"], "accuracy": r.get("accuracy"),
               "margin": r.get("rewards/margin"), "grad_norm": r.get("grad_norm"),
@@ -235,8 +236,8 @@ def child_alignline(spec: dict) -> dict:
               **{k: r[k] for k in r if k.startswith("mem/")}} for r in recorded["steps"]]
     evaluation = json.loads((out_dir / "eval.json").read_text())
     return {
-        "train_s": ph["train"]["seconds"] - ph["checkpoint"]["seconds"], "train_call_s": ph["train"]["seconds"],
-        "checkpoint_save_s": ph["checkpoint"]["seconds"], "final_eval_s": ph["final_eval"]["seconds"],
+        "train_s": ph["train"]["seconds"] - checkpoint_s, "train_call_s": ph["train"]["seconds"],
+        "checkpoint_save_s": checkpoint_s, "final_eval_s": ph["final_eval"]["seconds"],
         "model_save_s": ph["save_model"]["seconds"], "run_seconds": wall, "steps": steps, "phases": ph,
         "counts": recorded["counts"], "rss": {"peaks_gb": {"train": ph["train"]["peak_rss_gb"]}},
         "final_eval": {k: evaluation.get(k) for k in ("split", "pairs", "accuracy", "margin_mean")},

@@ -96,7 +96,7 @@ def test_sft_records_phases_steps_tokens_and_flops(tmp_path, tiny_model_dir, tin
     data.write_text("".join(json.dumps(c) + "\n" for c in convs))
     out = run(SFTConfig(model=str(tiny_model_dir), output_dir=str(tmp_path / "sft"),
                         data={"train": str(data), "max_length": 128, "packing": False},
-                        train={"epochs": 1, "batch_size": 4, "lr": 1e-3, "mixed_precision": "no"}))
+                        train={"epochs": 1, "batch_size": 4, "lr": 1e-3, "mixed_precision": "no", "save_every": 1}))
     steps, phases = _steps_and_phases(out)
     ex = [tokenise_conversation(tiny_tokenizer, Conversation.model_validate(c).messages) for c in convs]
     tokens, trained = sum(len(e.input_ids) for e in ex), sum(e.n_trained for e in ex)

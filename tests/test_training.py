@@ -133,6 +133,19 @@ def test_nan_guard_keeps_last_good_checkpoint(tiny_model, examples, tiny_tokeniz
         assert torch.isfinite(p).all()
 
 
+def test_last_step_is_checkpointed_only_when_it_will_be_kept(tiny_model_dir, examples, tiny_tokenizer, tmp_path):
+    """No save_every: a finished run writes no checkpoint (its stage would delete it once model/ is saved);
+    keep_checkpoints_when_done, or a stage asking for it (final_checkpoint), gets the last step's."""
+    from alignline.models import load_causal_lm
+
+    pad = tiny_tokenizer.pad_token_id
+    plain = _run(load_causal_lm(tiny_model_dir, dtype="float32"), examples, tmp_path / "plain", pad)
+    assert plain.steps > 0 and complete_checkpoints(tmp_path / "plain") == []
+    kept = _run(load_causal_lm(tiny_model_dir, dtype="float32"), examples, tmp_path / "kept", pad,
+                keep_checkpoints_when_done=True)
+    assert [c.name for c in complete_checkpoints(tmp_path / "kept")] == [f"step-{kept.steps:07d}"]
+
+
 def test_packed_training_runs(tiny_model, examples, tiny_tokenizer, tmp_path):
     r = _run(tiny_model, examples, tmp_path, tiny_tokenizer.pad_token_id, packing=True)
     assert r.steps > 0 and r.last_metrics["loss"] > 0
