@@ -103,7 +103,7 @@ def rollout_source(cfg: RLConfig, root: Path, prompts, ids, tokenizer, policy, r
     end_id = tokenise_prompt_response(tokenizer, [{"role": "user", "content": "x"}], "y")[1][-1]
     est = ESTIMATORS[cfg.loss.estimator]
     want_old = cfg.steps_per_iteration > 1 or (cfg.kl.coef > 0 and cfg.kl.where == "reward")
-    engine_logps = want_old and cfg.rollout.engine_logprobs and cfg.engine == "hf"
+    engine_logps = want_old and cfg.rollout.engine_logprobs
     cache: dict[int, list[dict]] = {}
 
     def make(it: int) -> list[dict]:
@@ -118,19 +118,19 @@ def rollout_source(cfg: RLConfig, root: Path, prompts, ids, tokenizer, policy, r
                 push_weights(cfg, policy, tokenizer, root / "served_policy")
             groups = ro.sample_openai(engine, chosen, tokenizer, G, sampling, it)
         t_sample = time.perf_counter() - t0
-        scores, parts = reward_fn(chosen, [[x[1] for x in g] for g in groups])
+        scores, parts = reward_fn(chosen, [[x.text for x in g] for g in groups])
         records = []
         for pi, (p, g) in enumerate(zip(chosen, groups)):
-            for i, (toks, text, finish, _) in enumerate(g):
-                score = scores[pi][i] - cfg.length_penalty * len(toks) / sampling.max_new_tokens
+            for i, x in enumerate(g):
+                score = scores[pi][i] - cfg.length_penalty * len(x.ids) / sampling.max_new_tokens
                 records.append({"iteration": it, "prompt_id": p.id, "sample_idx": i, "prompt": ids[drawn[pi]],
-                                "response": toks, "text": text, "finish_reason": finish, "score": score,
-                                "parts": {k: v[pi][i] for k, v in parts.items()},
-                                "passed": ro.all_followed(p, text)})
+                                "response": x.ids, "text": x.text, "finish_reason": x.finish_reason,
+                                "score": score, "parts": {k: v[pi][i] for k, v in parts.items()},
+                                "passed": ro.all_followed(p, x.text)})
         t1 = time.perf_counter()
         groups_ids = [{"prompt": records[pi * G]["prompt"], "responses": [r["response"] for r in records[pi * G: (pi + 1) * G]]}
                       for pi in range(P)]
-        sampled_logps = [x[3] for g in groups for x in g]
+        sampled_logps = [x.logprobs for g in groups for x in g]
         from_engine = want_old and all(v is not None for v in sampled_logps)
         if from_engine:  # the sampling policy's log-probs came with the tokens: no pass of the policy
             for r, v in zip(records, sampled_logps):

@@ -18,6 +18,7 @@ import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -83,10 +84,20 @@ def write_rollout(root: Path, iteration: int, records: list[dict], stats: dict) 
     atomic_write_bytes(path, jsonl_bytes(records))  # the shard is the completion marker, written last
 
 
+class RolloutSample(NamedTuple):
+    """One sampled response as the rollout trains on it."""
+
+    ids: list[int]
+    """Response token ids, an emitted end token included."""
+    text: str
+    finish_reason: str
+    logprobs: list[float] | None
+    """The sampling policy's log-prob of each of ``ids`` (from the engine), or None: the run computes them."""
+
+
 def sample_hf(engine, prompt_ids: list[list[int]], prompt_keys: list[str], G: int, sampling, iteration: int,
-              end_id: int, *, logprobs: bool = False) -> list[list[tuple[list[int], str, str, list[float] | None]]]:
-    """(response token ids incl. an emitted end token, text, finish reason, the sampling policy's log-prob of
-    each of those ids or None) per sample, per prompt. Sample i of prompt p in iteration k is seeded by
+              end_id: int, *, logprobs: bool = False) -> list[list[RolloutSample]]:
+    """A :class:`RolloutSample` per sample, per prompt. Sample i of prompt p in iteration k is seeded by
     ``sample_seed(seed, p, k * G + i)``. One engine call: its continuous batching keeps ``max_batch`` samples
     decoding until the whole rollout is done. The end token kept is the one drawn (``end_id`` where the engine
     does not say); ``logprobs`` asks the engine for the log-probs, which its fallback path does not give (None).
@@ -100,13 +111,13 @@ def sample_hf(engine, prompt_ids: list[list[int]], prompt_keys: list[str], G: in
             ids = list(x.token_ids) + ([end_id if x.end_token is None else x.end_token] if ended else [])
             logps = None if x.logprobs is None else x.logprobs[: len(ids)]
             assert logps is None or len(logps) == len(ids), "the engine gives one log-prob per token"
-            group.append((ids, x.text, x.finish_reason, logps))
+            group.append(RolloutSample(ids, x.text, x.finish_reason, logps))
         out.append(group)
     return out
 
 
 def sample_openai(engine, prompts: Sequence[Prompt], tokenizer, G: int, sampling, iteration: int
-                  ) -> list[list[tuple[list[int], str, str, None]]]:
+                  ) -> list[list[RolloutSample]]:
     """The same through an OpenAI-compatible server: texts are tokenised back with the chat template (no
     log-probs: the run computes them in its own pass)."""
     from alignline.data.chat import tokenise_prompt_response
@@ -121,7 +132,8 @@ def sample_openai(engine, prompts: Sequence[Prompt], tokenizer, G: int, sampling
                 raise AlignlineError(f"the rollout server failed on prompt '{p.id}': {r.error}; check the server "
                                      "(engine openai settings)")
             _, ids = tokenise_prompt_response(tokenizer, p.messages, r.text, where=f"prompt {p.id}")
-            group.append((ids[:-1] if r.finish_reason == "length" else ids, r.text, r.finish_reason or "stop", None))
+            group.append(RolloutSample(ids[:-1] if r.finish_reason == "length" else ids, r.text,
+                                       r.finish_reason or "stop", None))
         out.append(group)
     return out
 
