@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/generate_throughput.py            # workloads a, b, c, c128 (about 25 minutes)
     .venv/bin/python benchmarks/generate_throughput.py --quick    # workload a only, fewer prompts
     .venv/bin/python benchmarks/generate_throughput.py --smoke    # CI smoke run on a tiny random model
+    python benchmarks/generate_throughput.py --device cuda --dtype bfloat16 --sides engine,static,graph,transformers
+                                                                    # on a GPU: the CUDA-graph step against eager
 
 Workloads (prompts x samples x new tokens, prompt length in tokens):
   a     16 x 4 x 48, prompts of 128 (the demo's evaluation shape)
@@ -16,10 +18,14 @@ tokens per sample (end tokens ignored), so all do equal work; each (workload, si
 process. Rows: ``engine`` (this engine; its own prefill/decode clock), ``baseline`` (the engine as of commit
 ``--baseline-rev``, loaded from git: lock-step decoding over transformers' dynamic cache), ``transformers``
 (``model.generate``, the prompt expanded n times), ``llama.cpp`` (llama-cpp-python on the same model's GGUF,
-Q4_1, one sequence at a time reusing the prompt's cache; ``--llama-python`` names an interpreter that has it).
-The roofline is the fp32 matmul time of one decode step at the workload's batch (``F.linear`` over every weight
-in order, the LM head included; the median of 11 passes), measured in the parent: ``roofline tok/s = batch /
-step time``; a row's share of it uses its decode tokens/s where it has its own decode clock. Results: stdout and
+Q4_1, one sequence at a time reusing the prompt's cache; ``--llama-python`` names an interpreter that has it),
+``static`` (this engine with the fixed-shape decode step, eager: what a CUDA graph replays) and ``graph`` (that
+step replayed as a CUDA graph; ``--device cuda`` only, skipped elsewhere).
+The roofline is the matmul time of one decode step at the workload's batch (``F.linear`` over every weight
+in order, the LM head included; the median of 11 passes): ``roofline tok/s = batch / step time``. Each side
+measures it in its own process right after its run (llama.cpp: the parent's, measured before the workload),
+since the machine's speed drifts between processes; a row's share of it uses its decode tokens/s where it
+has its own decode clock. Results: stdout and
 benchmarks/results/generate_throughput.json.
 """
 
@@ -55,10 +61,11 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "generate_throughput.json"
 WORKLOADS = {  # name: (prompts, samples per prompt, new tokens, prompt tokens)
     "a": (16, 4, 48, 128), "b": (4, 16, 128, 1024), "c": (8, 4, 64, 2048), "c128": (8, 4, 64, 128)}
-SIDES = ("engine", "baseline", "transformers", "llama.cpp")
-FULL = {"workloads": "a,b,c,c128", "sides": ",".join(SIDES)}
-QUICK = {"workloads": "a", "sides": ",".join(SIDES)}
-SMOKE = {"workloads": "smoke", "sides": "engine,baseline,transformers"}
+SIDES = ("engine", "baseline", "transformers", "llama.cpp", "static", "graph")
+CPU_SIDES = "engine,baseline,transformers,llama.cpp"
+FULL = {"workloads": "a,b,c,c128", "sides": CPU_SIDES}
+QUICK = {"workloads": "a", "sides": CPU_SIDES}
+SMOKE = {"workloads": "smoke", "sides": "engine,baseline,transformers,static"}
 SMOKE_WORKLOAD = (3, 4, 6, 24)
 BASELINE_REV = "dbcffc3"  # the last commit before continuous batching and the preallocated caches
 
@@ -90,28 +97,62 @@ def _seeds(spec: dict) -> list[list[int]]:
     return [[1000 * p + i for i in range(spec["n"])] for p in range(len(spec["prompts"]))]
 
 
-def _engine(spec: dict, engine_cls) -> dict:
+def _sync(device: str) -> None:
     import torch
 
-    from alignline.generate.base import SamplingParams
-    from alignline.models import load_causal_lm, load_tokenizer
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _load(spec: dict):
+    import torch
+
+    from alignline.models import load_causal_lm
 
     torch.set_num_threads(spec["threads"])
-    model = load_causal_lm(spec["model"], dtype="float32").eval()
-    engine = engine_cls(model, load_tokenizer(spec["model"]), max_batch=spec["max_batch"])
+    return load_causal_lm(spec["model"], dtype=spec["dtype"], device=spec["device"]).eval()
+
+
+def _engine(spec: dict, engine_cls, **engine_args) -> dict:
+    from alignline.generate.base import SamplingParams
+    from alignline.models import load_tokenizer
+
+    model = _load(spec)
+    engine = engine_cls(model, load_tokenizer(spec["model"]), max_batch=spec["max_batch"], **engine_args)
     engine.end_ids = frozenset()  # equal work: every sample runs to new_tokens
     sampling = SamplingParams(temperature=1.0, max_new_tokens=spec["new_tokens"], seed=0)
+    _sync(spec["device"])
     t0 = time.perf_counter()
     out = engine.sample_prompts(spec["prompts"], _seeds(spec), sampling)
+    _sync(spec["device"])
     seconds = time.perf_counter() - t0
     assert all(len(s.token_ids) == spec["new_tokens"] for rows in out for s in rows)
-    return {"seconds": seconds, "stats": dict(getattr(engine, "stats", {}))}
+    return {"seconds": seconds, "stats": dict(getattr(engine, "stats", {})), "roofline_tok_s": _child_roofline(model, spec)}
+
+
+def _child_roofline(model, spec: dict) -> float:
+    """The roofline measured in this child right after its run, on its own copy of the weights: the machine's
+    speed drifts by 20 % between processes, so a row's share is taken against its own process's limit."""
+    batch = min(spec["max_batch"], len(spec["prompts"]) * spec["n"])
+    return _roofline(model, batch, spec["roofline_passes"], spec["device"])
 
 
 def side_engine(spec: dict) -> dict:
     from alignline.generate.hf import HFEngine
 
     return _engine(spec, HFEngine)
+
+
+def side_static(spec: dict) -> dict:
+    from alignline.generate.hf import HFEngine
+
+    return _engine(spec, HFEngine, decode_step="static")
+
+
+def side_graph(spec: dict) -> dict:
+    from alignline.generate.hf import HFEngine
+
+    return _engine(spec, HFEngine, decode_step="graph")
 
 
 def side_baseline(spec: dict) -> dict:
@@ -131,23 +172,24 @@ def side_baseline(spec: dict) -> dict:
 def side_transformers(spec: dict) -> dict:
     import torch
 
-    from alignline.models import load_causal_lm, load_tokenizer
+    from alignline.models import load_tokenizer
 
-    torch.set_num_threads(spec["threads"])
-    model = load_causal_lm(spec["model"], dtype="float32").eval()
+    model = _load(spec)
     pad = load_tokenizer(spec["model"]).pad_token_id
     seconds = 0.0
     for ids in spec["prompts"]:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=model.device)
         torch.manual_seed(0)
+        _sync(spec["device"])
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0, top_p=1.0,
                                  top_k=0, max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"],
                                  num_return_sequences=spec["n"], pad_token_id=pad)
+        _sync(spec["device"])
         seconds += time.perf_counter() - t0
         assert out.shape == (spec["n"], len(ids) + spec["new_tokens"])
-    return {"seconds": seconds}
+    return {"seconds": seconds, "roofline_tok_s": _child_roofline(model, spec)}
 
 
 def side_llama_cpp(spec: dict) -> dict:
@@ -181,32 +223,41 @@ def llama_cpp_child(spec: dict) -> None:
 
 
 SIDE_FUNCTIONS = {"engine": side_engine, "baseline": side_baseline, "transformers": side_transformers,
-                  "llama.cpp": side_llama_cpp}
+                  "llama.cpp": side_llama_cpp, "static": side_static, "graph": side_graph}
 
 
 # --------------------------------------------------------------------------------------------- parent
 
-def _roofline(model_dir: str, batch: int, args) -> float:
-    """Decode tokens/s if one step cost only its fp32 matmuls at ``batch`` rows: ``F.linear`` over every weight
-    of the model in order (each read from memory once per step, as in decoding), LM head included; the median
-    of several passes (single passes vary by about 20 % on this CPU)."""
+def _roofline(model, batch: int, passes: int, device: str) -> float:
+    """Decode tokens/s if one step cost only its matmuls at ``batch`` rows: ``F.linear`` over every weight of
+    ``model`` in order (each read from memory once per step, as in decoding), LM head included; the median of
+    ``passes`` passes (single passes vary by about 20 % on this CPU)."""
     import torch
     import torch.nn.functional as F
+
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    times = []
+    with torch.inference_mode():
+        for _ in range(passes):
+            _sync(device)
+            t0 = time.perf_counter()
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return batch / sorted(times)[len(times) // 2]
+
+
+def _parent_roofline(model_dir: str, batch: int, args) -> float:
+    """:func:`_roofline` in the parent (for sides that cannot measure their own, i.e. llama.cpp)."""
+    import torch
 
     from alignline.models import load_causal_lm
 
     torch.set_num_threads(args.threads)
-    model = load_causal_lm(model_dir, dtype="float32")
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
-    passes = []
-    with torch.inference_mode():
-        for _ in range(3 if args.smoke else 11):
-            t0 = time.perf_counter()
-            for w in weights:
-                F.linear(inputs[w.shape[1]], w)
-            passes.append(time.perf_counter() - t0)
-    return batch / sorted(passes)[len(passes) // 2]
+    model = load_causal_lm(model_dir, dtype=args.dtype, device=args.device)
+    return _roofline(model, batch, 3 if args.smoke else 11, args.device)
 
 
 def _row(workload: str, side: str, shape: tuple, child: dict, res, roofline: float) -> dict:
@@ -216,11 +267,13 @@ def _row(workload: str, side: str, shape: tuple, child: dict, res, roofline: flo
     decode_s = stats.get("decode_s")
     row = {"workload": workload, "side": side, "prompt_tokens": length, "batch": min(64, prompts * n),
            "seconds": child["seconds"], "new_tok_s": tokens / child["seconds"], "prefill_s": stats.get("prefill_s"),
-           "peak_rss_gb": child.get("peer_peak_rss_bytes", 0) / 1024**3 or res.peak_rss_gb, "roofline_tok_s": roofline, "contention": res.contention}
+           "peak_rss_gb": child.get("peer_peak_rss_bytes", 0) / 1024**3 or res.peak_rss_gb,
+           "roofline_tok_s": child.get("roofline_tok_s") or roofline, "parent_roofline_tok_s": roofline,
+           "contention": res.contention}
     if decode_s:
         row["decode_tok_s"] = stats["decode_rows"] / decode_s
         row["decode_ms_per_token"] = 1000 * decode_s / stats["decode_rows"]
-    row["share_of_roofline"] = row.get("decode_tok_s", row["new_tok_s"]) / roofline
+    row["share_of_roofline"] = row.get("decode_tok_s", row["new_tok_s"]) / row["roofline_tok_s"]
     return row
 
 
@@ -271,6 +324,9 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the baseline engine")
     p.add_argument("--llama-python", default=sys.executable, help="a Python that has llama-cpp-python")
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every side runs (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights (default float32: bf16 matmuls are slow on CPUs without AVX-512 BF16)")
     p.add_argument("--llama-cpp-child", help=argparse.SUPPRESS)
     add_common_args(p, default_out=OUT, timeout=3600.0)
     a = finish_args(p.parse_args(argv), full=FULL, quick=QUICK, smoke=SMOKE, default_out=OUT)
@@ -291,15 +347,18 @@ def main(argv=None) -> int:
                                                capture_output=True).returncode != 0:
         print(f"llama.cpp row skipped: {a.llama_python} cannot import llama_cpp (pip install llama-cpp-python)")
         sides.remove("llama.cpp")
+    if "graph" in sides and a.device != "cuda":
+        print("graph row skipped: CUDA graphs need --device cuda")
+        sides.remove("graph")
     rows, failures = [], {}
     for workload in a.workloads.split(","):
         shape = SMOKE_WORKLOAD if workload == "smoke" else WORKLOADS[workload]
         prompts = build_prompts(tokenizer, shape[3], shape[0])
-        roofline = _roofline(model, min(a.max_batch, shape[0] * shape[1]), a)
+        roofline = _parent_roofline(model, min(a.max_batch, shape[0] * shape[1]), a)
         for side in sides:
             spec = {"model": model, "prompts": prompts, "n": shape[1], "new_tokens": shape[2], "threads": a.threads,
                     "max_batch": a.max_batch, "baseline_rev": a.baseline_rev, "python": a.llama_python,
-                    "gguf": str(_gguf())}
+                    "gguf": str(_gguf()), "device": a.device, "dtype": a.dtype, "roofline_passes": 3 if a.smoke else 11}
             child, res, _ = run_in_child(__file__, f"{workload}-{side}", spec, a, work,
                                          child_env(a.threads))
             if child is None:

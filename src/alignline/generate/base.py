@@ -66,6 +66,14 @@ class Engine(Protocol):
         ...
 
 
+DecodeStep = Literal["live", "static", "graph"]
+"""How the hf engine runs a decode step (Llama-family models; the generic path for others ignores it).
+``live`` (default): attention over the live part of each cache only, eager; the fastest on CPU. ``static``: the
+fixed-shape step (:mod:`alignline.generate.static_step`), eager. ``graph``: that step captured once and replayed
+as a CUDA graph (GPU only), which removes the per-kernel launch cost that bounds small models on a GPU; it has
+not been timed on a GPU yet, hence opt-in. Samples are the same under all three, up to float rounding."""
+
+
 class EngineSettings(Section):
     """Which engine answers (a policy being sampled or evaluated, or an LLM judge)."""
 
@@ -82,6 +90,8 @@ class EngineSettings(Section):
     """hf: sequences decoded together."""
     trust_remote_code: bool = False
     """hf: allow model code from the checkpoint directory (off unless you trust it)."""
+    decode_step: DecodeStep = "live"
+    """hf: live (default), static or graph (CUDA graphs, GPU only; see ``alignline.generate.base.DecodeStep``)."""
 
 
 def build_engine(settings: EngineSettings, device=None) -> Engine:
@@ -90,7 +100,7 @@ def build_engine(settings: EngineSettings, device=None) -> Engine:
         from alignline.generate.hf import HFEngine
 
         return HFEngine.from_path(settings.model, dtype=settings.dtype, device=device, max_batch=settings.max_batch,
-                                  trust_remote_code=settings.trust_remote_code)
+                                  trust_remote_code=settings.trust_remote_code, decode_step=settings.decode_step)
     from alignline.generate.openai_engine import OpenAIEngine, OpenAISettings
 
     return OpenAIEngine(OpenAISettings.of(settings.model, settings.openai))

@@ -5,7 +5,8 @@ The queue holds every (prompt, seed) of a call, prompts ordered by length. ``slo
 when one ends (end token, stop string or token limit) its slot takes the next queued sample at once: the next
 seed of the same prompt (its keys are already in the prompt's row), or the first seed of the next prompt
 (prefilled once into a free row when its first sample is admitted; a row is freed when its prompt's last
-sample ends). Only when the queue is empty and a quarter of the slots sit idle are the idle slots dropped.
+sample ends). Only when the queue is empty and a quarter of the slots sit idle are the idle slots dropped (not
+with a fixed-shape step, :mod:`alignline.generate.static_step`, whose shapes never change).
 
 Which random number a token uses depends only on the sample's seed and the step (the sample's uniforms are
 drawn when it starts), and a slot's attention sees only its prompt and its own tokens, so a sample's text
@@ -48,6 +49,9 @@ class ContinuousBatch:
         self.decoder = KVDecoder(engine.model, slots=slots, rows=min(len(order), slots),
                                  prompt_capacity=max(len(prompts[p]) for p in order),
                                  new_capacity=max(self.limit.values()))
+        if engine.decode_step != "live":
+            self.decoder.use_static_step(per_row=min(slots, max(len(seeds[p]) for p in order)),
+                                         graph=engine.decode_step == "graph")
         self.free_rows = list(range(self.decoder.prefix_k.shape[1]))
         self.row_of: dict[int, int] = {}
         self.row_logits: dict[int, torch.Tensor] = {}
@@ -76,9 +80,9 @@ class ContinuousBatch:
                 take += 1
             chunk, new = new[:take], new[take:]
             rows = [heapq.heappop(self.free_rows) for _ in chunk]
-            t0 = time.perf_counter()
+            t0 = self._clock()
             logits = self.decoder.prefill(rows, [list(self.prompts[p]) for p in chunk])
-            self.engine.stats.add(prefill_s=time.perf_counter() - t0, prefill_tokens=tokens)
+            self.engine.stats.add(prefill_s=self._clock() - t0, prefill_tokens=tokens)
             for prompt, row, row_logits in zip(chunk, rows, logits, strict=True):
                 self.row_of[prompt], self.row_logits[row] = row, row_logits
         for slot, (prompt, j) in zip(free, jobs):
@@ -113,6 +117,12 @@ class ContinuousBatch:
         self.logps = [self.logps[s] for s in keep]
         self.uniforms = self.uniforms[index]
         self.logits = self.logits[index.to(self.logits.device)]
+
+    def _clock(self) -> float:
+        """Seconds, after the GPU's queued work is done (kernels run asynchronously; CPU: just the clock)."""
+        if self.decoder.device.type == "cuda":
+            torch.cuda.synchronize(self.decoder.device)
+        return time.perf_counter()
 
     # ----------------------------------------------------------------------------------------- loop
 
@@ -155,18 +165,18 @@ class ContinuousBatch:
             if self.queue:
                 self._fill([slot for slot, job in enumerate(self.job) if job is None])
             idle = sum(job is None for job in self.job)
-            if not self.queue and idle and idle * 4 >= len(self.job):
+            if not self.queue and idle and idle * 4 >= len(self.job) and self.decoder.static is None:
                 live = torch.tensor([job is not None for job in self.job])
                 drawn, feed = drawn[live], feed[live]
                 self._drop_idle()
             if bool(feed.any()):
-                t0 = time.perf_counter()
+                t0 = self._clock()
                 fresh = self.decoder.step(drawn, feed)
                 if bool(feed.all()):
                     self.logits = fresh
                 else:
                     fed = feed.nonzero().view(-1).to(fresh.device)
                     self.logits.index_copy_(0, fed, fresh.index_select(0, fed))
-                self.engine.stats.add(decode_s=time.perf_counter() - t0, decode_steps=1,
+                self.engine.stats.add(decode_s=self._clock() - t0, decode_steps=1,
                                       decode_rows=int(feed.sum()), decode_slots=len(self.job))
         return self.results

@@ -61,6 +61,8 @@ class KVDecoder:
     """Prefill into prompt rows and decode slots of a Llama-family model (see the module docstring)."""
 
     def __init__(self, model, *, slots: int, rows: int, prompt_capacity: int, new_capacity: int):
+        """``slots`` samples decode at once from ``rows`` prompt rows of up to ``prompt_capacity`` tokens, each
+        sample up to ``new_capacity`` new tokens; :meth:`use_static_step` switches to fixed-shape steps."""
         lm = causal_lm_parts(model)
         self.body, self.head = lm.model, lm.lm_head
         self.layers = list(self.body.layers)
@@ -80,6 +82,7 @@ class KVDecoder:
         self.row_len = torch.ones(rows, dtype=torch.long)  # 1, not 0: an unused row is junk, never all-masked
         self.slot_row = torch.zeros(slots, dtype=torch.long)
         self.slot_len = torch.zeros(slots, dtype=torch.long)
+        self.static = None
 
     @property
     def prompt_capacity(self) -> int:
@@ -155,8 +158,16 @@ class KVDecoder:
         self.slot_row[slot] = row
         self.slot_len[slot] = 0
 
+    def use_static_step(self, *, per_row: int, graph: bool) -> None:
+        """Decode with :class:`~alignline.generate.static_step.StaticStep` from now on: fixed shapes, at most
+        ``per_row`` samples of one prompt at once; ``graph``: replayed as a CUDA graph."""
+        from alignline.generate.static_step import StaticStep
+
+        self.static = StaticStep(self, per_row=per_row, graph=graph)
+
     def keep_slots(self, slots: list[int]) -> None:
         """Keep only ``slots`` (in that order), e.g. when the queue is empty and finished slots stay idle."""
+        assert self.static is None, "a static step keeps its slots"
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
         self.own_k = self.own_k.index_select(1, index)
         self.own_v = self.own_v.index_select(1, index)
@@ -184,6 +195,12 @@ class KVDecoder:
         Slots not fed (just assigned, or idle) compute junk that is never stored: their length does not move,
         so their next real token overwrites what they wrote.
         """
+        logits = self._live_step(tokens) if self.static is None else self.static(tokens, feed)
+        self.slot_len += feed.to(self.slot_len.device).long()
+        return logits
+
+    def _live_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` attending only to the live part of each cache (shapes change from step to step)."""
         slots = tokens.shape[0]
         own_len = self.slot_len.clone()
         positions = (self.row_len[self.slot_row] + own_len).to(self.device).view(slots, 1)
@@ -210,7 +227,6 @@ class KVDecoder:
             own = _partial_attention(q, self.own_k[i, :, :, :live_new], self.own_v[i, :, :, :live_new],
                                      layer.self_attn.scaling, own_bias)
             x = self._finish_layer(layer, x, _merge(prefix, own).to(x.dtype).reshape(slots, 1, -1))
-        self.slot_len += feed.to(self.slot_len.device).long()
         return self._logits(x[:, -1])
 
     def _attend_prefix(self, layer: int, q: torch.Tensor, scale: float, rows_used: int, per_row: int,

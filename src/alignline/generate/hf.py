@@ -22,19 +22,21 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from alignline.data.chat import end_token_ids, ensure_chat_template, prompt_ids
 from alignline.data.records import Prompt, Response
 from alignline.errors import ConfigError
-from alignline.generate.base import Engine, SamplingParams, check_n, sample_seed
+from alignline.generate.base import DecodeStep, Engine, SamplingParams, check_n, sample_seed
 from alignline.generate.decoder import unsupported_reason
 from alignline.generate.sampling import draw, filter_logits, pick_tokens, stop_candidates
 
 __all__ = ["HFEngine", "Sample", "cut_at_stop", "draw", "filter_logits", "generate_reference", "pick_tokens"]
 
 FinishReason = str  # "stop" | "length"
+DECODE_STEPS: tuple[str, ...] = get_args(DecodeStep)
 
 
 @dataclass
@@ -83,14 +85,18 @@ class HFEngine(Engine):
     ``max_batch``: samples decoded together (the slots). ``max_context``: prompt plus new tokens at most
     (default: the model's ``max_position_embeddings``); a sample reaching it ends with "length", a prompt
     that fills it is an error. ``source`` is written into every response (default: the model's path/name).
+    ``decode_step``: live, static or graph (see :data:`~alignline.generate.base.DecodeStep`).
     """
 
     name = "hf"
 
     def __init__(self, model, tokenizer, *, max_batch: int = 64, source: str | None = None,
-                 max_context: int | None = None):
+                 max_context: int | None = None, decode_step: DecodeStep = "live"):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, found {max_batch!r}")
+        if decode_step not in DECODE_STEPS:
+            raise ConfigError(f"decode_step must be one of {', '.join(DECODE_STEPS)}, found {decode_step!r}")
+        self.decode_step = decode_step
         ensure_chat_template(tokenizer)
         self.model = model
         self.tokenizer = tokenizer
@@ -104,18 +110,21 @@ class HFEngine(Engine):
             ends.update([gen_eos] if isinstance(gen_eos, int) else list(gen_eos))
         self.end_ids: frozenset[int] = frozenset(int(t) for t in ends)
         self.fallback_reason = unsupported_reason(model)
+        if decode_step == "graph" and self.device.type != "cuda":
+            raise ConfigError(f"decode_step 'graph' replays CUDA graphs and needs the model on a GPU, not on "
+                              f"{self.device}; use 'live' (the default) there")
         self.stats = EngineStats()
         self._stop_flags: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def from_path(cls, path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
-                  *, max_batch: int = 64, trust_remote_code: bool = False) -> HFEngine:
+                  *, max_batch: int = 64, trust_remote_code: bool = False, decode_step: DecodeStep = "live") -> HFEngine:
         """An engine for the model at ``path`` (alias, .gguf, checkpoint or adapter directory)."""
         from alignline.models.loading import load_causal_lm, load_tokenizer
 
         model = load_causal_lm(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, max_batch=max_batch, source=str(path))
+        return cls(model, tokenizer, max_batch=max_batch, source=str(path), decode_step=decode_step)
 
     @property
     def device(self) -> torch.device:

@@ -19,7 +19,7 @@ from alignline.config import Section
 from alignline.data.io import atomic_write_json, read_prompts, read_records
 from alignline.data.records import RankedSet
 from alignline.errors import DataError
-from alignline.generate.base import SamplingParams
+from alignline.generate.base import DecodeStep, SamplingParams
 from alignline.stages import sample, score
 from alignline.stages.common import RunDir, console
 
@@ -46,6 +46,8 @@ class BestOfNConfig(Section):
     """Only the first this many prompts."""
     max_batch: int = Field(64, gt=0)
     """Sequences decoded together (continuous batching over all prompts); raise it on a GPU."""
+    decode_step: DecodeStep = "live"
+    """hf: live (default), static or graph (the decode step replayed as a CUDA graph; GPU only)."""
     gold: Literal["verifier"] = "verifier"
     """The gold judge."""
     gold_mode: Literal["strict", "loose"] = "strict"
@@ -118,7 +120,7 @@ def run(cfg: BestOfNConfig) -> Path:
     if cfg.ranked is None:
         samples_dir = sample.run(sample.SampleConfig(
             prompts=cfg.prompts, model=cfg.model, output_dir=str(rd.path / "samples"), n=cfg.n,
-            sampling=cfg.sampling, max_prompts=cfg.max_prompts, max_batch=cfg.max_batch,
+            sampling=cfg.sampling, max_prompts=cfg.max_prompts, max_batch=cfg.max_batch, decode_step=cfg.decode_step,
             prompts_per_shard=max(1, cfg.max_batch // cfg.n)))
         ranked_dir = score.run(score.ScoreConfig(
             reward_model=cfg.reward_model, prompts=cfg.prompts, responses=str(samples_dir),

@@ -31,6 +31,19 @@ def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | 
 #: keep_versions only decide what a finished run keeps on disk.
 ALWAYS_IGNORED = ("resume", "train.stop_after_step", "train.free_memory", "train.keep_checkpoints_when_done",
                   "keep_versions")
+IGNORED_AT_ANY_DEPTH = ("decode_step",)
+"""Settings of how, not what, that any engine section may hold (the hf engine's decode step)."""
+
+
+def _drop_keys(node: Any, names: tuple[str, ...]) -> None:
+    if isinstance(node, dict):
+        for name in names:
+            node.pop(name, None)
+        for value in node.values():
+            _drop_keys(value, names)
+    elif isinstance(node, list):
+        for value in node:
+            _drop_keys(value, names)
 
 
 class RunDir:
@@ -53,6 +66,7 @@ class RunDir:
                 node = node.get(part) if isinstance(node, dict) else None
             if isinstance(node, dict):
                 node.pop(leaf, None)
+        _drop_keys(body, IGNORED_AT_ANY_DEPTH)
         self.config_fp = fingerprint(body)
         self.inputs = {k: str(v) if v is not None else None for k, v in inputs.items()}
         self.inputs_fp = input_fingerprints(inputs)

@@ -30,7 +30,7 @@ from alignline.advantages import (
     token_weights,
 )
 from alignline.config import Section
-from alignline.generate.base import SamplingParams
+from alignline.generate.base import DecodeStep, SamplingParams
 from alignline.generate.endpoint import OpenAIConnection
 from alignline.rewards import RewardSpec
 from alignline.stages.common import Dtype, TrustRemoteCode
@@ -48,6 +48,8 @@ class RolloutSettings(Section):
     """Sampling of the policy (sample i of prompt p in iteration k: seed sample_seed(seed, p, k * G + i))."""
     max_batch: int = Field(64, gt=0)
     """hf engine: responses decoded together (slots refilled from the rollout's queue as responses finish)."""
+    decode_step: DecodeStep = "live"
+    """hf engine: live (default), static or graph (the decode step replayed as a CUDA graph; GPU only)."""
     pass_batch: int = Field(4, gt=0)
     """Prompts (groups) per forward in the no-grad passes (sampling policy, reference, critic)."""
     engine_logprobs: bool = True

@@ -62,7 +62,7 @@ def make_rollout_engine(cfg: RLConfig, policy, tokenizer):
     if cfg.engine == "hf":
         from alignline.generate.hf import HFEngine
 
-        return HFEngine(policy, tokenizer, max_batch=cfg.rollout.max_batch)
+        return HFEngine(policy, tokenizer, max_batch=cfg.rollout.max_batch, decode_step=cfg.rollout.decode_step)
     from alignline.generate.endpoint import OpenAISettings
     from alignline.generate.openai_engine import OpenAIEngine
 
@@ -197,7 +197,8 @@ def eval_fn(cfg: RLConfig, tokenizer, root: Path):
 
     def evaluate(model) -> dict[str, float]:
         policy, _ = policy_and_critic(model)
-        answers = HFEngine(policy, tokenizer, max_batch=cfg.rollout.max_batch).generate(prompts, 1, greedy)
+        answers = HFEngine(policy, tokenizer, max_batch=cfg.rollout.max_batch,
+                           decode_step=cfg.rollout.decode_step).generate(prompts, 1, greedy)
         rows = []
         for p, (a,) in zip(prompts, answers):
             s, lo = verify(a.text, p.meta["instructions"], "strict"), verify(a.text, p.meta["instructions"], "loose")

@@ -35,7 +35,7 @@ from alignline.data.io import (
 )
 from alignline.data.records import Response
 from alignline.errors import DataError
-from alignline.generate.base import EngineSettings, SamplingParams, build_engine
+from alignline.generate.base import DecodeStep, EngineSettings, SamplingParams, build_engine
 from alignline.generate.endpoint import OpenAIConnection
 from alignline.matrix import MatrixMember, human_responses, load_matrix
 from alignline.stages.common import RunDir, console
@@ -51,7 +51,7 @@ class SampleConfig(Section):
     """hf engine: a local HF dir, .gguf or alias; openai engine: the served model name (or give matrix)."""
     matrix: str | None = None
     """A TSO model-matrix YAML instead of model: every member is sampled (or copied) into its own
-    sub-directory; engine, openai, dtype, max_batch and trust_remote_code then come from each member."""
+    sub-directory; engine, openai, dtype, max_batch, trust_remote_code and decode_step then come from each member."""
     engine: Literal["hf", "openai"] = "hf"
     """hf: in process; openai: an OpenAI-compatible endpoint (settings below)."""
     openai: OpenAIConnection = Field(default_factory=OpenAIConnection)
@@ -80,6 +80,8 @@ class SampleConfig(Section):
     """hf: weights dtype."""
     trust_remote_code: bool = False
     """hf: allow model code from the checkpoint directory."""
+    decode_step: DecodeStep = "live"
+    """hf: live (default), static or graph (the decode step replayed as a CUDA graph; GPU only)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> SampleConfig:
@@ -92,7 +94,8 @@ class SampleConfig(Section):
 
 def make_engine(cfg: SampleConfig, device=None):
     return build_engine(EngineSettings(engine=cfg.engine, model=cfg.model, openai=cfg.openai, dtype=cfg.dtype,
-                                       max_batch=cfg.max_batch, trust_remote_code=cfg.trust_remote_code),
+                                       max_batch=cfg.max_batch, trust_remote_code=cfg.trust_remote_code,
+                                       decode_step=cfg.decode_step),
                         device=device)
 
 
@@ -122,7 +125,7 @@ def _run_matrix(cfg: SampleConfig) -> Path:
         return rd.path
     rd.start()
     shared = cfg.model_dump(exclude={"matrix", "model", "engine", "openai", "dtype", "max_batch", "trust_remote_code",
-                                     "output_dir", "source"})
+                                     "decode_step", "output_dir", "source"})
     for m in members:
         if m.kind == "sampled":
             console.print(f"sample: member {m.source} ({m.size or 'size ?'}) from {m.engine.model}")

@@ -205,7 +205,8 @@ def eval_config(cfg: IterationBase, policy: str, name: str, stage_dir: Path) -> 
     if cfg.eval_prompts is None:
         return None
     system = {"model": policy, "name": name, "sampling": cfg.eval_sampling.model_dump(), "dtype": cfg.sample.dtype,
-              "max_batch": cfg.sample.max_batch, "trust_remote_code": cfg.sample.trust_remote_code}
+              "max_batch": cfg.sample.max_batch, "trust_remote_code": cfg.sample.trust_remote_code,
+              "decode_step": cfg.sample.decode_step}
     return build(VerifiableConfig, "eval", prompts=cfg.eval_prompts, model=system, max_prompts=cfg.eval_max_prompts,
                  output_dir=str(stage_dir / "eval"))
 
@@ -371,7 +372,7 @@ def plan(cfg: TSOLoopConfig, matrix: MatrixConfig) -> list[Stage]:
             if "engine" in m:
                 sampled_at[m["name"]] = str(members_dir / m["name"])
         new = str(d / "tso" / "versions" / f"v{cfg.tso.minibatches}")
-        engine = {"model": new, **cfg.sample.model_dump(include={"dtype", "max_batch", "trust_remote_code"})}
+        engine = {"model": new, **cfg.sample.model_dump(include={"dtype", "max_batch", "trust_remote_code", "decode_step"})}
         registry = _valid_matrix(register_version(
             registry, {"name": member_name(rule, s), "version": f"v{s}", "size": rule.size, "engine": engine},
             member_name(rule, s - 1) if s > 1 else None, rule), f"the stage-{s} matrix (registration rule, {cfg.matrix})")
