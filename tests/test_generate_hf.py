@@ -12,14 +12,7 @@ from alignline.errors import ConfigError
 from alignline.generate.base import Engine, SamplingParams, sample_seed
 from alignline.generate.hf import HFEngine, cut_at_stop, draw, filter_logits, generate_reference
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model is far faster single-threaded, above all on a busy machine (thread contention).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompt(pid: str = "p1", text: str = "hello there, how are you today?") -> Prompt:

@@ -12,13 +12,7 @@ from alignline.errors import ConfigError
 from alignline.generate.base import SamplingParams, sample_seed
 from alignline.generate.hf import HFEngine
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompts() -> list[Prompt]:
