@@ -91,6 +91,18 @@ def build_prompts(tokenizer, prompt_tokens: int, count: int) -> list[list[int]]:
     return out
 
 
+def synthetic_prompts(tokenizer, prompt_tokens: int, count: int, seed: int) -> list[list[int]]:
+    """``count`` prompts of exactly ``prompt_tokens`` random ordinary tokens (no special ones): for a machine
+    without the ShareGPT asset (a lent GPU). Every side generates exactly the requested new tokens whatever the
+    text, so the timings do not depend on it."""
+    import random
+
+    special = set(tokenizer.all_special_ids)
+    ordinary = [t for t in range(len(tokenizer)) if t not in special]
+    draw = random.Random(seed)
+    return [[draw.choice(ordinary) for _ in range(prompt_tokens)] for _ in range(count)]
+
+
 # ------------------------------------------------------------------------------------------- children
 
 def _seeds(spec: dict) -> list[list[int]]:
@@ -325,6 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--llama-python", default=sys.executable, help="a Python that has llama-cpp-python")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every side runs (default cpu)")
+    p.add_argument("--synthetic-prompts", action="store_true",
+                   help="random ordinary tokens instead of ShareGPT turns (where the dataset asset is not installed)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="weights (default float32: bf16 matmuls are slow on CPUs without AVX-512 BF16)")
     p.add_argument("--llama-cpp-child", help=argparse.SUPPRESS)
@@ -353,7 +367,8 @@ def main(argv=None) -> int:
     rows, failures = [], {}
     for workload in a.workloads.split(","):
         shape = SMOKE_WORKLOAD if workload == "smoke" else WORKLOADS[workload]
-        prompts = build_prompts(tokenizer, shape[3], shape[0])
+        prompts = (synthetic_prompts(tokenizer, shape[3], shape[0], a.seed) if a.synthetic_prompts
+                   else build_prompts(tokenizer, shape[3], shape[0]))
         roofline = _parent_roofline(model, min(a.max_batch, shape[0] * shape[1]), a)
         for side in sides:
             spec = {"model": model, "prompts": prompts, "n": shape[1], "new_tokens": shape[2], "threads": a.threads,
