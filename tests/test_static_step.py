@@ -65,6 +65,27 @@ def test_static_step_greedy_equals_the_live_step_with_grouped_query_attention(ti
     assert [[r.text for r in rows] for rows in static] == [[r.text for r in rows] for rows in live]
 
 
+def test_static_step_decodes_a_lora_wrapped_policy_as_the_live_step_does(tiny_model_dir, tiny_tokenizer):
+    """A policy under training is LoRA-wrapped: the step calls the wrapped projections (adapters with non-zero
+    weights here, so they change the output), and its samples equal the live step's."""
+    from alignline.models import load_causal_lm
+    from alignline.models.loading import LoraSettings, apply_lora
+
+    policy = apply_lora(load_causal_lm(tiny_model_dir, dtype="float32"), LoraSettings(r=4, dropout=0.0))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.2)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12, seed=9)
+    base = HFEngine(load_causal_lm(tiny_model_dir, dtype="float32"), tiny_tokenizer, max_batch=4)
+    live = HFEngine(policy, tiny_tokenizer, max_batch=4).generate(_prompts(), 2, sampling)
+    static = HFEngine(policy, tiny_tokenizer, max_batch=4, decode_step="static").generate(_prompts(), 2, sampling)
+    texts = [[r.text for r in rows] for rows in live]
+    assert [[r.text for r in rows] for rows in static] == texts
+    assert [[r.text for r in rows] for rows in base.generate(_prompts(), 2, sampling)] != texts  # adapters matter
+
+
 class _Recorder(TorchDispatchMode):
     """Every op run inside, with its outputs' shapes; indexing by a boolean mask (which waits for the device to
     count the mask) is recorded as ``bool-index``."""
