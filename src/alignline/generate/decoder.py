@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 # Llama-family decoders whose layers are norm -> attention -> residual -> norm -> MLP -> residual.
 SUPPORTED = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+MASKED = -1e30
+"""The attention bias of a masked key (float32 scores; finite: a fully masked junk row gives junk, never NaN)."""
 
 
 def causal_lm_parts(model):
@@ -207,9 +209,8 @@ class KVDecoder:
         rows_used, per_row, flat = self._prefix_layout()
         live_new = int(own_len.max()) + 1
         live_prompt = int(self.row_len[:rows_used].max())
-        masked = -1e30  # float32 scores; finite: a fully masked junk row gives junk, never NaN
-        own_bias = torch.where(torch.arange(live_new) <= own_len.view(-1, 1), 0.0, masked)
-        prefix_bias = torch.where(torch.arange(live_prompt) < self.row_len[:rows_used].view(-1, 1), 0.0, masked)
+        own_bias = torch.where(torch.arange(live_new) <= own_len.view(-1, 1), 0.0, MASKED)
+        prefix_bias = torch.where(torch.arange(live_prompt) < self.row_len[:rows_used].view(-1, 1), 0.0, MASKED)
         own_bias = own_bias.to(self.device).view(slots, 1, 1, live_new)
         prefix_bias = prefix_bias.to(self.device).view(rows_used, 1, 1, live_prompt)
         write_at = own_len.to(self.device)
