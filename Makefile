@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The whole pipeline (SFT -> pairs -> RM -> best-of-N -> RS -> DPO / TSO / online RL -> evaluation -> report)
-# on the offline assets; ~14 minutes on 2 CPU cores. A rerun skips every finished stage.
+# on the offline assets; 13-18 minutes on 2 CPU cores (the machine's speed varies). A rerun skips every finished stage.
 demo: $(STAMP)
 	$(BIN)/alignline run configs/demo/pipeline.yaml
 
