@@ -179,11 +179,7 @@ class KVDecoder:
         """Where each slot's queries sit in the per-row query matrices: (rows used, slots per row, flat index or
         None when slot s already sits at position s)."""
         rows_used = int(self.slot_row.max()) + 1
-        order = torch.argsort(self.slot_row, stable=True)
-        sorted_rows = self.slot_row[order]
-        first = torch.searchsorted(sorted_rows, sorted_rows, right=False)
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(order)) - first
+        rank = rank_in_row(self.slot_row)
         per_row = int(rank.max()) + 1
         flat = self.slot_row * per_row + rank
         if len(flat) == rows_used * per_row and bool((flat == torch.arange(len(flat))).all()):
@@ -238,14 +234,33 @@ class KVDecoder:
             packed = q.new_zeros(rows_used * per_row, kv, g, d)
             packed[flat] = q
             q = packed
-        q = q.view(rows_used, per_row, kv, g, d).transpose(1, 2).reshape(rows_used, kv, per_row * g, d)
-        out, top, total = _partial_attention(q, self.prefix_k[layer, :rows_used, :, :live_prompt],
-                                             self.prefix_v[layer, :rows_used, :, :live_prompt], scale, bias)
-        merged = torch.cat([out, top, total], dim=-1).view(rows_used, kv, per_row, g, d + 2).transpose(1, 2)
-        merged = merged.reshape(rows_used * per_row, kv, g, d + 2)
+        merged = self.attend_rows(layer, q, rows_used, per_row, live_prompt, scale, bias)
         if flat is not None:
             merged = merged[flat]
         return merged[..., :d], merged[..., d: d + 1], merged[..., d + 1:]
+
+    def attend_rows(self, layer: int, packed: torch.Tensor, rows: int, per_row: int, keys: int, scale: float,
+                    bias: torch.Tensor) -> torch.Tensor:
+        """Partial attention of packed queries [rows x per_row, kvH, g, d] (``per_row`` query slots per prompt
+        row, row-major) to the first ``keys`` keys of prompt rows 0..rows-1: (out | max | sum) concatenated on
+        the last dimension, [rows x per_row, kvH, g, d + 2]. All slots and query heads of a row form one matrix
+        per key/value head, so a row's keys are read once for all its samples."""
+        _, kv, g, d = packed.shape
+        q = packed.view(rows, per_row, kv, g, d).transpose(1, 2).reshape(rows, kv, per_row * g, d)
+        out, top, total = _partial_attention(q, self.prefix_k[layer, :rows, :, :keys],
+                                             self.prefix_v[layer, :rows, :, :keys], scale, bias)
+        merged = torch.cat([out, top, total], dim=-1).view(rows, kv, per_row, g, d + 2).transpose(1, 2)
+        return merged.reshape(rows * per_row, kv, g, d + 2)
+
+
+def rank_in_row(slot_row: torch.Tensor) -> torch.Tensor:
+    """Each slot's rank [S] among the slots of the same row, in slot order (rows [0, 0, 2, 0] -> [0, 1, 0, 2])."""
+    order = torch.argsort(slot_row, stable=True)
+    sorted_rows = slot_row[order]
+    first = torch.searchsorted(sorted_rows, sorted_rows, right=False)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=slot_row.device) - first
+    return rank
 
 
 def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from alignline.generate.decoder import MASKED, _merge, _partial_attention
+from alignline.generate.decoder import MASKED, _merge, _partial_attention, rank_in_row
 
 
 class StaticStep:
@@ -61,13 +61,9 @@ class StaticStep:
         ``rows x per_row + slot``, which no attention reads."""
         d = self.decoder
         rank = torch.zeros(self.slots, dtype=torch.long)
-        seen: dict[int, int] = {}
-        for slot in feed.nonzero().view(-1).tolist():
-            row = int(d.slot_row[slot])
-            rank[slot] = seen.get(row, 0)
-            seen[row] = int(rank[slot]) + 1
-        if seen and max(seen.values()) > self.per_row:
-            raise RuntimeError(f"{max(seen.values())} samples of one prompt decode at once, more than per_row "
+        rank[feed] = rank_in_row(d.slot_row[feed])
+        if bool(feed.any()) and int(rank.max()) >= self.per_row:
+            raise RuntimeError(f"{int(rank.max()) + 1} samples of one prompt decode at once, more than per_row "
                                f"{self.per_row} the step was built for")
         spare = self.rows * self.per_row + torch.arange(self.slots)
         return torch.where(feed, d.slot_row * self.per_row + rank, spare)
@@ -133,11 +129,8 @@ class StaticStep:
         packed_rows = self.rows * self.per_row
         packed = q.new_zeros(packed_rows + slots, kv, g, hd)
         packed[self.packed_at] = q
-        queries = packed[:packed_rows].view(self.rows, self.per_row, kv, g, hd).transpose(1, 2)
-        queries = queries.reshape(self.rows, kv, self.per_row * g, hd)
-        out, top, total = _partial_attention(queries, d.prefix_k[layer], d.prefix_v[layer], scale, self.prefix_bias)
-        merged = torch.cat([out, top, total], dim=-1).view(self.rows, kv, self.per_row, g, hd + 2).transpose(1, 2)
-        merged = merged.reshape(packed_rows, kv, g, hd + 2)
+        merged = d.attend_rows(layer, packed[:packed_rows], self.rows, self.per_row, d.prompt_capacity, scale,
+                               self.prefix_bias)
         spare = merged.new_zeros(slots, kv, g, hd + 2)
         spare[..., hd + 1] = 1.0  # a spare slot's prompt part: nothing attended, total mass 1 (never 0 / 0)
         merged = torch.cat([merged, spare])[self.packed_at]
