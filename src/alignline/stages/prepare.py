@@ -122,6 +122,24 @@ def read_unique_conversations(path: str, counts: Counter) -> list[Conversation]:
     return out
 
 
+def split_records(members: list[Conversation], spec: SplitSpec, cfg: PrepareConfig, tokenizer,
+                  split_counts: Counter) -> list:
+    """The records of one split from the conversations hashed into it: whole conversations or unfolded prompts,
+    at most ``spec.max_records``."""
+    members = [c for c in members if sum(m.role == "assistant" for m in c.messages) >= spec.min_turns]
+    records: list = []
+    for conv in members:
+        if spec.max_records is not None and len(records) >= spec.max_records:
+            break
+        if spec.kind == "conversations":
+            records.append(conv)
+        else:
+            records.extend(unfold(conv, tokenizer, max_tokens=cfg.max_tokens, stats=split_counts))
+    if spec.max_records is not None:
+        records = records[: spec.max_records]
+    return records
+
+
 def run(cfg: PrepareConfig) -> Path:
     src = cfg.path if cfg.path is not None else (str(sharegpt_asset_path()) if cfg.source == "sharegpt" else None)
     if src is None:
@@ -155,18 +173,8 @@ def run(cfg: PrepareConfig) -> Path:
     files = {}
     for name, spec in cfg.splits.items():
         members = [by_id[i] for i in assignment.get(name, [])]
-        members = [c for c in members if sum(m.role == "assistant" for m in c.messages) >= spec.min_turns]
-        records: list = []
         split_counts: Counter = Counter()
-        for conv in members:
-            if spec.max_records is not None and len(records) >= spec.max_records:
-                break
-            if spec.kind == "conversations":
-                records.append(conv)
-            else:
-                records.extend(unfold(conv, tokenizer, max_tokens=cfg.max_tokens, stats=split_counts))
-        if spec.max_records is not None:
-            records = records[: spec.max_records]
+        records = split_records(members, spec, cfg, tokenizer, split_counts)
         if name in cfg.instructions.splits:
             if spec.kind != "prompts":
                 raise ConfigError(f"instructions.splits names '{name}', a conversations split; only prompt "
