@@ -12,9 +12,11 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -434,10 +436,12 @@ def add_common_args(p, *, configs: Sequence[str] = (), default_configs: Sequence
     p.add_argument("--max-wait", type=float, default=max_wait,
                    help=f"seconds to wait for other busy processes before each configuration (default {max_wait:.0f})")
     p.add_argument("--timeout", type=float, default=timeout, help=f"seconds allowed per child (default {timeout:.0f})")
-    p.add_argument("--retries", type=int, default=1,
-                   help="measure a configuration again when other processes used the CPU meanwhile (default 1)")
+    p.add_argument("--retries", type=int, default=None,
+                   help="measure a configuration again when other processes used the CPU meanwhile (default 1; "
+                        "0 with --smoke)")
     p.add_argument("--max-foreign-cores", type=float, default=0.1,
                    help="mean cores used by other processes above which a measurement counts as contended")
+    p.add_argument("--force-retry", action="store_true", help=argparse.SUPPRESS)  # test hook, see measure_rows
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
 
@@ -445,7 +449,8 @@ def add_common_args(p, *, configs: Sequence[str] = (), default_configs: Sequence
 def finish_args(args, *, full: dict, quick: dict, smoke: dict, default_out: Path | None = None,
                 smoke_configs: Sequence[str] | None = None):
     """Fill the sizes the mode sets (an explicit argument wins), the result file and, for ``--smoke``, the rows
-    (``smoke_configs``, TRL rows dropped where TRL is not installed) and no quiet-machine wait or retries."""
+    (``smoke_configs``, TRL rows dropped where TRL is not installed) and no quiet-machine wait or retries (unless
+    ``--retries`` is given; ``--force-retry`` asks for at least one)."""
     base = smoke if args.smoke else quick if args.quick else full
     for key, value in base.items():
         if getattr(args, key, None) is None:
@@ -453,8 +458,12 @@ def finish_args(args, *, full: dict, quick: dict, smoke: dict, default_out: Path
     if default_out is not None and getattr(args, "out", None) is None:
         suffix = "_smoke" if args.smoke else "_quick" if args.quick else ""
         args.out = default_out.with_name(default_out.stem + suffix + default_out.suffix)
+    if getattr(args, "retries", 0) is None:
+        args.retries = 0 if args.smoke else 1
+    if getattr(args, "force_retry", False):
+        args.retries = max(args.retries, 1)
     if args.smoke:
-        args.max_wait, args.retries = 0.0, 0
+        args.max_wait = 0.0
         if smoke_configs is not None and getattr(args, "configs", None) is None:
             args.configs = ",".join(c for c in smoke_configs if not c.startswith("trl") or peer_installed("trl"))
     return args
@@ -563,33 +572,87 @@ def child_main(args, sides: dict[str, Any]) -> int:
     return 0
 
 
-def measure_rows(names: Sequence[str], run_config, args, *, log=print, after_row=None
-                 ) -> tuple[list[dict], dict[str, Any]]:
-    """``run_config(name) -> (row, None) | (None, failure)`` for every configuration, one after another; a row
-    measured while other processes used more than ``--max-foreign-cores`` is measured again (``--retries``) and
-    the least disturbed attempt kept. ``after_row(rows, failures)`` runs after each configuration."""
+def measure_rows(names: Sequence[str], run_config, args, *, work: Path, stage_steps=lambda name: None, log=print,
+                 after_row=None) -> tuple[list[dict], dict[str, Any]]:
+    """``run_config(name, run_dir) -> (row, None) | (None, failure)`` for every configuration, one after another.
+
+    Every attempt gets a run directory no run has used (:func:`fresh_run_dir`), so a stage can never find an
+    earlier attempt's complete run there and skip itself. ``stage_steps(name)`` is the number of optimizer steps
+    the configuration's alignline stage must run (None for a row without a stage, a peer's): when the stage's
+    manifest does not show that it ran them in this attempt (:func:`stage_refusal`), the row is refused: recorded
+    in the failures with the reason, no figure kept. A row measured while other processes used more than
+    ``--max-foreign-cores`` is measured again (``--retries``) and the least disturbed attempt kept (with
+    ``--force-retry``, a test hook: every attempt counts as disturbed and the last one is kept). The run
+    directory goes once its attempt is checked (kept with ``--keep-work-dir``). ``after_row(rows, failures)``
+    runs after each configuration."""
     rows: list[dict] = []
     failures: dict[str, Any] = {}
     for name in names:
-        attempts = []
+        attempts, refused = [], None
         for attempt in range(1, args.retries + 2):
-            row, failure = run_config(name)
+            run_dir = fresh_run_dir(work, name, attempt)
+            started = time.time()
+            row, failure = run_config(name, run_dir)
+            if failure is None and stage_steps(name) is not None:
+                refused = stage_refusal(run_dir, started, stage_steps(name))
+            if not args.keep_work_dir:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            if refused is not None:
+                log(f"[{name}] attempt {attempt} refused: {refused}")
+                failures[name] = {"refused": refused, "attempt": attempt, "run_dir": str(run_dir)}
+                break
             if failure is not None:
                 failures[name] = failure
                 break
-            contended = is_contended(row.get("contention"), args.max_foreign_cores)
-            row["attempt"], row["contended"] = attempt, contended
+            contended = args.force_retry or is_contended(row.get("contention"), args.max_foreign_cores)
+            row.update(attempt=attempt, contended=contended, run_dir=str(run_dir))
             attempts.append(row)
             if not contended:
                 break
             if attempt <= args.retries:
-                log(f"[{name}] other processes used {row['contention']['foreign_cores_mean']:.2f} cores on average "
-                    f"while it ran; measuring again (attempt {attempt + 1})")
-        if attempts:
-            rows.append(min(attempts, key=lambda r: (r.get("contention") or {}).get("foreign_cores_mean", 0.0)))
+                load = (row.get("contention") or {}).get("foreign_cores_mean", 0.0)
+                log(f"[{name}] other processes used {load:.2f} cores on average while it ran; measuring again "
+                    f"(attempt {attempt + 1})")
+        if attempts and refused is None:
+            rows.append(attempts[-1] if args.force_retry else min(
+                attempts, key=lambda r: (r.get("contention") or {}).get("foreign_cores_mean", 0.0)))
         if after_row is not None:
             after_row(rows, failures)
     return rows, failures
+
+
+def fresh_run_dir(work: Path, name: str, attempt: int) -> Path:
+    """An empty directory under ``work/runs`` that no earlier attempt or earlier run (a reused ``--work-dir``) has
+    used: the output directory of one attempt of one configuration."""
+    runs = Path(work) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{name}-attempt{attempt}-", dir=runs))
+
+
+def stage_refusal(run_dir: str | Path, started_at: float, steps: int) -> str | None:
+    """Why the alignline stage that ran in ``run_dir`` did not do the work being measured, or None when it did.
+
+    A stage that finds a complete run of the same config and inputs in its directory says it is up to date and
+    returns without writing anything (``stages.common.RunDir.skip_if_done``): its manifest is then the earlier
+    run's, written before this attempt started. So the stage ran when its manifest is ``complete``, was written
+    at or after ``started_at`` (a Unix time; the manifest keeps whole seconds) and records ``steps`` optimizer
+    steps."""
+    from datetime import datetime
+
+    manifest_path = Path(run_dir) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"no readable {manifest_path} ({exc}): the stage did not finish there"
+    if manifest.get("status") != "complete":
+        return f"{manifest_path} says status {manifest.get('status')!r}, not 'complete'"
+    written = datetime.strptime(manifest["written_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    if written < int(started_at):
+        return (f"{manifest_path} was written at {manifest['written_at']}, before this attempt started: the stage "
+                "found an earlier complete run there and skipped itself")
+    if manifest.get("steps") != steps:
+        return f"{manifest_path} records {manifest.get('steps')} optimizer steps; the configuration asks for {steps}"
+    return None
 
 
 def failure_of(res: ChildResult) -> dict[str, Any]:
@@ -597,15 +660,13 @@ def failure_of(res: ChildResult) -> dict[str, Any]:
 
 
 def new_work_dir(args, prefix: str) -> Path:
-    work = args.work_dir or Path(__import__("tempfile").mkdtemp(prefix=prefix))
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix=prefix))
     work.mkdir(parents=True, exist_ok=True)
     return work
 
 
 def drop_work_dir(args, work: Path) -> None:
     if not args.keep_work_dir and args.work_dir is None:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -61,8 +61,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -316,8 +316,7 @@ def child_alignline(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from alignline.stages.dpo import DPOConfig, run
 
-    out_dir = Path(spec["run_dir"])
-    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir = Path(spec["run_dir"])  # fresh for every attempt (common.measure_rows)
     cfg = DPOConfig(
         model=spec["model_path"], reference=None, output_dir=str(out_dir), dtype="float32", resume=False,
         pair_layout=spec["layout"], ref_batch_size=spec["ref_batch_size"],
@@ -475,13 +474,13 @@ def summarise(name: str, child: dict, rss_gb: float, wall_s: float, n_pairs: int
     }
 
 
-def run_config(name: str, args, data: dict, work: Path, env: dict, limit: dict | None
+def run_config(name: str, run_dir: Path, args, data: dict, work: Path, env: dict, limit: dict | None
                ) -> tuple[dict | None, dict | None]:
     """One configuration in its own child process; returns (result row, None) or (None, failure)."""
     cfg, d = CONFIGS[name], data["info"]
     spec = {"model_path": data["model_path"], "batch_size": args.batch_size, "max_length": args.max_length,
             "seed": args.seed, "threads": args.threads, "lr": args.lr, "beta": args.beta,
-            "ref_batch_size": args.ref_batch_size, "run_dir": str(work / "runs" / name), "device": args.device}
+            "ref_batch_size": args.ref_batch_size, "run_dir": str(run_dir), "device": args.device}
     if cfg["side"] == "alignline":
         micro = cfg.get("micro_batch", args.batch_size)
         if args.batch_size % micro:
@@ -492,7 +491,6 @@ def run_config(name: str, args, data: dict, work: Path, env: dict, limit: dict |
         spec.update(data=d["trl_path"], expected=data["expected_trl"], trl_ref_model=args.trl_ref_model)
     log(f"\n[{name}] waiting for a quiet machine ...")
     child, res, quiet = run_in_child(__file__, name, spec, args, work, env, log=log)
-    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # alignline's checkpoint and model: ~1.6 GB
     if child is None:
         return None, failure_of(res)
     row = summarise(name, child, res.peak_rss_gb, res.wall_s, d["pairs"], limit)
@@ -508,6 +506,16 @@ def run_config(name: str, args, data: dict, work: Path, env: dict, limit: dict |
     log(f"[{name}] steps: {row['step_s_sum']:.1f}s = forward {sp['forward']:.1f}s + backward {sp['backward']:.1f}s + "
         f"clip/optimizer {sp['clip+optimizer']:.1f}s; RSS peaks by phase {child['rss']['peaks_gb']}")
     return row, None
+
+
+def expected_steps(name: str, args, pairs: int) -> int | None:
+    """Optimizer steps an alignline row's one epoch takes (None for TRL): micro-batches of ``micro_batch`` pairs,
+    ``--batch-size / micro_batch`` of them per step, a partial last one included (``train.loop``)."""
+    cfg = CONFIGS[name]
+    if cfg["side"] != "alignline":
+        return None
+    micro = cfg.get("micro_batch", args.batch_size)
+    return math.ceil(math.ceil(pairs / micro) / (args.batch_size // micro))
 
 
 def parse_args(argv=None):
@@ -681,8 +689,9 @@ def main(argv=None) -> int:
     def report_so_far(done: list[dict], failures: dict) -> None:
         report(rows + done, failures, args, argv, settings, d, limit, final=False)
 
-    measured, failures = measure_rows(names, lambda n: run_config(n, args, data, work, env, limit), args, log=log,
-                                      after_row=report_so_far)
+    measured, failures = measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
+                                      args, work=work, log=log, after_row=report_so_far,
+                                      stage_steps=lambda n: expected_steps(n, args, d["pairs"]))
     code = report(rows + measured, failures, args, argv, settings, d, limit, final=True)
     drop_work_dir(args, work)
     return code

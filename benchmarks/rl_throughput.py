@@ -182,8 +182,8 @@ def main(argv=None) -> int:
     # a typical training row: one prompt's group (prompt + G responses of about max_new_tokens)
     limit = common.measure_limit(args, base["model"], 64 + args.group_size * args.max_new_tokens)
 
-    def run_config(name):
-        spec = {**base, **CONFIGS[name], "out": str(work / name)}
+    def run_config(name, run_dir):
+        spec = {**base, **CONFIGS[name], "out": str(run_dir)}
         child, res, quiet = common.run_in_child(__file__, name, spec, args, work, env)
         if child is None:
             return None, common.failure_of(res)
@@ -193,7 +193,10 @@ def main(argv=None) -> int:
                 "share_of_limit": share, "share_pct": common.percent(share),
                 "contention": getattr(res, "contention", None)}, None
 
-    rows, failures = common.measure_rows(common.config_names(args, CONFIGS, DEFAULT_CONFIGS), run_config, args)
+    # one optimizer step per rollout on every alignline row (TRL rows run no alignline stage: nothing to check)
+    rows, failures = common.measure_rows(
+        common.config_names(args, CONFIGS, DEFAULT_CONFIGS), run_config, args, work=work,
+        stage_steps=lambda name: None if name.startswith("trl") else args.iterations)
     result = {"settings": base, "machine": common.machine_info(), "limit": limit, "rows": rows, "failures": failures}
     by = {r["config"]: r for r in rows}
     for r in rows:

@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -212,8 +211,7 @@ def child_alignline(spec: dict) -> dict:
     info = {"head": head_digest(probe), "attn_implementation": getattr(probe.config, "_attn_implementation", None)}
     del probe
     torch.manual_seed(spec["seed"])  # the RM stage seeds only inside train(), after the head is built
-    out_dir = Path(spec["run_dir"])
-    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir = Path(spec["run_dir"])  # fresh for every attempt (common.measure_rows)
     cfg = RMConfig(
         model=spec["model_path"], output_dir=str(out_dir), dtype="float32", resume=False,
         pair_layout=spec["layout"], eval_batch_size=spec["batch_size"],
@@ -361,20 +359,19 @@ def summarise(name: str, child: dict, rss_gb: float, wall_s: float, limit: dict 
     }
 
 
-def run_config(name: str, args, data: dict, work: Path, env: dict, limit: dict | None
+def run_config(name: str, run_dir: Path, args, data: dict, work: Path, env: dict, limit: dict | None
                ) -> tuple[dict | None, dict | None]:
     """One configuration in its own child process; returns (result row, None) or (None, failure)."""
     cfg, d = CONFIGS[name], data["info"]
     spec = {"model_path": data["model_path"], "batch_size": args.batch_size, "max_length": args.max_length,
             "max_steps": args.max_steps, "seed": args.seed, "threads": args.threads, "lr": args.lr,
-            "run_dir": str(work / "runs" / name)}
+            "run_dir": str(run_dir)}
     if cfg["side"] == "alignline":
         spec.update(data=d["path"], layout=cfg["layout"])
     else:
         spec.update(data=d["trl_path"], expected=data["expected_trl"], shared_examples=data["shared_examples"])
     log(f"\n[{name}] waiting for a quiet machine ...")
     child, res, quiet = run_in_child(__file__, name, spec, args, work, env, log=log)
-    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # alignline's checkpoint and model
     if child is None:
         return None, failure_of(res)
     row = summarise(name, child, res.peak_rss_gb, res.wall_s, limit)
@@ -456,7 +453,9 @@ def main(argv=None) -> int:
 
     env = child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
     limit = measure_limit(args, data["model_path"], round(t["shared_row"]["mean"]), log=log)
-    rows, failures = measure_rows(names, lambda n: run_config(n, args, data, work, env, limit), args, log=log)
+    rows, failures = measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
+                                  args, work=work, log=log,
+                                  stage_steps=lambda n: d["steps"] if CONFIGS[n]["side"] == "alignline" else None)
 
     by = {r["config"]: r for r in rows}
     checks = parity_checks(by)

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -190,8 +189,7 @@ def child_alignline(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from alignline.stages.sft import SFTConfig, run
 
-    out_dir = Path(spec["run_dir"])
-    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir = Path(spec["run_dir"])  # fresh for every attempt (common.measure_rows)
     cfg = SFTConfig(
         model=spec["model_path"], output_dir=str(out_dir), dtype="float32", resume=False,
         data={"train": spec["data"], "max_length": spec["max_length"], "packing": spec["packing"],
@@ -302,17 +300,16 @@ def summarise(name: str, child: dict, plan: list[dict] | None, rss_gb: float, wa
     }
 
 
-def run_config(name: str, args, data: dict, work: Path, env: dict, limit: dict | None
+def run_config(name: str, run_dir: Path, args, data: dict, work: Path, env: dict, limit: dict | None
                ) -> tuple[dict | None, dict | None]:
     """One configuration in its own child process; returns (result row, None) or (None, failure)."""
     cfg, d = CONFIGS[name], data["info"]
     spec = {"model_path": data["model_path"], "data": d["path"], "steps": args.steps,
             "batch_size": args.batch_size, "max_length": args.max_length, "seed": args.seed,
-            "threads": args.threads, "packing": cfg["packing"], "run_dir": str(work / "runs" / name),
+            "threads": args.threads, "packing": cfg["packing"], "run_dir": str(run_dir),
             "padded_order": data["plans"]["padded_order"]}
     log(f"\n[{name}] waiting for a quiet machine ...")
     child, res, quiet = run_in_child(__file__, name, spec, args, work, env, log=log)
-    shutil.rmtree(work / "runs" / name, ignore_errors=True)  # alignline's final checkpoint: ~1.6 GB
     if child is None:
         return None, failure_of(res)
     row = summarise(name, child, data["plans"].get(name), res.peak_rss_gb, res.wall_s, limit)
@@ -366,7 +363,9 @@ def main(argv=None) -> int:
     limit = measure_limit(args, data["model_path"], args.batch_size * args.max_length, log=log)
 
     env = child_env(args.threads)
-    rows, failures = measure_rows(names, lambda n: run_config(n, args, data, work, env, limit), args, log=log)
+    rows, failures = measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
+                                  args, work=work, log=log,
+                                  stage_steps=lambda n: args.steps if CONFIGS[n]["side"] == "alignline" else None)
     by = {r["config"]: r for r in rows}
     checks = consistency_checks(by, data)
     ratios = {}

@@ -194,10 +194,14 @@ def run(cfg: PrepareConfig) -> Path:
     atomic_write_json(rd.path / "summary.json", summary)
     rd.finish(counts, files=files)
 
-    table = Table(title=f"prepare -> {rd.path}")
+    print_counts(counts, rd.path)
+    return rd.path
+
+
+def print_counts(counts: Counter, out: Path) -> None:
+    table = Table(title=f"prepare -> {out}")
     table.add_column("count")
     table.add_column("value", justify="right")
     for k in sorted(counts):
         table.add_row(k, f"{counts[k]:,}")
     console.print(table)
-    return rd.path
