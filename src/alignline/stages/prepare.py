@@ -17,6 +17,7 @@ from rich.table import Table
 
 from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, unfold
+from alignline.data.decontaminate import BenchmarkPrompt, OverlapIndex, resolve_benchmark, words
 from alignline.data.io import adapt_conversation, atomic_write_json, iter_records, write_records
 from alignline.data.records import Conversation
 from alignline.data.sharegpt import normalise_sharegpt, read_sharegpt, sharegpt_asset_path, split_by_hash
@@ -61,6 +62,24 @@ class InstructionSettings(Section):
     """Instruction type ids to draw from (null: all, see alignline.judges.verifiable.REGISTRY)."""
 
 
+class DecontaminateSettings(Section):
+    """Drop training conversations that overlap an evaluation benchmark's prompts (word n-grams, as open-instruct
+    decontaminates; see alignline.data.decontaminate)."""
+
+    benchmarks: list[str] = []
+    """Benchmarks no split may overlap: paths of JSONL/Parquet files of prompt records (a `prompt` string, as
+    IFEval's input_data.jsonl, or an alignline Prompt's `messages`: each user turn is one benchmark prompt), or
+    names of installed benchmarks; empty: no decontamination."""
+    ngram: int = Field(8, ge=1)
+    """Words per n-gram (open-instruct / Tülu 3: 8). Eight consecutive words rarely coincide by chance (common
+    openings such as "can you help me write a" are shorter), while a copied prompt shares all of its n-grams.
+    A benchmark prompt shorter than this matches only a training turn of exactly its words."""
+    threshold: float = Field(0.5, gt=0, le=1)
+    """Share of a benchmark prompt's words that one user turn must cover with shared n-grams to be dropped: at
+    0.5 a copy with a changed clause or argument still matches, while a turn that shares one phrase (an 8-gram
+    covers 8 of a 40-word prompt's words: 0.2) does not."""
+
+
 class PrepareConfig(Section):
     """Configuration of ``alignline prepare``."""
 
@@ -82,6 +101,9 @@ class PrepareConfig(Section):
     keeps the rest; drop discards such parts as not alternating."""
     instructions: InstructionSettings = Field(default_factory=InstructionSettings)
     """Attach 1-3 seeded verifiable instructions to the prompts of some splits (stored in meta)."""
+    decontaminate: DecontaminateSettings = Field(default_factory=DecontaminateSettings)
+    """Drop (and list in summary.json) conversations of every split whose user turns overlap the prompts of the
+    evaluation benchmarks named here, so that a benchmark gain cannot come from its own prompts."""
     salt: str = "alignline"
     """Salt of the split hash; change it for a different (still stable) partition."""
     format: Literal["jsonl", "parquet"] = "jsonl"
@@ -122,15 +144,35 @@ def read_unique_conversations(path: str, counts: Counter) -> list[Conversation]:
     return out
 
 
+def contaminated(conv: Conversation, index: OverlapIndex) -> dict | None:
+    """The first user turn of ``conv`` that overlaps a benchmark prompt, as a summary.json entry; None if none."""
+    for turn, message in enumerate(conv.messages):
+        if message.role != "user":
+            continue
+        match = index.match(message.content)
+        if match is not None:
+            return {"id": conv.id, "turn": turn, "benchmark": match.prompt.benchmark,
+                    "benchmark_prompt": match.prompt.where, "overlap": round(match.overlap, 4)}
+    return None
+
+
 def split_records(members: list[Conversation], spec: SplitSpec, cfg: PrepareConfig, tokenizer,
-                  split_counts: Counter) -> list:
+                  split_counts: Counter, index: OverlapIndex | None = None, dropped: list | None = None) -> list:
     """The records of one split from the conversations hashed into it: whole conversations or unfolded prompts,
-    at most ``spec.max_records``."""
+    at most ``spec.max_records``. With an ``index``, a conversation with a user turn that overlaps a benchmark
+    prompt is dropped (all the prompts it would unfold into), counted (``decontaminated``) and noted in
+    ``dropped``; only conversations the split would otherwise use are checked."""
     members = [c for c in members if sum(m.role == "assistant" for m in c.messages) >= spec.min_turns]
     records: list = []
     for conv in members:
         if spec.max_records is not None and len(records) >= spec.max_records:
             break
+        hit = contaminated(conv, index) if index is not None else None
+        if hit is not None:
+            split_counts["decontaminated"] += 1
+            if dropped is not None:
+                dropped.append(hit)
+            continue
         if spec.kind == "conversations":
             records.append(conv)
         else:
@@ -144,7 +186,9 @@ def run(cfg: PrepareConfig) -> Path:
     src = cfg.path if cfg.path is not None else (str(sharegpt_asset_path()) if cfg.source == "sharegpt" else None)
     if src is None:
         raise ConfigError("path is required when source=conversations")
-    rd = RunDir("prepare", cfg, cfg.output_dir, {"source": src})
+    benchmarks = {name: resolve_benchmark(name) for name in cfg.decontaminate.benchmarks}
+    files_read = {f"benchmark:{name}": prompts[0].file for name, prompts in benchmarks.items()}
+    rd = RunDir("prepare", cfg, cfg.output_dir, {"source": src, **files_read})
     if rd.skip_if_done():
         return rd.path
     rd.start()
@@ -170,11 +214,15 @@ def run(cfg: PrepareConfig) -> Path:
     by_id = {c.id: c for c in convs}
     fractions = {name: spec.fraction for name, spec in cfg.splits.items()}
     assignment = split_by_hash([c.id for c in convs], fractions, salt=cfg.salt)
+    index = decontamination_index(cfg.decontaminate, benchmarks, summary)
     files = {}
     for name, spec in cfg.splits.items():
         members = [by_id[i] for i in assignment.get(name, [])]
         split_counts: Counter = Counter()
-        records = split_records(members, spec, cfg, tokenizer, split_counts)
+        dropped: list[dict] = []
+        records = split_records(members, spec, cfg, tokenizer, split_counts, index, dropped)
+        if index is not None:
+            summary["decontamination"]["dropped"].extend({"split": name, **d} for d in dropped)
         if name in cfg.instructions.splits:
             if spec.kind != "prompts":
                 raise ConfigError(f"instructions.splits names '{name}', a conversations split; only prompt "
@@ -192,6 +240,8 @@ def run(cfg: PrepareConfig) -> Path:
             counts[f"{name}:{k}"] += v
     summary.update(counts=dict(counts), files=files)
     atomic_write_json(rd.path / "summary.json", summary)
+    if index is not None:
+        say_decontaminated(summary["decontamination"]["dropped"])
     rd.finish(counts, files=files)
 
     print_counts(counts, rd.path)
@@ -205,3 +255,26 @@ def print_counts(counts: Counter, out: Path) -> None:
     for k in sorted(counts):
         table.add_row(k, f"{counts[k]:,}")
     console.print(table)
+
+
+def decontamination_index(settings: DecontaminateSettings, benchmarks: dict[str, list[BenchmarkPrompt]],
+                          summary: dict) -> OverlapIndex | None:
+    """The n-gram index of every benchmark's prompts (None without benchmarks); its settings and the benchmarks'
+    sizes go into ``summary["decontamination"]``, where the dropped conversations will be listed."""
+    if not benchmarks:
+        return None
+    index = OverlapIndex([p for prompts in benchmarks.values() for p in prompts], settings.ngram, settings.threshold)
+    summary["decontamination"] = {
+        "ngram": settings.ngram, "threshold": settings.threshold, "splits": "all",
+        "benchmarks": [{"benchmark": name, "file": prompts[0].file, "prompts": len(prompts),
+                        "shorter_than_ngram": sum(len(words(p.text)) < settings.ngram for p in prompts)}
+                       for name, prompts in benchmarks.items()],
+        "dropped": []}
+    return index
+
+
+def say_decontaminated(dropped: list[dict]) -> None:
+    console.print(f"prepare: decontamination dropped {len(dropped)} conversation(s)"
+                  + "".join(f"\n  {d['split']}: {d['id']} turn {d['turn']} covers {d['overlap']:.0%} of "
+                            f"{d['benchmark_prompt']}" for d in dropped[:5])
+                  + ("\n  ... (all in summary.json)" if len(dropped) > 5 else ""))
