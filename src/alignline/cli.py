@@ -66,6 +66,16 @@ def _stage(cls_path: str, args: list[str], help_config: bool, extra: list[str] |
 
 
 RESUME_HELP = "Continue from the newest complete checkpoint (default: yes)."
+WAIT_LOCK_HELP = ("When another process is writing the output directory, wait for it to finish instead of stopping "
+                  "(also: ALIGNLINE_WAIT_LOCK=1).")
+
+
+def _wait_for_locks(wait: bool) -> None:
+    """--wait-lock: every lock this process takes (its stage's, a pipeline's, sub-stages') waits."""
+    if wait:
+        from alignline.data.dirlock import WAIT_ENV
+
+        os.environ[WAIT_ENV] = "1"
 
 
 eval_app = typer.Typer(no_args_is_help=True,
@@ -74,20 +84,24 @@ app.add_typer(eval_app, name="eval")
 
 
 def _register(spec: StageSpec, group: typer.Typer | None = None) -> None:
-    """One sub-command per stage: CONFIG.yaml + key=value overrides, --help-config, optional --resume."""
+    """One sub-command per stage: CONFIG.yaml + key=value overrides, --help-config, --wait-lock, optional --resume."""
     cls_path = spec.target  # the command's stage, named by its config class (tests read it from the closure)
     if spec.resumable:
         def command(
             args: list[str] = typer.Argument(None, help=ARGS_HELP),
             resume: bool | None = typer.Option(None, "--resume/--no-resume", help=RESUME_HELP),
             help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
+            wait_lock: bool = typer.Option(False, "--wait-lock", help=WAIT_LOCK_HELP),
         ) -> None:
+            _wait_for_locks(wait_lock)
             _stage(cls_path, args or [], help_config, [] if resume is None else [f"resume={str(resume).lower()}"])
     else:
         def command(
             args: list[str] = typer.Argument(None, help=ARGS_HELP),
             help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
+            wait_lock: bool = typer.Option(False, "--wait-lock", help=WAIT_LOCK_HELP),
         ) -> None:
+            _wait_for_locks(wait_lock)
             _stage(cls_path, args or [], help_config)
     command.__doc__ = spec.doc
     (group or app).command(spec.name)(command)
@@ -107,10 +121,12 @@ def run_cmd(
     only: str | None = typer.Option(None, "--only", help="Run only this stage; the stages it reads must be complete."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved plan; run nothing."),
     report: bool = typer.Option(True, "--report/--no-report", help="Build report.html in the output root at the end."),
+    wait_lock: bool = typer.Option(False, "--wait-lock", help=WAIT_LOCK_HELP),
 ) -> None:
     """Run a pipeline of stages in order; each skips itself when its config and inputs are unchanged."""
     from alignline.pipeline import run_pipeline
 
+    _wait_for_locks(wait_lock)
     result = run_pipeline(pipeline, overrides or [], from_stage=from_stage, only=only, dry_run=dry_run, report=report)
     if not result.ok:
         raise typer.Exit(1)

@@ -43,5 +43,9 @@ class ModelError(AlignlineError):
     """A model cannot be found, loaded or converted."""
 
 
+class DirectoryBusyError(AlignlineError):
+    """Another process holds the output directory's lock (alignline.data.dirlock)."""
+
+
 class TrainingDivergedError(AlignlineError):
     """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from alignline.data.dirlock import is_lock_file
 from alignline.data.records import (
     Conversation,
     Pair,
@@ -379,7 +380,8 @@ def fingerprint(obj: Any) -> str:
     h = hashlib.sha256()
     if isinstance(obj, (str, Path)) and Path(obj).exists():
         p = Path(obj)
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        # a lock file says who is writing the directory, not what it holds
+        files = sorted(q for q in p.rglob("*") if q.is_file() and not is_lock_file(q.name)) if p.is_dir() else [p]
         for f in files:
             if p.is_dir():
                 h.update(str(f.relative_to(p)).encode())
