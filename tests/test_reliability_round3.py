@@ -15,8 +15,11 @@ import textwrap
 import time
 
 import pytest
+import yaml
+from tests.conftest import conversation
 from tests.test_sample import args as sample_args
 from tests.test_sample import read_responses, write_prompts
+from tests.test_sft_cli import alignline
 
 from alignline.config import load_config
 from alignline.data.dirlock import directory_lock, lock_path
@@ -173,3 +176,141 @@ def test_pipeline_refuses_an_output_root_in_use(tmp_path):
     proc.kill()
     proc.wait()
     assert not (tmp_path / "root" / "pipeline.json").exists() and not (tmp_path / "root" / "prep").exists()
+
+
+# ------------------------------------------------------------------------------ 2. a full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(kb)``: a tmpfs of that size (skipped where mounting is not allowed); ``grow(path, kb)``."""
+    mounted = []
+
+    def mount(kb: int):
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(d)], capture_output=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()})")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def _grow(disk, kb: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={kb}k", str(disk)], check=True)
+
+
+def sft_config_file(tmp_path, model_dir):
+    """sft on 16 conversations, batch 2 (8 steps), a checkpoint every 2 steps."""
+    data = tmp_path / "convs.jsonl"
+    data.write_text("".join(json.dumps(conversation(i, turns=1 + i % 2)) + "\n" for i in range(16)))
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump({"model": str(model_dir), "data": {"train": str(data), "max_length": 128},
+                                    "train": {"epochs": 1, "batch_size": 2, "lr": 1e-3, "save_every": 2}}))
+    return path
+
+
+def test_sft_checkpoint_on_a_full_disk_is_a_clear_error_and_resumes_once_there_is_room(tmp_path, tiny_model_dir,
+                                                                                     small_disk):
+    """A 1 MB disk takes config, manifest and metrics but not a checkpoint of the tiny model (463 kB of weights +
+    2 x 463 kB of Adam moments = 1.39 MB): exit 2, the error names the directory, the checkpoint and its size, the
+    partial checkpoint is gone and the manifest says failed; with room, the same command finishes."""
+
+    cfg = sft_config_file(tmp_path, tiny_model_dir)
+    disk = small_disk(1024)
+    out = disk / "sft"
+    res = alignline("sft", cfg, f"output_dir={out}")
+    said = " ".join(res.stderr.split())
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert f"no space left on the disk of {out / 'checkpoints'} while writing checkpoint step-0000002 " \
+           "(weights and optimizer state): it needs about 1.4 MB" in said
+    assert not any((out / "checkpoints").glob("step-*"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "DiskFullError" in manifest["error"]
+    _grow(disk, 16384)
+    res = alignline("sft", cfg, f"output_dir={out}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # nothing logged twice
+
+
+def test_appended_jsonl_on_a_full_disk_keeps_whole_lines(small_disk):
+    """The append-only logs (metrics.jsonl, judge caches): the line that does not fit is cut back off, so the file
+    still reads whole, and the error names the file and the line's size."""
+    from alignline.errors import DiskFullError
+    from alignline.judges.cache import JudgeCache
+
+    disk = small_disk(64)
+    with JudgeCache(disk / "judge_cache.jsonl") as cache, pytest.raises(DiskFullError) as caught:
+        for i in range(100_000):
+            cache.put(f"k{i}", "x" * 1000)
+    assert f"{disk} while writing judge_cache.jsonl: it needs about 1.0 kB" in str(caught.value)
+    lines = (disk / "judge_cache.jsonl").read_bytes().split(b"\n")
+    assert len(lines) > 10 and lines[-1] == b"" and all(json.loads(line)["output"] == "x" * 1000 for line in lines[:-1])
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_shard_on_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a shard (simulated: half the bytes written, then the error): no temporary file is
+    left and the error names the directory, the shard and its size; the next writer resumes after the last whole
+    shard."""
+    from pathlib import Path
+
+    from alignline.data.io import ShardedWriter
+    from alignline.errors import DiskFullError
+
+    real = Path.write_bytes
+
+    def half_then_full(self, data):
+        real(self, data[: len(data) // 2])
+        _enospc()
+
+    with ShardedWriter(tmp_path, "responses", shard_size=2, key=lambda o: o["id"]) as w:
+        w.add({"id": 1})
+        w.add({"id": 2})
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    w = ShardedWriter(tmp_path, "responses", shard_size=2, key=lambda o: o["id"])
+    w.add({"id": 3})
+    with pytest.raises(DiskFullError, match=f"disk of {tmp_path} while writing responses-00001.jsonl: it needs about "
+                                            "20 bytes"):
+        w.add({"id": 4})  # 2 x 10 bytes: {"id": 3} and a newline
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["responses-00000.jsonl"]
+    monkeypatch.undo()
+    assert ShardedWriter(tmp_path, "responses", key=lambda o: o["id"]).done_keys() == {1, 2}
+
+
+def test_model_dir_on_a_full_disk_is_a_clear_error(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    """safetensors reports a full disk as SafetensorError("... No space left on device"); save_model names the
+    directory, model/ and the weights' size, and leaves no partial directory (the old model/ stays)."""
+    from pathlib import Path
+
+    import safetensors
+    import transformers.modeling_utils as mu
+
+    from alignline.errors import DiskFullError
+    from alignline.models import save_model
+
+    save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
+    before = sorted(p.name for p in (tmp_path / "model").iterdir())
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                          'message: "No space left on device" })')
+
+    monkeypatch.setattr(mu, "safe_save_file", full)
+    needed = sum(p.numel() * 4 for p in tiny_model.state_dict().values())
+    with pytest.raises(DiskFullError, match=f"disk of {tmp_path} while writing the model model/"):
+        save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before
+    assert needed > 400_000

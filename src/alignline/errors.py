@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class AlignlineError(Exception):
     """An error caused by the user's input or setup; the CLI prints its message without a traceback."""
@@ -49,3 +55,52 @@ class DirectoryBusyError(AlignlineError):
 
 class TrainingDivergedError(AlignlineError):
     """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+class DiskFullError(AlignlineError):
+    """The disk (or quota) ran out while writing; the message names the directory, what was being written and
+    about how much space it needs. The partial files are removed, so a rerun after freeing space resumes."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk or quota is full: ``OSError`` ENOSPC / EDQUOT, or a library error that
+    carries the message only (safetensors' ``SafetensorError: ... No space left on device``)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(text in str(exc) for text in ("No space left on device", "Disk quota exceeded"))
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def disk_full_error(directory: str | Path, what: str, needed: int | None) -> DiskFullError:
+    """The error for a full disk under ``directory`` while writing ``what`` (about ``needed`` bytes)."""
+    try:
+        free = f"; {_size(shutil.disk_usage(directory).free)} free now"
+    except OSError:
+        free = ""
+    need = f"about {_size(needed)}" if needed else "space"
+    return DiskFullError(
+        f"no space left on the disk of {directory} while writing {what}: it needs {need}{free}. The partial files "
+        "were removed. Free some space (or give output_dir on a disk with room), then rerun the same command: "
+        "it resumes from what was written whole")
+
+
+@contextmanager
+def on_disk_full(directory: str | Path, what: str, needed: int | None,
+                 cleanup: Callable[[], object] | None = None) -> Iterator[None]:
+    """Turn a full-disk error inside the block into :func:`disk_full_error` (after ``cleanup()``, which removes
+    what the block left half written); any other error passes unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        if cleanup is not None:
+            cleanup()
+        raise disk_full_error(directory, what, needed) from None
