@@ -314,3 +314,47 @@ def test_model_dir_on_a_full_disk_is_a_clear_error(tmp_path, tiny_model, tiny_to
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == before
     assert needed > 400_000
+
+
+# ------------------------------------------------------------------------------ 4. a damaged model file
+
+def _cut(path, keep: int) -> int:
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    return len(data)
+
+
+def test_cut_model_file_is_a_model_error_naming_file_size_and_problem(tmp_path, tiny_model_dir):
+    """`alignline sample` on a model whose model.safetensors lost its last 1000 bytes: exit 2, the file, its size
+    and how many bytes are missing, no traceback."""
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    full = _cut(weights, weights.stat().st_size - 1000)
+    write_prompts(tmp_path / "prompts.jsonl", 2)
+    res = alignline("sample", *sample_args(tmp_path, model, tmp_path / "out", 4))
+    said = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"{weights} ({full - 1000:,} bytes) is damaged: it is cut short: its tensors need {full:,} bytes, " \
+           "1,000 more than it holds" in said
+
+
+@pytest.mark.parametrize("damage", ["header", "tail", "padded", "tiny"])
+def test_every_loader_names_a_damaged_weight_file(damage, tmp_path, tiny_model, tiny_tokenizer):
+    """Causal LM, reward model and a LoRA adapter's own file: a ModelError naming the file before transformers,
+    peft or safetensors open it."""
+    from alignline.errors import ModelError
+    from alignline.models import LoraSettings, apply_lora, load_causal_lm, load_reward_model, save_model
+
+    plain = save_model(tiny_model, tiny_tokenizer, tmp_path / "plain")
+    adapter = save_model(apply_lora(tiny_model, LoraSettings(r=2)), tiny_tokenizer, tmp_path / "adapter")
+    for path, load in ((plain / "model.safetensors", load_causal_lm), (plain / "model.safetensors", load_reward_model),
+                       (adapter / "adapter_model.safetensors", load_causal_lm)):
+        good = path.read_bytes()
+        expected = {"header": "announce a", "tail": "cut short: its tensors need", "tiny": "too small",
+                    "padded": "bytes after its last tensor"}[damage]
+        path.write_bytes({"header": good[:100], "tail": good[:-1], "tiny": good[:5], "padded": good + b"\0" * 7}[damage])
+        with pytest.raises(ModelError, match=f"{path.name} .* bytes\\) is damaged: .*{expected}"):
+            load(path.parent)
+        path.write_bytes(good)
