@@ -12,7 +12,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
@@ -358,3 +360,45 @@ def test_every_loader_names_a_damaged_weight_file(damage, tmp_path, tiny_model, 
         with pytest.raises(ModelError, match=f"{path.name} .* bytes\\) is damaged: .*{expected}"):
             load(path.parent)
         path.write_bytes(good)
+
+
+# ------------------------------------------------------------------------------ 5. a server answering non-JSON
+
+class HtmlEverywhere(BaseHTTPRequestHandler):
+    """HTTP 200 with a JSON content type and an HTML body, for every GET (counted)."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.server.gets += 1
+        body = b"<html><head><title>Sign in</title></head><body>proxy login</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_connection_check_names_url_and_body_of_a_non_json_200(tmp_path, monkeypatch, capsys):
+    """`GET /models` answered 200 with HTML: retried (1 + max_retries), then exit 2 naming the URL and the body's
+    first bytes; no AttributeError from the client's parser."""
+    from tests.test_reliability import cli
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), HtmlEverywhere)
+    srv.gets = 0
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}/v1"
+    write_prompts(tmp_path / "prompts.jsonl", 2)
+    try:
+        code, err = cli(monkeypatch, capsys, "sample", f"prompts={tmp_path / 'prompts.jsonl'}", "engine=openai",
+                        "model=fake", f"openai.base_url={url}", "openai.max_retries=2", "openai.backoff_base_s=0",
+                        f"output_dir={tmp_path / 'out'}")
+    finally:
+        srv.shutdown()
+    said = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err and "AttributeError" not in err, err
+    assert f"the endpoint at {url} answered GET {url}/models with HTTP 200 and a body that is not JSON (72 bytes, " \
+           "starting b'<html><head><title>Sign in</title>" in said
+    assert srv.gets == 3
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "failed"
