@@ -402,3 +402,58 @@ def test_connection_check_names_url_and_body_of_a_non_json_200(tmp_path, monkeyp
            "starting b'<html><head><title>Sign in</title>" in said
     assert srv.gets == 3
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "failed"
+
+
+# ------------------------------------------------------------------------------ 3. a reward function that raises
+
+FAILING_REWARD = textwrap.dedent("""
+    def score(prompt, texts):
+        if prompt.id == {bad!r}:
+            raise KeyError(prompt.id)
+        return [float(len(t)) for t in texts]
+
+    def fails_on_one_prompt(prompts, responses):
+        return [score(p, ts) for p, ts in zip(prompts, responses)]
+""")
+
+
+def test_reward_function_that_raises_names_function_prompt_iteration_and_keeps_its_traceback(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """rl with a `module:callable` reward that raises on one prompt of iteration 1 (iteration 0 does not draw it):
+    exit 2, the error names the function, the prompt and the iteration with the user's traceback lines (file, line,
+    code) below, the manifest says failed; after the fix the same command finishes, reusing iteration 0's rollout."""
+    from tests.test_reliability import cli
+    from tests.test_rl import write_prompts as write_rl_prompts
+
+    from alignline.stages.rl import RLConfig
+    from alignline.train.rollout import draw_prompts
+
+    seed = RLConfig.model_validate({"model": "m", "prompts": "p"}).train.seed
+    first, second = (set(draw_prompts(8, 4, seed, it)) for it in (0, 1))
+    bad = f"p{min(second - first)}"
+    module = tmp_path / "round3_rewards.py"
+    module.write_text(FAILING_REWARD.format(bad=bad))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "rl"
+    argv = ["rl", f"model={tiny_model_dir}", f"prompts={write_rl_prompts(tmp_path / 'prompts.jsonl')}",
+            f"output_dir={out}", "iterations=2", "rollout.prompts=4", "rollout.group_size=2",
+            "rollout.sampling.max_new_tokens=4", "train.batch_size=8", "train.grad_accum=1",
+            'reward=[{type: function, function: "round3_rewards:fails_on_one_prompt"}]']
+    code, err = cli(monkeypatch, capsys, *argv)
+    said = " ".join(err.split())
+    assert code == 2, err
+    assert f"reward function round3_rewards:fails_on_one_prompt raised KeyError: '{bad}' on prompt '{bad}' in rl " \
+           "iteration 1" in said
+    assert f'File "{module}", line 4, in score raise KeyError(prompt.id) KeyError: \'{bad}\'' in said
+    assert "alignline/stages" not in err and "alignline/rewards.py" not in err  # the user's frames only
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "round3_rewards:fails_on_one_prompt" in manifest["error"]
+    first_rollout = (out / "rollouts" / "iter-00000.jsonl").read_bytes()
+    assert not (out / "rollouts" / "iter-00001.jsonl").exists()
+
+    module.write_text(FAILING_REWARD.format(bad="none"))
+    sys.modules.pop("round3_rewards", None)
+    code, err = cli(monkeypatch, capsys, *argv)
+    assert code == 0, err
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    assert (out / "rollouts" / "iter-00000.jsonl").read_bytes() == first_rollout

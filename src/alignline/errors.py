@@ -53,6 +53,22 @@ class DirectoryBusyError(AlignlineError):
     """Another process holds the output directory's lock (alignline.data.dirlock)."""
 
 
+class RewardFunctionError(AlignlineError):
+    """A user's reward function (``module:callable``) raised. The message names the function, the prompt and
+    (once the rollout sets :attr:`iteration`) the rl iteration, and keeps the function's own traceback lines."""
+
+    def __init__(self, function: str, where: str, error: str, traceback_text: str):
+        self.function, self.where, self.error, self.traceback_text = function, where, error, traceback_text
+        self.iteration: int | None = None
+        super().__init__(function)
+
+    def __str__(self) -> str:
+        at = f" in rl iteration {self.iteration}" if self.iteration is not None else ""
+        return (f"reward function {self.function} raised {self.error} {self.where}{at}. Fix the function (its "
+                "traceback is below) and rerun the same command: the run resumes where it stopped\n"
+                + self.traceback_text)
+
+
 class TrainingDivergedError(AlignlineError):
     """The loss or a gradient became NaN/inf; the last good checkpoint is kept."""
 
