@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -457,3 +458,112 @@ def test_reward_function_that_raises_names_function_prompt_iteration_and_keeps_i
     assert code == 0, err
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     assert (out / "rollouts" / "iter-00000.jsonl").read_bytes() == first_rollout
+
+
+# ------------------------------------------------------------------------------ 6. the small ones
+
+def test_eval_winrate_whose_judge_calls_all_fail_ends_failed(tmp_path, monkeypatch, capsys):
+    """Every judge call answered 200 with HTML (retried, then failed): 2 of 2 prompts without an outcome is more
+    than max_failure_fraction=0.5, so exit 2 and a failed manifest, with results.json written; at 1.0 the same
+    outputs are accepted (the setting is not part of the fingerprint: the rerun reuses the run)."""
+    from tests.test_reliability import FakeOpenAI, cli
+    from tests.test_reliability import write_prompts as write_q_prompts
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    srv.mode, srv.seen = "nonjson", []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    prompts = write_q_prompts(tmp_path / "prompts.jsonl")
+    for name in ("model", "reference"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(
+            {"prompt_id": f"q{i}", "sample_idx": 0, "text": f"{name} answer {i}", "source": name}) + "\n"
+            for i in range(2)))
+    argv = ["eval", "winrate", f"prompts={prompts}", f"model.responses={tmp_path / 'model.jsonl'}", "model.name=m",
+            f"reference.responses={tmp_path / 'reference.jsonl'}", "reference.name=r", "judge.engine=openai",
+            "judge.model=fake", f"judge.openai.base_url=http://127.0.0.1:{srv.server_port}/v1",
+            "judge.openai.max_retries=0", "judge.openai.backoff_base_s=0", f"output_dir={tmp_path / 'winrate'}"]
+    try:
+        code, err = cli(monkeypatch, capsys, *argv)
+        assert code == 2, err
+        assert "eval winrate: 2 of 2 judged prompts failed (100%), more than max_failure_fraction=0.5" in " ".join(err.split())
+        manifest = json.loads((tmp_path / "winrate" / "manifest.json").read_text())
+        assert manifest["status"] == "failed" and "TooManyFailuresError" in manifest["error"]
+        assert json.loads((tmp_path / "winrate" / "results.json").read_text())["judge_failures"] == 2
+        code, err = cli(monkeypatch, capsys, *argv, "max_failure_fraction=1.0")
+        assert code == 0, err
+    finally:
+        srv.shutdown()
+
+
+def test_prompt_longer_than_the_context_is_named_by_id_and_file_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The tiny model's context is 1024 tokens; the byte-level prompt on line 3 has over 1100: the error names the
+    file, line 3 and the prompt's id, not its index in a batch."""
+    from tests.test_reliability import cli
+
+    rows = [{"id": f"p{i}", "messages": [{"role": "user", "content": "x" * (1100 if i == 2 else 5)}]} for i in range(4)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, err = cli(monkeypatch, capsys, "sample", *sample_args(tmp_path, tiny_model_dir, tmp_path / "out", 4))
+    said = " ".join(err.split())
+    assert code == 2, err
+    assert f"{tmp_path / 'prompts.jsonl'}:3, field 'messages': prompt 'p2' has " in said
+    assert "which fills the model's context of 1024 tokens" in said
+
+
+SIGTERMED_SAMPLE = textwrap.dedent("""
+    import pathlib, sys, time
+    import alignline.stages.sample as sample
+    from alignline.cli import main
+
+    flag = pathlib.Path(sys.argv[1])
+
+    def stuck_engine(cfg, device=None):  # the run has started (manifest "running"): wait to be stopped
+        flag.touch()
+        while True:
+            time.sleep(0.05)
+
+    sample.make_engine = stuck_engine
+    sys.argv = ["alignline", *sys.argv[2:]]
+    main()
+""")
+
+
+def test_sigterm_records_interrupted_with_the_signal_and_the_rerun_resumes(tmp_path, tiny_model_dir):
+    """SIGTERM while a stage runs: exit 143 (128 + 15), the manifest says interrupted (signal SIGTERM) with the
+    run's fingerprints, the lock is gone, and the same command then completes."""
+    driver = tmp_path / "stuck.py"
+    driver.write_text(SIGTERMED_SAMPLE)
+    write_prompts(tmp_path / "prompts.jsonl", 2)
+    out, flag = tmp_path / "out", tmp_path / "started"
+    argv = ["sample", *sample_args(tmp_path, tiny_model_dir, out, 4)]
+    proc = subprocess.Popen([sys.executable, str(driver), str(flag), *argv], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["signal"] == "SIGTERM"
+    assert manifest["config_fingerprint"] and not lock_path(out).exists()
+    res = alignline(*argv)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_identical_pair_is_dropped_with_its_file_and_line(tmp_path, tiny_tokenizer):
+    """Line 2 of the pairs file has chosen == rejected (after stripping): dropped when read, counted as
+    dropped_identical_text and listed as file:2 in dropped_lines."""
+    from collections import Counter
+
+    from alignline.train.preference import PairData, load_pairs_for
+
+    rows = [{"id": f"x{i}", "prompt": f"question {i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+    rows[1]["rejected"] = "good 1 "
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = Counter()
+    train, _ = load_pairs_for(PairData(train=str(path), max_length=128, max_drop_fraction=0.5), tiny_tokenizer, counts)
+    assert [p.id for p in train] == ["x0", "x2", "x3"]
+    assert counts["dropped_identical_text"] == 1
+    assert counts["dropped_lines"] == [f"{path}:2: chosen and rejected are the same text"]

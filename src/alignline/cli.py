@@ -8,7 +8,10 @@ Under several processes run it as ``accelerate launch -m alignline sft CONFIG.ya
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -55,6 +58,18 @@ def _load(cls, args: list[str], extra: list[str]):
     return load_config(cls, path, overrides + extra)
 
 
+@contextmanager
+def _exit_on_interrupt() -> Iterator[None]:
+    """Ctrl-C or SIGTERM (the stages have marked their runs "interrupted"): say so and exit 128 + the signal's
+    number (typer would turn any interrupt into exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        name = getattr(exc, "signal_name", "SIGINT")
+        err.print(f"interrupted ({name}); rerun the same command to resume")
+        raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
+
+
 def _stage(cls_path: str, args: list[str], help_config: bool, extra: list[str] | None = None) -> None:
     """The stage whose config class is ``cls_path``: its settings listed, or loaded and the stage run."""
     spec = STAGE_BY_TARGET[cls_path]
@@ -62,7 +77,8 @@ def _stage(cls_path: str, args: list[str], help_config: bool, extra: list[str] |
     if help_config:
         _print_config_help(cls)
         return
-    spec.run(_load(cls, args, extra or []))  # a failed stage's run directory says "failed" and why
+    with _exit_on_interrupt():
+        spec.run(_load(cls, args, extra or []))  # a failed stage's run directory says "failed" and why
 
 
 RESUME_HELP = "Continue from the newest complete checkpoint (default: yes)."
@@ -127,7 +143,9 @@ def run_cmd(
     from alignline.pipeline import run_pipeline
 
     _wait_for_locks(wait_lock)
-    result = run_pipeline(pipeline, overrides or [], from_stage=from_stage, only=only, dry_run=dry_run, report=report)
+    with _exit_on_interrupt():
+        result = run_pipeline(pipeline, overrides or [], from_stage=from_stage, only=only, dry_run=dry_run,
+                              report=report)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -184,6 +202,7 @@ def main() -> None:
     # batches of varying width fragment CUDA's caching allocator (a DPO run reserved 36 GB for 6 GB of
     # tensors on an H100); expandable segments keep reserved close to allocated at no measured speed cost
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    signal.signal(signal.SIGTERM, _stop)
     try:
         app()
     except AlignlineError as exc:
@@ -194,6 +213,15 @@ def main() -> None:
         sys.exit(130)
     finally:
         _leave_process_group()
+
+
+def _stop(signum: int, frame) -> None:
+    """SIGTERM raised where the program is (as Ctrl-C is), so the stage marks its manifest "interrupted" and lets
+    go of its lock; a second SIGTERM then ends the process at once."""
+    signal.signal(signum, signal.SIG_DFL)
+    from alignline.errors import Interrupted
+
+    raise Interrupted(signum)
 
 
 def _leave_process_group() -> None:

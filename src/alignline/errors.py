@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,15 @@ class DataError(AlignlineError):
         super().__init__(text)
 
 
+class PromptTooLongError(DataError):
+    """A prompt fills the model's context; ``prompt_id`` names it (a stage that read it from a file re-raises it as
+    a DataError naming the file and line: ``stages.common.prompts_located``)."""
+
+    def __init__(self, message: str, prompt_id: str, **where):
+        self.prompt_id, self.bare_message = prompt_id, message
+        super().__init__(message, **where)
+
+
 class ModelError(AlignlineError):
     """A model cannot be found, loaded or converted."""
 
@@ -67,6 +77,19 @@ class RewardFunctionError(AlignlineError):
         return (f"reward function {self.function} raised {self.error} {self.where}{at}. Fix the function (its "
                 "traceback is below) and rerun the same command: the run resumes where it stopped\n"
                 + self.traceback_text)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM; SIGINT is Python's own KeyboardInterrupt) raised where the program is, so that the
+    stage records it in its manifest ("interrupted") and releases its lock before the process exits."""
+
+    def __init__(self, signum: int):
+        self.signum, self.signal_name = signum, signal.Signals(signum).name
+        super().__init__(self.signal_name)
+
+
+class TooManyFailuresError(AlignlineError):
+    """More of a stage's items failed (judge calls, parses) than its ``max_failure_fraction`` allows."""
 
 
 class TrainingDivergedError(AlignlineError):
