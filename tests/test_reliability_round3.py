@@ -567,3 +567,22 @@ def test_identical_pair_is_dropped_with_its_file_and_line(tmp_path, tiny_tokeniz
     assert [p.id for p in train] == ["x0", "x2", "x3"]
     assert counts["dropped_identical_text"] == 1
     assert counts["dropped_lines"] == [f"{path}:2: chosen and rejected are the same text"]
+
+
+def test_a_second_launch_is_refused_by_its_main_process_and_writes_nothing(tmp_path, tiny_model_dir):
+    """A 2-process torchrun launch of `sample` into a directory another process holds: its main process is refused
+    (naming the holder), its other process never writes (it waits at its first collective for the main process
+    and is stopped with the launch), so the directory holds no manifest or shard."""
+    write_prompts(tmp_path / "prompts.jsonl", 4)
+    out = tmp_path / "out"
+    holder = _holder(out)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_endpoint=localhost:0",
+           "--rdzv_backend=c10d", "-m", "alignline", "sample", *sample_args(tmp_path, tiny_model_dir, out, 4)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode != 0
+    assert f"{out} is in use by another alignline process (pid {holder.pid} on host" in " ".join(res.stderr.split())
+    assert sorted(p.name for p in out.iterdir()) == [lock_path(out).name]  # the killed holder's lock file only

@@ -68,7 +68,7 @@ class WinrateConfig(Section):
     max_failure_fraction: float = Field(0.5, ge=0.0, le=1.0)
     """The run ends failed (exit 2, results.json and judgments.jsonl written) when more than this fraction of the
     prompts got no outcome (a judge call failed in either order, or its output did not parse); a rerun asks the
-    judge again for those only (the cache keeps the rest)."""
+    judge again only for the calls that failed (the cache keeps every answer)."""
 
 
 OUTCOME_NAMES = {1.0: "win", 0.5: "tie", 0.0: "loss"}
