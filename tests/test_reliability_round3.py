@@ -586,3 +586,20 @@ def test_a_second_launch_is_refused_by_its_main_process_and_writes_nothing(tmp_p
     assert res.returncode != 0
     assert f"{out} is in use by another alignline process (pid {holder.pid} on host" in " ".join(res.stderr.split())
     assert sorted(p.name for p in out.iterdir()) == [lock_path(out).name]  # the killed holder's lock file only
+
+
+def test_annotate_whose_judge_never_parses_ends_failed(tmp_path, monkeypatch):
+    """A judge whose 6 outputs all fail to parse: 6 of 6 prompts without a verdict > max_failure_fraction 0.5, so
+    the run raises TooManyFailuresError and its manifest says failed; failures.jsonl lists all 6."""
+    from tests.test_annotate import llm_cfg, setup_llm
+
+    from alignline.errors import TooManyFailuresError
+    from alignline.stages import annotate
+    from alignline.stages.common import failures_recorded
+
+    setup_llm(tmp_path, monkeypatch, lambda text: "I refuse.")
+    with pytest.raises(TooManyFailuresError, match=r"annotate: 6 of 6 judged prompts failed \(100%\), more than "
+                                                   "max_failure_fraction=0.5"), failures_recorded():
+        annotate.run(llm_cfg(tmp_path))
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "failed"
+    assert len((tmp_path / "out" / "failures.jsonl").read_text().splitlines()) == 6

@@ -202,7 +202,9 @@ def main() -> None:
     # batches of varying width fragment CUDA's caching allocator (a DPO run reserved 36 GB for 6 GB of
     # tensors on an H100); expandable segments keep reserved close to allocated at no measured speed cost
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    signal.signal(signal.SIGTERM, _stop)
+    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(stop_signal) is signal.SIG_DFL:  # a signal the caller ignores (nohup) stays ignored
+            signal.signal(stop_signal, _stop)
     try:
         app()
     except AlignlineError as exc:
@@ -216,8 +218,8 @@ def main() -> None:
 
 
 def _stop(signum: int, frame) -> None:
-    """SIGTERM raised where the program is (as Ctrl-C is), so the stage marks its manifest "interrupted" and lets
-    go of its lock; a second SIGTERM then ends the process at once."""
+    """SIGTERM (or SIGHUP) raised where the program is (as Ctrl-C is), so the stage marks its manifest
+    "interrupted" and lets go of its lock; a second one then ends the process at once."""
     signal.signal(signum, signal.SIG_DFL)
     from alignline.errors import Interrupted
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Container, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,7 +15,7 @@ from rich.console import Console
 from alignline.config import save_resolved
 from alignline.data.io import fingerprint, read_manifest, write_manifest
 from alignline.data.records import Response
-from alignline.errors import DataError, PromptTooLongError, TooManyFailuresError
+from alignline.errors import AlignlineError, DataError, PromptTooLongError, TooManyFailuresError
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -161,11 +161,13 @@ def failures_recorded() -> Iterator[None]:
         yield
     except Exception as exc:
         while len(_RUNNING) > outer:
-            _RUNNING[-1].fail(exc)
+            with suppress(OSError, AlignlineError):  # a manifest that cannot be written (a full disk) must not
+                _RUNNING[-1].fail(exc)                # hide the error that stopped the stage
         raise
     except KeyboardInterrupt as exc:
         while len(_RUNNING) > outer:
-            _RUNNING[-1].interrupt(getattr(exc, "signal_name", "SIGINT"))
+            with suppress(OSError, AlignlineError):
+                _RUNNING[-1].interrupt(getattr(exc, "signal_name", "SIGINT"))
         raise
     finally:
         del _RUNNING[outer:]
