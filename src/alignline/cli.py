@@ -202,9 +202,10 @@ def main() -> None:
     # batches of varying width fragment CUDA's caching allocator (a DPO run reserved 36 GB for 6 GB of
     # tensors on an H100); expandable segments keep reserved close to allocated at no measured speed cost
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(stop_signal) is signal.SIG_DFL:  # a signal the caller ignores (nohup) stays ignored
-            signal.signal(stop_signal, _stop)
+    # a signal the caller ignores (nohup) stays ignored
+    stops = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is signal.SIG_DFL]
+    for stop_signal in stops:
+        signal.signal(stop_signal, _stop)
     try:
         app()
     except AlignlineError as exc:
@@ -214,6 +215,8 @@ def main() -> None:
         err.print("interrupted; rerun the same command to resume")
         sys.exit(130)
     finally:
+        for stop_signal in stops:  # main() called in a process that goes on (tests)
+            signal.signal(stop_signal, signal.SIG_DFL)
         _leave_process_group()
 
 
