@@ -26,10 +26,10 @@ def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | 
 
 
 #: Settings left out of every stage's config fingerprint: how to run, not what to compute (an interrupted run
-#: and its resumption may differ in them; max_failure_fraction only decides whether a result is accepted, so a run
-#: refused under one limit and rerun under a higher one resumes). train.free_memory only changes how freed memory is handed back
+#: and its resumption may differ in them). train.free_memory only changes how freed memory is handed back
 #: (the trained weights are bit-identical, tests/test_training.py). train.keep_checkpoints_when_done and tso's
-#: keep_versions only decide what a finished run keeps on disk.
+#: keep_versions only decide what a finished run keeps on disk. max_failure_fraction only decides whether a result
+#: is accepted, so a run refused under one limit and rerun under a higher one resumes.
 ALWAYS_IGNORED = ("resume", "train.stop_after_step", "train.free_memory", "train.keep_checkpoints_when_done",
                   "keep_versions", "max_failure_fraction")
 IGNORED_AT_ANY_DEPTH = ("decode_step",)
