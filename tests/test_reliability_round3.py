@@ -131,7 +131,9 @@ def test_wait_lock_waits_for_the_holder_then_runs(tmp_path, tiny_tokenizer_dir):
     cmd = [sys.executable, "-m", "alignline", "prepare", f"path={tmp_path / 'sg.json'}", f"output_dir={out}",
            f"tokenizer={tiny_tokenizer_dir}", "--wait-lock"]
     waiter = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    said = waiter.stderr.readline()
+    said = ""
+    while "waiting for" not in said and waiter.poll() is None:  # lines before it: warnings at import, if any
+        said = waiter.stderr.readline()
     assert f"waiting for {out}: in use by pid {proc.pid}" in said
     assert waiter.poll() is None
     proc.kill()
