@@ -8,7 +8,10 @@ Under several processes run it as ``accelerate launch -m alignline sft CONFIG.ya
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -55,6 +58,18 @@ def _load(cls, args: list[str], extra: list[str]):
     return load_config(cls, path, overrides + extra)
 
 
+@contextmanager
+def _exit_on_interrupt() -> Iterator[None]:
+    """Ctrl-C or SIGTERM (the stages have marked their runs "interrupted"): say so and exit 128 + the signal's
+    number (typer would turn any interrupt into exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        name = getattr(exc, "signal_name", "SIGINT")
+        err.print(f"interrupted ({name}); rerun the same command to resume")
+        raise typer.Exit(128 + getattr(exc, "signum", signal.SIGINT)) from None
+
+
 def _stage(cls_path: str, args: list[str], help_config: bool, extra: list[str] | None = None) -> None:
     """The stage whose config class is ``cls_path``: its settings listed, or loaded and the stage run."""
     spec = STAGE_BY_TARGET[cls_path]
@@ -62,10 +77,21 @@ def _stage(cls_path: str, args: list[str], help_config: bool, extra: list[str] |
     if help_config:
         _print_config_help(cls)
         return
-    spec.run(_load(cls, args, extra or []))  # a failed stage's run directory says "failed" and why
+    with _exit_on_interrupt():
+        spec.run(_load(cls, args, extra or []))  # a failed stage's run directory says "failed" and why
 
 
 RESUME_HELP = "Continue from the newest complete checkpoint (default: yes)."
+WAIT_LOCK_HELP = ("When another process is writing the output directory, wait for it to finish instead of stopping "
+                  "(also: ALIGNLINE_WAIT_LOCK=1).")
+
+
+def _wait_for_locks(wait: bool) -> None:
+    """--wait-lock: every lock this process takes (its stage's, a pipeline's, sub-stages') waits."""
+    if wait:
+        from alignline.data.dirlock import WAIT_ENV
+
+        os.environ[WAIT_ENV] = "1"
 
 
 eval_app = typer.Typer(no_args_is_help=True,
@@ -74,20 +100,24 @@ app.add_typer(eval_app, name="eval")
 
 
 def _register(spec: StageSpec, group: typer.Typer | None = None) -> None:
-    """One sub-command per stage: CONFIG.yaml + key=value overrides, --help-config, optional --resume."""
+    """One sub-command per stage: CONFIG.yaml + key=value overrides, --help-config, --wait-lock, optional --resume."""
     cls_path = spec.target  # the command's stage, named by its config class (tests read it from the closure)
     if spec.resumable:
         def command(
             args: list[str] = typer.Argument(None, help=ARGS_HELP),
             resume: bool | None = typer.Option(None, "--resume/--no-resume", help=RESUME_HELP),
             help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
+            wait_lock: bool = typer.Option(False, "--wait-lock", help=WAIT_LOCK_HELP),
         ) -> None:
+            _wait_for_locks(wait_lock)
             _stage(cls_path, args or [], help_config, [] if resume is None else [f"resume={str(resume).lower()}"])
     else:
         def command(
             args: list[str] = typer.Argument(None, help=ARGS_HELP),
             help_config: bool = typer.Option(False, "--help-config", help="List every setting and exit."),
+            wait_lock: bool = typer.Option(False, "--wait-lock", help=WAIT_LOCK_HELP),
         ) -> None:
+            _wait_for_locks(wait_lock)
             _stage(cls_path, args or [], help_config)
     command.__doc__ = spec.doc
     (group or app).command(spec.name)(command)
@@ -107,11 +137,15 @@ def run_cmd(
     only: str | None = typer.Option(None, "--only", help="Run only this stage; the stages it reads must be complete."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the resolved plan; run nothing."),
     report: bool = typer.Option(True, "--report/--no-report", help="Build report.html in the output root at the end."),
+    wait_lock: bool = typer.Option(False, "--wait-lock", help=WAIT_LOCK_HELP),
 ) -> None:
     """Run a pipeline of stages in order; each skips itself when its config and inputs are unchanged."""
     from alignline.pipeline import run_pipeline
 
-    result = run_pipeline(pipeline, overrides or [], from_stage=from_stage, only=only, dry_run=dry_run, report=report)
+    _wait_for_locks(wait_lock)
+    with _exit_on_interrupt():
+        result = run_pipeline(pipeline, overrides or [], from_stage=from_stage, only=only, dry_run=dry_run,
+                              report=report)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -168,6 +202,10 @@ def main() -> None:
     # batches of varying width fragment CUDA's caching allocator (a DPO run reserved 36 GB for 6 GB of
     # tensors on an H100); expandable segments keep reserved close to allocated at no measured speed cost
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # a signal the caller ignores (nohup) stays ignored
+    stops = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is signal.SIG_DFL]
+    for stop_signal in stops:
+        signal.signal(stop_signal, _stop)
     try:
         app()
     except AlignlineError as exc:
@@ -177,7 +215,18 @@ def main() -> None:
         err.print("interrupted; rerun the same command to resume")
         sys.exit(130)
     finally:
+        for stop_signal in stops:  # main() called in a process that goes on (tests)
+            signal.signal(stop_signal, signal.SIG_DFL)
         _leave_process_group()
+
+
+def _stop(signum: int, frame) -> None:
+    """SIGTERM (or SIGHUP) raised where the program is (as Ctrl-C is), so the stage marks its manifest
+    "interrupted" and lets go of its lock; a second one then ends the process at once."""
+    signal.signal(signum, signal.SIG_DFL)
+    from alignline.errors import Interrupted
+
+    raise Interrupted(signum)
 
 
 def _leave_process_group() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -25,7 +26,7 @@ from pydantic import Field, model_validator
 
 from alignline.config import Section
 from alignline.data.records import Prompt
-from alignline.errors import ConfigError, DataError
+from alignline.errors import ConfigError, DataError, RewardFunctionError
 from alignline.generate.base import EngineSettings, SamplingParams
 
 RewardFn = Callable[[Sequence[Prompt], Sequence[Sequence[str]]], list[list[float]]]
@@ -142,7 +143,45 @@ def import_function(dotted: str, setting: str) -> RewardFn:
                           "Python path") from None
     if not callable(fn):
         raise ConfigError(f"{setting}: '{dotted}' is not callable")
-    return fn
+    return user_function(dotted, fn)
+
+
+def user_function(dotted: str, fn: RewardFn) -> RewardFn:
+    """``fn`` whose exceptions become a :class:`RewardFunctionError` naming ``dotted``, the prompt it failed on
+    and the function's own traceback lines. To find the prompt, a call that raised is repeated on each prompt
+    alone, in order (a function whose failure depends on more than its input may not fail again: then the
+    error names every prompt of the call)."""
+
+    def reward(prompts, responses):
+        try:
+            return fn(prompts, responses)
+        except Exception as exc:  # noqa: BLE001 (the user's code: any error, reported with its own traceback)
+            culprit = _failing_prompt(fn, prompts, responses)
+            ids = [p.id for p in prompts]
+            where = (f"on prompt '{culprit}'" if culprit is not None else
+                     "on the prompts " + ", ".join(repr(i) for i in ids[:5]) + (" ..." if len(ids) > 5 else ""))
+            raise RewardFunctionError(dotted, where, f"{type(exc).__name__}: {exc}", _user_traceback(exc)) from None
+
+    return reward
+
+
+def _failing_prompt(fn: RewardFn, prompts, responses) -> str | None:
+    if len(prompts) == 1:
+        return prompts[0].id
+    for p, texts in zip(prompts, responses):
+        try:
+            fn([p], [texts])
+        except Exception:  # noqa: BLE001 (the search for the prompt the user's function fails on)
+            return p.id
+    return None
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback from the user's function down (this module's frame left out)."""
+    tb = traceback.TracebackException.from_exception(exc)
+    frames = [f for f in tb.stack if Path(f.filename).resolve() != Path(__file__).resolve()]
+    return ("Traceback (most recent call last):\n" + "".join(traceback.StackSummary.from_list(frames).format())
+            + "".join(tb.format_exception_only())).rstrip("\n")
 
 
 def build_reward(spec: RewardSpec, index: int, *, out_dir: Path, counts: dict, device=None) -> RewardFn:

@@ -15,10 +15,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from pydantic import BaseModel
 
+from alignline.data.dirlock import is_lock_file
 from alignline.data.records import (
     Conversation,
     Pair,
@@ -27,7 +28,7 @@ from alignline.data.records import (
     lone_surrogate_field,
     validate,
 )
-from alignline.errors import DataError
+from alignline.errors import DataError, on_disk_full
 
 R = TypeVar("R", bound=BaseModel)
 MANIFEST = "manifest.json"
@@ -66,26 +67,40 @@ def _new_file_mode(path: Path) -> int:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old content or the new, never a mix."""
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), size=len(data))
 
 
-def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+def atomic_write(path: str | Path, write: Callable[[str], object], *, size: int | None = None) -> None:
     """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` (mode kept, data and
-    directory synced): a crash leaves either the old content or the new."""
+    directory synced): a crash leaves either the old content or the new. A full disk is a
+    :class:`~alignline.errors.DiskFullError` naming the directory, the file and ``size`` (its expected bytes);
+    the temporary file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fchmod(fh.fileno(), _new_file_mode(path))
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with on_disk_full(path.parent, path.name, size):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fchmod(fh.fileno(), _new_file_mode(path))
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     _fsync_dir(path.parent)
+
+
+def append_bytes(fh: BinaryIO, data: bytes) -> None:
+    """Append ``data`` (a whole line) to ``fh``, a file opened ``open(path, "ab", buffering=0)``. A full disk
+    cuts the file back to where it was (no torn line) and is a :class:`~alignline.errors.DiskFullError`."""
+    start = fh.seek(0, os.SEEK_END)
+    view = memoryview(data)
+    path = Path(fh.name)
+    with on_disk_full(path.parent, path.name, len(data), cleanup=lambda: fh.truncate(start)):
+        while view:  # an unbuffered write may write part and report it; the next part then raises
+            view = view[fh.write(view):]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -161,7 +176,8 @@ def write_records(path: str | Path, records: Iterable[Any]) -> Path:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        atomic_write(path, lambda tmp: pq.write_table(_parquet_table(rows), tmp))
+        table = _parquet_table(rows)
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp), size=table.nbytes)
     else:
         atomic_write_bytes(path, jsonl_bytes(rows))
     return path
@@ -379,7 +395,8 @@ def fingerprint(obj: Any) -> str:
     h = hashlib.sha256()
     if isinstance(obj, (str, Path)) and Path(obj).exists():
         p = Path(obj)
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        # a lock file says who is writing the directory, not what it holds
+        files = sorted(q for q in p.rglob("*") if q.is_file() and not is_lock_file(q.name)) if p.is_dir() else [p]
         for f in files:
             if p.is_dir():
                 h.update(str(f.relative_to(p)).encode())

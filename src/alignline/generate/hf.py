@@ -28,7 +28,7 @@ import torch
 
 from alignline.data.chat import end_token_ids, ensure_chat_template, prompt_ids
 from alignline.data.records import Prompt, Response
-from alignline.errors import ConfigError
+from alignline.errors import ConfigError, PromptTooLongError
 from alignline.generate.base import DecodeStep, Engine, SamplingParams, check_n, sample_seed
 from alignline.generate.decoder import unsupported_reason
 from alignline.generate.sampling import draw, filter_logits, pick_tokens, stop_candidates
@@ -145,6 +145,12 @@ class HFEngine(Engine):
             sampling = SamplingParams.model_validate(sampling)
         params = sampling.model_dump()
         ids = [prompt_ids(self.tokenizer, p.messages) for p in prompts]
+        for p, x in zip(prompts, ids):
+            if len(x) >= self.max_context:
+                raise PromptTooLongError(
+                    f"prompt '{p.id}' has {len(x)} tokens, which fills the model's context of {self.max_context} "
+                    "tokens (max_position_embeddings) with no room for an answer; shorten it or drop it",
+                    p.id, field="messages")
         seeds = [[sample_seed(sampling.seed, p.id, i) for i in range(n)] for p in prompts]
         samples = self.sample_prompts(ids, seeds, sampling)
         return [

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import email.utils
 import http
+import json
 import logging
 import random
 import threading
@@ -166,19 +167,14 @@ class OpenAIEngine(Engine):
     def check_connection(self, timeout_s: float | None = None) -> list[str]:
         """The model ids the endpoint serves (``GET <base_url>/models``); a clear error if it cannot be reached.
 
-        Raises :class:`OpenAIEndpointError` naming the base URL when the server is unreachable, times out or
-        refuses the key. Only logs a warning if ``model`` is not among the listed ids (some servers, e.g.
+        Raises :class:`OpenAIEndpointError` naming the base URL when the server is unreachable, times out,
+        refuses the key or keeps answering with a body that is not JSON (retried as a completion is). Only logs a warning if ``model`` is not among the listed ids (some servers, e.g.
         llama.cpp, serve one model under any name), or if the server answers 404/405 (a gateway without
         /models) or a retryable status (408/409/429/5xx): then it returns [].
         """
         client = self._client.with_options(max_retries=0, timeout=timeout_s or min(self.settings.timeout_s, 10.0))
         try:
-            page = client.models.list()
-            ids = [str(getattr(m, "id", m)) for m in getattr(page, "data", []) or []]
-        except ValueError as exc:  # it answered, with a body that is not JSON: requests will say more
-            log.warning("the endpoint at %s answered GET /models with a body that is not JSON (%s); going on",
-                        self._url, self.scrub(_short(exc, 120)))
-            return []
+            ids = self._listed_models(client)
         except openai.APITimeoutError:
             raise OpenAIEndpointError(
                 f"the OpenAI-compatible endpoint at {self._url} did not answer GET /models in time; "
@@ -201,6 +197,28 @@ class OpenAIEngine(Engine):
             log.warning("the endpoint at %s does not list model %r (it lists: %s)", self._url, self.settings.model,
                         self.scrub(", ".join(ids[:20])))
         return ids
+
+    def _listed_models(self, client: openai.OpenAI) -> list[str]:
+        """The ids of ``GET /models``, read from the body itself: a 200 whose body is not a JSON object (a proxy's
+        error page, a web page at the wrong base_url) is retried like a completion, then an error naming the URL
+        and the body's first bytes (the client's own parser would fail on it with an AttributeError)."""
+        attempts = self.settings.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            raw = client.models.with_raw_response.list()
+            body = raw.content
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict):
+                return [str(m.get("id") if isinstance(m, dict) else m) for m in doc.get("data") or []]
+            if attempt < attempts:
+                time.sleep(self._backoff(attempt, None))
+        raise OpenAIEndpointError(self.scrub(
+            f"the endpoint at {self._url} answered GET {self._url}/models with HTTP {raw.status_code} and a body that "
+            f"is not JSON ({len(body):,} bytes, starting {body[:120]!r}), {attempts} times. Is base_url the API's "
+            "address (it usually ends in /v1), not a web page, or a proxy's login or error page?"),
+            status=raw.status_code, base_url=self._url, model=self.settings.model)
 
     def generate(self, prompts: Sequence[Prompt], n: int, sampling: SamplingParams) -> list[list[Response]]:
         """For every prompt (same order), ``n`` responses (``sample_idx`` 0..n-1), one request each.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignline.data.io import atomic_write_bytes
+from alignline.data.io import append_bytes, atomic_write_bytes
 from alignline.data.records import Prompt
 
 
@@ -42,15 +42,14 @@ class JudgeCache:
                     continue  # a line cut by a kill
             atomic_write_bytes(self.path, b"".join(json.dumps({"key": k, "output": v}).encode() + b"\n"
                                                    for k, v in self.items.items()))
-        self.fh = open(self.path, "ab")  # noqa: SIM115 (kept open for the run)
+        self.fh = open(self.path, "ab", buffering=0)  # noqa: SIM115 (kept open for the run)
 
     def get(self, key: str) -> str | None:
         return self.items.get(key)
 
     def put(self, key: str, output: str) -> None:
         self.items[key] = output
-        self.fh.write(json.dumps({"key": key, "output": output}).encode() + b"\n")
-        self.fh.flush()
+        append_bytes(self.fh, json.dumps({"key": key, "output": output}).encode() + b"\n")
         os.fsync(self.fh.fileno())
 
     def close(self) -> None:

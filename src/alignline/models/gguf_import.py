@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from alignline.errors import ModelError
+from alignline.errors import ModelError, on_disk_full
 from alignline.models.atomic_dir import _tmp_dir_for
 from alignline.models.gguf_layout import read_gguf_layout
 
@@ -140,8 +140,10 @@ def _convert_gguf(src: Path, arch: str, out: Path, dtype: torch.dtype) -> None:
     gen = model.generation_config
     if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with on_disk_full(out.parent, f"the model imported from {src.name} (safetensors weights)", needed):
+        model.save_pretrained(str(out))  # into a temporary directory: _import_gguf removes it on any error
+        tokenizer.save_pretrained(str(out))
     if not any(out.glob("*.safetensors")):
         raise ModelError(f"{src}: the import wrote no safetensors weights into {out}")
 

@@ -15,6 +15,7 @@ from alignline.errors import ModelError
 from alignline.models.aliases import ALIASES, _alias_list, _resolve_alias, default_cache_dir
 from alignline.models.device import pick_dtype
 from alignline.models.gguf_import import _import_gguf, _sha256
+from alignline.models.safetensors_layout import check_safetensors_files
 
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}
@@ -82,6 +83,7 @@ def resolve_model(name_or_path: str | Path, *, cache_dir: Path | None = None) ->
         out = cache / f"{path.stem}-{digest[:12]}"
         return _import_gguf(path, out, torch.float32, str(path), digest=digest)
     _check_checkpoint_dir(path)
+    check_safetensors_files(path)  # a cut weight file named here, not as safetensors' "file not fully covered"
     return path
 
 

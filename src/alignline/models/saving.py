@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from alignline.errors import ModelError
+from alignline.errors import ModelError, on_disk_full
 from alignline.models.atomic_dir import _replace_dir, _tmp_dir_for
 from alignline.models.gguf_import import _strip_gguf_quantizer
 from alignline.models.loading import _pickled_files
@@ -26,28 +26,45 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = Fals
     :mod:`alignline.models.loading` accepts both kinds of directory.
     """
     out = Path(out_dir).expanduser().resolve()
-    tmp = _tmp_dir_for(out)
-    try:
-        from peft import PeftModel
-
-        if isinstance(model, PeftModel):
-            assert state_dict is None, "a PEFT model is saved from its own weights"
-            if merge_lora:
-                import copy
-
-                copy.deepcopy(model).merge_and_unload().save_pretrained(str(tmp))
-            else:
-                model.save_pretrained(str(tmp), safe_serialization=True)
-        else:
-            if getattr(model, "hf_quantizer", None) is not None:
-                _strip_gguf_quantizer(model)
-            model.save_pretrained(str(tmp), state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        pickled = _pickled_files(tmp)
-        if pickled:
-            raise ModelError(f"saving {out} produced pickled files {[p.name for p in pickled]}; refusing")
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    needed = _weight_bytes(model, state_dict, adapter_only=not merge_lora)
+    with on_disk_full(out.parent, f"the model {out.name}/ (safetensors weights and tokenizer)", needed):
+        tmp = _tmp_dir_for(out)
+        try:
+            _write_model(model, tokenizer, tmp, merge_lora=merge_lora, state_dict=state_dict)
+            pickled = _pickled_files(tmp)
+            if pickled:
+                raise ModelError(f"saving {out} produced pickled files {[p.name for p in pickled]}; refusing")
+            _replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # also the partial files of a full disk
     return out
+
+
+def _weight_bytes(model, state_dict: dict | None, *, adapter_only: bool) -> int:
+    """About the bytes the weights take on disk (an adapter alone: its LoRA tensors only)."""
+    from peft import PeftModel
+
+    weights = state_dict if state_dict is not None else model.state_dict()
+    if adapter_only and isinstance(model, PeftModel):
+        weights = {k: v for k, v in weights.items() if "lora_" in k}
+    return sum(t.numel() * t.element_size() for t in weights.values() if isinstance(t, torch.Tensor))
+
+
+def _write_model(model, tokenizer, tmp: Path, *, merge_lora: bool, state_dict: dict | None) -> None:
+    """``save_model``'s files, into the fresh directory ``tmp``."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        assert state_dict is None, "a PEFT model is saved from its own weights"
+        if merge_lora:
+            import copy
+
+            copy.deepcopy(model).merge_and_unload().save_pretrained(str(tmp))
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        if getattr(model, "hf_quantizer", None) is not None:
+            _strip_gguf_quantizer(model)
+        model.save_pretrained(str(tmp), state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))

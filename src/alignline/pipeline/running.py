@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from alignline.data.dirlock import directory_lock
 from alignline.data.io import MANIFEST, atomic_write_json, read_manifest
 from alignline.errors import ConfigError
 from alignline.pipeline.checks import warn_small_evaluations
@@ -267,14 +268,15 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None, *, from_s
     from alignline.stages.common import console
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    results, failure = _run_stages(plan, names)
-    result = PipelineResult(plan, results)
-    doc = _plan_json(result, started, {"from": from_stage, "only": only})
-    doc["progression"] = rows_json(progression(doc))
-    doc["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    doc["disk_bytes"] = disk_usage(plan.output_root)  # before report.html (a few MB at most) is written
-    atomic_write_json(Path(plan.output_root) / "pipeline.json", doc)
-    built = _build_report(plan.output_root) if report and not isinstance(failure, KeyboardInterrupt) else None
+    with directory_lock(plan.output_root):  # pipeline.json and the report are the root's; each stage locks its own
+        results, failure = _run_stages(plan, names)
+        result = PipelineResult(plan, results)
+        doc = _plan_json(result, started, {"from": from_stage, "only": only})
+        doc["progression"] = rows_json(progression(doc))
+        doc["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        doc["disk_bytes"] = disk_usage(plan.output_root)  # before report.html (a few MB at most) is written
+        atomic_write_json(Path(plan.output_root) / "pipeline.json", doc)
+        built = _build_report(plan.output_root) if report and not isinstance(failure, KeyboardInterrupt) else None
     print_summary(doc, built)
     if failure is not None:
         raise failure

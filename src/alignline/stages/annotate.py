@@ -33,7 +33,7 @@ from alignline.judges.pairwise import (
     parse_pairwise,
     verifier_rating,
 )
-from alignline.stages.common import RunDir, console, seeded_digest, usable_responses
+from alignline.stages.common import RunDir, check_failures, console, seeded_digest, usable_responses
 
 
 def default_judge_sampling() -> SamplingParams:
@@ -77,6 +77,9 @@ class AnnotateConfig(Section):
     """Seed of the per-prompt presentation order."""
     shard_size: int = Field(200, gt=0)
     """Pairs per output shard."""
+    max_failure_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """The run ends failed (exit 2, its pairs and failures.jsonl written) when more than this fraction of the
+    prompts judged now got no verdict (an output that did not parse in either order)."""
 
 
 def presentation_swapped(seed: int, prompt_id: str) -> bool:
@@ -204,6 +207,8 @@ def run(cfg: AnnotateConfig) -> Path:
         else:
             judge_id = llm_pairs(cfg, todo, rd.path, writer, counts, failures)
     atomic_write_bytes(rd.path / "failures.jsonl", jsonl_bytes(failures, ensure_ascii=True))
+    check_failures("annotate", len({f["prompt_id"] for f in failures}), len(todo), cfg.max_failure_fraction,
+                   "judged prompts", rd.path / "failures.jsonl")
     rd.finish(counts, judge=judge_id, template=PAIRWISE_VERSION)
     console.print(f"[green]annotate done[/green] ({judge_id}): {dict(counts)}\n  pairs: {rd.path}"
                   + (f"\n  parse failures: {rd.path / 'failures.jsonl'}" if failures else ""))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Container, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,7 +15,7 @@ from rich.console import Console
 from alignline.config import save_resolved
 from alignline.data.io import fingerprint, read_manifest, write_manifest
 from alignline.data.records import Response
-from alignline.errors import DataError
+from alignline.errors import AlignlineError, DataError, PromptTooLongError, TooManyFailuresError
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -28,9 +28,10 @@ def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | 
 #: Settings left out of every stage's config fingerprint: how to run, not what to compute (an interrupted run
 #: and its resumption may differ in them). train.free_memory only changes how freed memory is handed back
 #: (the trained weights are bit-identical, tests/test_training.py). train.keep_checkpoints_when_done and tso's
-#: keep_versions only decide what a finished run keeps on disk.
+#: keep_versions only decide what a finished run keeps on disk. max_failure_fraction only decides whether a result
+#: is accepted, so a run refused under one limit and rerun under a higher one resumes.
 ALWAYS_IGNORED = ("resume", "train.stop_after_step", "train.free_memory", "train.keep_checkpoints_when_done",
-                  "keep_versions")
+                  "keep_versions", "max_failure_fraction")
 IGNORED_AT_ANY_DEPTH = ("decode_step",)
 """Settings of how, not what, that any engine section may hold (the hf engine's decode step)."""
 
@@ -115,6 +116,14 @@ class RunDir:
         return write_manifest(self.path, stage=self.stage, status="failed", error=f"{type(error).__name__}: {error}",
                               config_fingerprint=self.config_fp, input_fingerprints=self.inputs_fp)
 
+    def interrupt(self, signal_name: str) -> Path:
+        """Mark the run as interrupted by ``signal_name`` (SIGINT, SIGTERM); its fingerprints stay, so the same
+        command resumes it."""
+        if self in _RUNNING:
+            _RUNNING.remove(self)
+        return write_manifest(self.path, stage=self.stage, status="interrupted", signal=signal_name,
+                              config_fingerprint=self.config_fp, input_fingerprints=self.inputs_fp)
+
     def finish(self, counts: Counter | dict | None = None, **extra: Any) -> Path:
         """Write the complete manifest, then remove what the finished run no longer needs: its checkpoints
         (unless train.keep_checkpoints_when_done) and ``extra["dropped"]`` (tso's intermediate versions), listed
@@ -144,17 +153,49 @@ _RUNNING: list[RunDir] = []
 
 @contextmanager
 def failures_recorded() -> Iterator[None]:
-    """Run a stage so that an error leaves each run it started marked "failed" with the error (not "running");
-    an interrupt (Ctrl-C) leaves them "running": a rerun resumes them either way."""
+    """Run a stage so that an error leaves each run it started marked "failed" with the error (not "running"),
+    and an interrupt (Ctrl-C, or SIGTERM raised as :class:`~alignline.errors.Interrupted` by the CLI) marked
+    "interrupted" with the signal: a rerun resumes them either way."""
     outer = len(_RUNNING)
     try:
         yield
     except Exception as exc:
         while len(_RUNNING) > outer:
-            _RUNNING[-1].fail(exc)
+            with suppress(OSError, AlignlineError):  # a manifest that cannot be written (a full disk) must not
+                _RUNNING[-1].fail(exc)                # hide the error that stopped the stage
+        raise
+    except KeyboardInterrupt as exc:
+        while len(_RUNNING) > outer:
+            with suppress(OSError, AlignlineError):
+                _RUNNING[-1].interrupt(getattr(exc, "signal_name", "SIGINT"))
         raise
     finally:
         del _RUNNING[outer:]
+
+
+@contextmanager
+def prompts_located(path: str | Path) -> Iterator[None]:
+    """A :class:`PromptTooLongError` (which names the prompt by id) raised in the block, re-raised naming the
+    prompt's file and line in ``path`` (a prompts file or a directory of shards)."""
+    try:
+        yield
+    except PromptTooLongError as exc:
+        from alignline.data.io import adapt_prompt, iter_records
+        from alignline.data.records import Prompt
+
+        for file, line, prompt in iter_records(path, Prompt, adapt_prompt):
+            if prompt.id == exc.prompt_id:
+                raise DataError(exc.bare_message, path=file, line=line, field="messages") from None
+        raise
+
+
+def check_failures(stage: str, failed: int, total: int, limit: float, what: str, where: Path) -> None:
+    """A :class:`TooManyFailuresError` when ``failed`` of ``total`` items exceed the ``limit`` fraction."""
+    if total and failed / total > limit:
+        raise TooManyFailuresError(
+            f"{stage}: {failed} of {total} {what} failed ({failed / total:.0%}), more than max_failure_fraction="
+            f"{limit:g}; {where} says why. Fix the cause (the judge's endpoint, model or template) and rerun the same "
+            "command: it retries the failed ones only (or raise max_failure_fraction to accept the result)")
 
 
 def record_drops(counts: Counter, key: str, lines: list[str], what: str) -> None:

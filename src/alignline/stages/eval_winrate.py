@@ -28,7 +28,7 @@ from alignline.evaluate import winrate as wr
 from alignline.generate.base import EngineSettings, LazyEngine, SamplingParams, build_engine
 from alignline.judges.cache import JudgeCache, ask_judge
 from alignline.judges.pairwise import PAIRWISE_VERSION, diagnose_pairwise, pairwise_prompt, parse_pairwise
-from alignline.stages.common import RunDir, console
+from alignline.stages.common import RunDir, check_failures, console
 
 
 def default_judge_sampling() -> SamplingParams:
@@ -65,6 +65,10 @@ class WinrateConfig(Section):
     """L2 penalty of the length-controlled logistic fit (keeps it finite on separable outcomes)."""
     max_prompts: int | None = Field(None, gt=0)
     """Only the first this many prompts."""
+    max_failure_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """The run ends failed (exit 2, results.json and judgments.jsonl written) when more than this fraction of the
+    prompts got no outcome (a judge call failed in either order, or its output did not parse); a rerun asks the
+    judge again only for the calls that failed (the cache keeps every answer)."""
 
 
 OUTCOME_NAMES = {1.0: "win", 0.5: "tie", 0.0: "loss"}
@@ -216,6 +220,8 @@ def run(cfg: WinrateConfig) -> Path:
     write_alpaca_eval(export, [p for p, _ in jobs], model_rs, model_name, ref_rs, ref_name)
     atomic_write_json(rd.path / "results.json", res)
     counts.update(wins=res["wins"], ties=res["ties"], losses=res["losses"], judge_failures=len(failed_ids))
+    check_failures("eval winrate", len(failed_ids), len(jobs), cfg.max_failure_fraction, "judged prompts",
+                   rd.path / "judgments.jsonl")
     rd.finish(counts, results=res)
     print_table(res)
     if fit is not None and fit.separable:

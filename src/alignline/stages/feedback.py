@@ -42,7 +42,7 @@ from alignline.judges.evaluator import (
     parse_evaluation,
     question_key,
 )
-from alignline.stages.common import RunDir, console, iter_usable, seeded_digest
+from alignline.stages.common import RunDir, check_failures, console, iter_usable, seeded_digest
 
 TRAIN_FILE, EVAL_FILE, FAILURES_FILE = "feedback.jsonl", "feedback_eval.jsonl", "failures.jsonl"
 
@@ -85,6 +85,9 @@ class FeedbackConfig(Section):
     """Fraction of the questions (with all their records) held out in feedback_eval.jsonl."""
     seed: int = 0
     """Seed of the held-out split."""
+    max_failure_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """The run ends failed (exit 2, its records and failures.jsonl written) when more than this fraction of the
+    judged items got no score (an output that did not parse; a call that failed at the engine always stops it)."""
 
     _criteria = field_validator("criteria")(distinct_criteria)
 
@@ -223,6 +226,8 @@ def run(cfg: FeedbackConfig) -> Path:
     if counts["judge_call_failures"]:
         raise AlignlineError(f"{counts['judge_call_failures']} evaluator calls failed at the engine; run the same "
                              "command again to retry only those (the rest come from the cache)")
+    check_failures("feedback", len(failures), len(items) * len(cfg.criteria) if cfg.judge.type == "llm" else 0,
+                   cfg.max_failure_fraction, "judged items", rd.path / FAILURES_FILE)
     rd.finish(counts, template=EVALUATOR_VERSION, train=str(rd.path / TRAIN_FILE), eval=str(rd.path / EVAL_FILE))
     by_criterion = defaultdict(int)
     for r in records:

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from alignline.data.dirlock import directory_lock
 from alignline.errors import ConfigError
 from alignline.stages.common import failures_recorded
 
@@ -51,10 +52,11 @@ class StageSpec:
         return getattr(module, cls_name), run
 
     def run(self, cfg: BaseModel) -> Path:
-        """The stage's own ``run(cfg)`` (which does nothing when its run directory is up to date); an error
-        leaves each run it started marked "failed" with the error, not "running"."""
+        """The stage's own ``run(cfg)`` (which does nothing when its run directory is up to date), holding its
+        output directory's lock (another process there: an error, or a wait with --wait-lock); an error leaves
+        each run it started marked "failed" with the error, not "running"."""
         _, run = self.load()
-        with failures_recorded():
+        with directory_lock(cfg.output_dir, part=getattr(cfg, "shard", None)), failures_recorded():
             return run(cfg)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from alignline.advantages import ESTIMATORS
 from alignline.data.io import atomic_write_bytes, iter_jsonl, jsonl_bytes, read_prompts
-from alignline.errors import AlignlineError, ConfigError, DataError
+from alignline.errors import AlignlineError, ConfigError, DataError, RewardFunctionError
 from alignline.rewards import build_reward, combine
 from alignline.stages.common import RunDir, console, training_dtype
 from alignline.stages.rl import (
@@ -118,7 +118,11 @@ def rollout_source(cfg: RLConfig, root: Path, prompts, ids, tokenizer, policy, r
                 push_weights(cfg, policy, tokenizer, root / "served_policy")
             groups = ro.sample_openai(engine, chosen, tokenizer, G, sampling, it)
         t_sample = time.perf_counter() - t0
-        scores, parts = reward_fn(chosen, [[x.text for x in g] for g in groups])
+        try:
+            scores, parts = reward_fn(chosen, [[x.text for x in g] for g in groups])
+        except RewardFunctionError as exc:
+            exc.iteration = it
+            raise
         records = []
         for pi, (p, g) in enumerate(zip(chosen, groups)):
             for i, x in enumerate(g):

@@ -38,7 +38,7 @@ from alignline.errors import DataError
 from alignline.generate.base import DecodeStep, EngineSettings, SamplingParams, build_engine
 from alignline.generate.endpoint import OpenAIConnection
 from alignline.matrix import MatrixMember, human_responses, load_matrix
-from alignline.stages.common import RunDir, console
+from alignline.stages.common import RunDir, console, prompts_located
 from alignline.train.telemetry import Telemetry
 
 
@@ -189,7 +189,7 @@ def run(cfg: SampleConfig) -> Path:
     bar = tqdm(total=len(todo), desc=f"sample n={cfg.n}", disable=not state.is_local_main_process,
                dynamic_ncols=True)
     tel = Telemetry(state.device if cfg.engine == "hf" else None)
-    with writer, tel.phase("sample") as sample_phase:
+    with writer, tel.phase("sample") as sample_phase, prompts_located(cfg.prompts):
         for group in (g for g in groups if g):
             for responses in engine.generate(group, cfg.n, cfg.sampling):
                 for r in responses:

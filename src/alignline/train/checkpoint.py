@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignline.data.io import atomic_write_bytes, atomic_write_json, fingerprint
+from alignline.errors import on_disk_full
 from alignline.models import save_model
 
 COMPLETE = "COMPLETE"
@@ -136,15 +137,24 @@ def _write_shared_files(ckpt: Path, weights: dict, optimizer_state: dict, schedu
     """The main process's part: weights, optimizer, scheduler and position (``ckpt`` replaced if present)."""
     if ckpt.exists():
         shutil.rmtree(ckpt)
-    ckpt.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(ckpt / "model.safetensors"),
-              metadata={"format": "pt"})
+    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     tensors, meta = _optimizer_to_files(optimizer_state)
-    save_file(tensors, str(ckpt / "optimizer.safetensors"))
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    atomic_write_json(ckpt / "optimizer.json", meta)
-    atomic_write_json(ckpt / "scheduler.json", sched)
-    atomic_write_json(ckpt / "position.json", position)
+    needed = sum(t.numel() * t.element_size() for t in [*weights.values(), *tensors.values()])
+    with _disk_full_removes(ckpt, "weights and optimizer state", needed):
+        ckpt.mkdir(parents=True)
+        save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(ckpt / "optimizer.safetensors"))
+        sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        atomic_write_json(ckpt / "optimizer.json", meta)
+        atomic_write_json(ckpt / "scheduler.json", sched)
+        atomic_write_json(ckpt / "position.json", position)
+
+
+def _disk_full_removes(ckpt: Path, what: str, needed: int):
+    """A full disk while writing ``ckpt``: the partial checkpoint is removed (the previous ones stay, and resume)
+    and the error names the checkpoint, what was written and the bytes it needs."""
+    return on_disk_full(ckpt.parent, f"checkpoint {ckpt.name} ({what})", needed,
+                        cleanup=lambda: shutil.rmtree(ckpt, ignore_errors=True))
 
 
 def _seal_and_prune(ckpt: Path, out_dir: Path, keep: int) -> None:
@@ -169,10 +179,12 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, out_dir: Path, pos
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(ckpt / f"rng-{accelerator.process_index}.safetensors"))
+    with _disk_full_removes(ckpt, "RNG state", sum(t.numel() for t in rng.values())):
+        save_file(rng, str(ckpt / f"rng-{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _seal_and_prune(ckpt, out_dir, keep)
+        with _disk_full_removes(ckpt, COMPLETE + " marker", 0):
+            _seal_and_prune(ckpt, out_dir, keep)
     accelerator.wait_for_everyone()
     return ckpt
 

@@ -37,7 +37,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from alignline.config import Section
-from alignline.data.io import atomic_write_bytes
+from alignline.data.io import append_bytes, atomic_write_bytes
 from alignline.errors import AlignlineError, TrainingDivergedError
 from alignline.train import telemetry as tm
 from alignline.train.checkpoint import (
@@ -145,12 +145,12 @@ class MetricsLog:
             elif path.exists():
                 kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
                 atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
-        self.fh = open(path, "a") if accelerator.is_main_process else None  # noqa: SIM115 (kept open for the run)
+        # unbuffered: each line is written whole at once (a full disk cuts it back, append_bytes)
+        self.fh = open(path, "ab", buffering=0) if accelerator.is_main_process else None  # noqa: SIM115
 
     def log(self, record: dict) -> None:
         if self.fh is not None:
-            self.fh.write(json.dumps(record) + "\n")
-            self.fh.flush()
+            append_bytes(self.fh, (json.dumps(record) + "\n").encode())
         if self.acc.trackers:
             self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
 

@@ -89,27 +89,40 @@ class PairData(Section):
 
 # --------------------------------------------------------------------------- reading the pairs
 
-def empty_response(obj: dict) -> str | None:
-    """Why a pair record is dropped on read: an empty (blank) chosen or rejected response."""
+IDENTICAL_TEXT = "chosen and rejected are the same text"
+
+
+def unusable_pair(obj: dict) -> str | None:
+    """Why a pair record is dropped on read: an empty (blank) chosen or rejected response, or chosen and rejected
+    the same text (nothing to prefer; counted as dropped_identical_text)."""
     blank = [k for k in ("chosen", "rejected") if isinstance(obj.get(k), str) and not obj[k].strip()]
-    return f"empty {' and '.join(blank)} response" if blank else None
+    if blank:
+        return f"empty {' and '.join(blank)} response"
+    chosen, rejected = obj.get("chosen"), obj.get("rejected")
+    if isinstance(chosen, str) and isinstance(rejected, str) and chosen.strip() == rejected.strip():
+        return IDENTICAL_TEXT
+    return None
 
 
 def load_pairs_for(data: PairData, tokenizer, counts: Counter, *, keep_tail: bool = False
                    ) -> tuple[list[TokenisedPair], list[TokenisedPair]]:
     """Tokenised training pairs (drops counted, capped by data.max_drop_fraction) and eval pairs. A pair with an
-    empty response is dropped when read (counted as dropped_empty_response, its file:line in dropped_lines)."""
-    empty: list[str] = []
-    pairs = read_pairs(data.train, drop=empty_response, dropped=empty)[: data.max_examples]
-    record_drops(counts, "dropped_empty_response", empty, "pair(s) with an empty response")
+    empty response, or whose chosen and rejected texts are the same, is dropped when read (counted as
+    dropped_empty_response / dropped_identical_text, its file:line in dropped_lines)."""
+    dropped: list[str] = []
+    pairs = read_pairs(data.train, drop=unusable_pair, dropped=dropped)[: data.max_examples]
+    same = [line for line in dropped if line.endswith(IDENTICAL_TEXT)]
+    record_drops(counts, "dropped_empty_response", [line for line in dropped if line not in same],
+                 "pair(s) with an empty response")
+    record_drops(counts, "dropped_identical_text", same, "pair(s) whose chosen and rejected are the same text")
     train_pairs = tokenise_pairs(pairs, tokenizer, max_length=data.max_length, counts=counts, keep_tail=keep_tail,
                                  max_drop_fraction=data.max_drop_fraction, where=data.train,
-                                 dropped_on_read=len(empty))
+                                 dropped_on_read=len(dropped))
     if not train_pairs:
         raise DataError(f"no usable pairs ({dict(counts)})", path=data.train)
     eval_pairs = []
     if data.eval:
-        eval_pairs = tokenise_pairs(read_pairs(data.eval, drop=empty_response), tokenizer, max_length=data.max_length,
+        eval_pairs = tokenise_pairs(read_pairs(data.eval, drop=unusable_pair), tokenizer, max_length=data.max_length,
                                     counts=Counter(), max_drop_fraction=1.0, where=data.eval, keep_tail=keep_tail)
     return train_pairs, eval_pairs
 
