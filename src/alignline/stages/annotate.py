@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignline.config import Section
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import ShardedWriter, atomic_write_bytes, jsonl_bytes, read_prompts, read_records
 from alignline.data.records import Pair, Prompt, Response
 from alignline.generate.base import SamplingParams
@@ -65,7 +66,7 @@ class JudgeSettings(Section):
 class AnnotateConfig(Section):
     """Configuration of ``alignline annotate``."""
 
-    prompts: str
+    prompts: RecordsSource
     """Prompt records (for the verifier: with meta.instructions)."""
     responses: str
     """Response records; the first two usable ones per prompt (by sample_idx) are compared."""

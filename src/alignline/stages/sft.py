@@ -11,6 +11,7 @@ from pydantic import Field
 
 from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, fit_to_length, tokenise_conversation
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import read_conversations
 from alignline.errors import ConfigError
 from alignline.models.loading import (
@@ -32,9 +33,9 @@ from alignline.train.telemetry import Telemetry
 class SFTData(Section):
     """Where the conversations come from and how they become training examples."""
 
-    train: str
+    train: RecordsSource
     """Conversations (JSONL, Parquet, or a directory of shards; ours or TRL's ``messages`` layout)."""
-    eval: str | None = None
+    eval: RecordsSource | None = None
     """Held-out conversations for the evaluation loss (optional)."""
     max_length: int = Field(4096, gt=8)
     """Longest example in tokens (Xwin: 4096)."""
