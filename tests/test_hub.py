@@ -281,3 +281,17 @@ def test_pipeline_config_takes_a_dataset_mapping(tmp_path):
     assert cfg.data.train == "hf:org/d@v2"
     with pytest.raises(ValueError, match="name, config, split and revision"):
         SFTConfig.model_validate({"data": {"train": {"name": "org/d", "subset": "x"}}})
+
+
+def test_input_fingerprint_of_hub_ids(tmp_path, monkeypatch, tiny_model_dir):
+    """A cached Hub id is fingerprinted by id and commit; an id the Hub (here: the cache) does not know, such as a
+    model served under that name by an OpenAI-compatible endpoint, by its text; a Hub dataset by id, commit and
+    split."""
+    from alignline.stages.common import input_fingerprint
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    commit = write_cached_repo(tmp_path / "cache", "model", "org/cached", directory_files(tiny_model_dir))
+    data = write_cached_repo(tmp_path / "cache", "dataset", "org/d", {"train.jsonl": jsonl(trl_conversations(4))})
+    assert input_fingerprint("org/cached") == f"hf:org/cached@{commit}"
+    assert input_fingerprint("meta-llama/Served-Name") == "meta-llama/Served-Name"
+    assert input_fingerprint("hf:org/d?split=test") == f"hf:org/d@{data}?split=test"

@@ -69,7 +69,7 @@ _HUB_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "t
 
 def hub_model_files(files: list[str], label: str) -> list[str]:
     """The files of a Hub model repository that loading needs (top level only: configs, tokenizer, chat template,
-    ``*.safetensors`` and their index), decided from its file list before anything is downloaded. A repository
+    ``*.safetensors`` and their index, model code), decided from its file list before anything is downloaded. A repository
     whose weights are only pickled is refused as a local directory is."""
     top = [f for f in files if "/" not in f]
     weights = [f for f in top if f.endswith((".safetensors", ".safetensors.index.json"))]
@@ -84,7 +84,8 @@ def hub_model_files(files: list[str], label: str) -> list[str]:
         hint = (f"; it holds GGUF files ({', '.join(ggufs[:3])}): download one with `hf download {label.split('@')[0]} "
                 "FILE.gguf` and give its path" if ggufs else "")
         raise ModelError(f"Hub model {label} has no *.safetensors weights{hint}")
-    return [f for f in top if f in _HUB_SIDE_FILES or f.startswith("tokenizer")] + weights
+    # a repository's own model code (*.py) comes too: transformers runs it only with trust_remote_code on
+    return [f for f in top if f in _HUB_SIDE_FILES or f.startswith("tokenizer") or f.endswith(".py")] + weights
 
 
 def resolve_model_source(name_or_path: str | Path, *, cache_dir: Path | None = None) -> tuple[Path, Snapshot | None]:

@@ -47,7 +47,7 @@ class JudgeSettings(Section):
     type: Literal["verifier", "llm"] = "verifier"
     """verifier: verifiable-instruction checks (needs meta.instructions); llm: a chat model as judge."""
     model: str | None = None
-    """llm: the judge model (local HF dir, .gguf or alias), run in process."""
+    """llm: the judge model (local HF dir, .gguf, alias or Hub id), run in process."""
     sampling: SamplingParams = Field(default_factory=default_judge_sampling)
     """llm: judge sampling (default greedy, 384 new tokens)."""
     both_orders: bool = False

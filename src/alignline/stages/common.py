@@ -25,8 +25,8 @@ console = Console(stderr=True, soft_wrap=True)
 def input_fingerprint(value: str | Path | None) -> str | None:
     """What identifies an input: a Hub dataset (``hf:...``) or Hub model id by its repository and resolved
     commit (``hf:org/name@<commit>...``, the commit read from the cache when offline); a local file or directory
-    by its contents (a Hub cache snapshot by its commit); anything else (an alias, a path not there yet) by its
-    text."""
+    by its contents (a Hub cache snapshot by its commit); anything else (an alias, a path not there yet, a name
+    the Hub does not know, such as an endpoint's served model) by its text."""
     if not value:
         return None
     text = str(value)
@@ -37,7 +37,12 @@ def input_fingerprint(value: str | Path | None) -> str | None:
         return fingerprint(text)
     ref = parse_hub_id(text)  # never an alias's spelling: aliases have no '/'
     if ref is not None:
-        return f"hf:{ref.repo_id}@{hub_commit(ref, ModelError)}"
+        try:
+            return f"hf:{ref.repo_id}@{hub_commit(ref, ModelError)}"
+        except ModelError:
+            # a served model's name on an OpenAI-compatible endpoint looks the same and is no Hub repository; a
+            # model that is loaded fails there with this same error
+            pass
     return text
 
 

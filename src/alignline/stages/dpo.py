@@ -55,7 +55,7 @@ class DPOConfig(Section):
     """Configuration of ``alignline dpo``."""
 
     model: str
-    """Policy to start from (HF dir, .gguf or alias); Xwin starts DPO from the RS model."""
+    """Policy to start from (HF dir, .gguf, alias or Hub id); Xwin starts DPO from the RS model."""
     reference: str | None = None
     """Reference model; null: the starting policy (its log-probs are computed before training)."""
     output_dir: str = "runs/dpo"

@@ -141,7 +141,7 @@ class RLConfig(Section):
     """Configuration of ``alignline rl``."""
 
     model: str
-    """Starting policy (HF dir, .gguf or alias); usually an SFT model."""
+    """Starting policy (HF dir, .gguf, alias or Hub id); usually an SFT model."""
     prompts: RecordsSource
     """Training prompts (with meta.instructions for the verifier reward)."""
     output_dir: str = "runs/rl"

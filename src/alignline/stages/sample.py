@@ -49,7 +49,7 @@ class SampleConfig(Section):
     prompts: RecordsSource
     """Prompt records (each ends with a user turn)."""
     model: str | None = None
-    """hf engine: a local HF dir, .gguf or alias; openai engine: the served model name (or give matrix)."""
+    """hf engine: a local HF dir, .gguf, alias or Hub id; openai engine: the served model name (or give matrix)."""
     matrix: str | None = None
     """A TSO model-matrix YAML instead of model: every member is sampled (or copied) into its own
     sub-directory; engine, openai, dtype, max_batch, trust_remote_code and decode_step then come from each member."""

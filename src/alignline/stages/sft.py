@@ -34,7 +34,8 @@ class SFTData(Section):
     """Where the conversations come from and how they become training examples."""
 
     train: RecordsSource
-    """Conversations (JSONL, Parquet, or a directory of shards; ours or TRL's ``messages`` layout)."""
+    """Conversations (JSONL, Parquet, a directory of shards, a Hub dataset ``hf:ORG/NAME``, a save_to_disk
+    directory or an Arrow file; ours or TRL's ``messages`` / prompt-completion layouts)."""
     eval: RecordsSource | None = None
     """Held-out conversations for the evaluation loss (optional)."""
     max_length: int = Field(4096, gt=8)
@@ -63,7 +64,8 @@ class SFTConfig(Section):
     """Configuration of ``alignline sft``."""
 
     model: str = "smollm2-135m-instruct"
-    """Starting checkpoint: a local HF directory (safetensors), a .gguf file, or an alias."""
+    """Starting checkpoint: a local HF directory (safetensors), a .gguf file, an alias, or a Hub id
+    (org/name[@revision])."""
     output_dir: str = "runs/sft"
     """Run directory: model/, checkpoints/, metrics.jsonl, config.yaml, manifest.json."""
     data: SFTData

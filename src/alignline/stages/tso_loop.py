@@ -94,7 +94,7 @@ class IterationBase(Section):
     prompts: RecordsSource
     """Prompt records the preference pairs are built for (their reference answers are the member 'human')."""
     model: str
-    """The starting policy v0 (HF dir, .gguf or alias)."""
+    """The starting policy v0 (HF dir, .gguf, alias or Hub id)."""
     stages: int = Field(3, ge=1)
     """S: iterations; each samples the current policy, builds pairs and trains the next version (TSO: 3)."""
     sample: SampleSettings = Field(default_factory=SampleSettings)

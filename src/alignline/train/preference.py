@@ -77,7 +77,8 @@ class PairData(Section):
     """Preference pairs and how they are cut."""
 
     train: RecordsSource
-    """Pairs: JSONL, Parquet or a directory of shards (ours or TRL's prompt/chosen/rejected layouts)."""
+    """Pairs: JSONL, Parquet, a directory of shards, a Hub dataset ``hf:ORG/NAME``, a save_to_disk directory or
+    an Arrow file (ours or TRL's prompt/chosen/rejected layouts)."""
     eval: RecordsSource | None = None
     """Held-out pairs for reward accuracy and loss (optional)."""
     max_length: int = Field(2048, gt=8)
