@@ -295,3 +295,15 @@ def test_input_fingerprint_of_hub_ids(tmp_path, monkeypatch, tiny_model_dir):
     assert input_fingerprint("org/cached") == f"hf:org/cached@{commit}"
     assert input_fingerprint("meta-llama/Served-Name") == "meta-llama/Served-Name"
     assert input_fingerprint("hf:org/d?split=test") == f"hf:org/d@{data}?split=test"
+
+
+def test_unreachable_hub_falls_back_to_the_cache(tmp_path, hub, hub_env, tiny_model_dir):
+    """Online, but no answer from the endpoint: the cached snapshot stands in (as transformers does); without
+    one, the error says the Hub could not be reached."""
+    from alignline.models import resolve_model_source
+
+    commit = write_cached_repo(tmp_path / "hub", "model", "org/cached", directory_files(tiny_model_dir))
+    hub.stop()
+    assert resolve_model_source("org/cached")[1].commit == commit
+    with pytest.raises(ModelError, match=r"org/other: could not fetch it from http://127.0.0.1:\d+ .*HF_HUB_OFFLINE=1"):
+        resolve_model_source("org/other")

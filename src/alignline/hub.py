@@ -12,6 +12,7 @@ Models (:mod:`alignline.models.loading`) and datasets (:mod:`alignline.data.data
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Literal
 
 from alignline.errors import AlignlineError
 
+log = logging.getLogger(__name__)
 RepoType = Literal["model", "dataset"]
 
 # Hub repo names: letters, digits, '-', '_', '.'; a revision: a branch, tag or commit (branches may hold '/').
@@ -118,9 +120,15 @@ def hub_commit(ref: HubRef, error: type[AlignlineError]) -> str:
     key = _key(ref)
     if key in _SNAPSHOTS:
         return _SNAPSHOTS[key].commit
+    def nothing(files: list[str], label: str) -> list[str]:
+        return []  # no file is needed, only the commit
+
     if key[-1]:
-        return _cached_snapshot(ref, lambda files, label: [], error).commit  # no file needed, only the commit
-    return _repo_info(ref, error)[0]
+        return _cached_snapshot(ref, nothing, error).commit
+    try:
+        return _repo_info(ref, error)[0]
+    except AlignlineError as exc:
+        return _cached_if_unreachable(exc, ref, nothing, error).commit
 
 
 def _repo_info(ref: HubRef, error: type[AlignlineError]) -> tuple[str, list[str]]:
@@ -144,8 +152,30 @@ def fetch_snapshot(ref: HubRef, choose: Callable[[list[str], str], list[str]],
     """
     key = _key(ref)
     if key not in _SNAPSHOTS:
-        _SNAPSHOTS[key] = _cached_snapshot(ref, choose, error) if key[-1] else _download_snapshot(ref, choose, error)
+        _SNAPSHOTS[key] = _cached_snapshot(ref, choose, error) if key[-1] else _online_snapshot(ref, choose, error)
     return _SNAPSHOTS[key]
+
+
+def _online_snapshot(ref: HubRef, choose: Callable[[list[str], str], list[str]],
+                     error: type[AlignlineError]) -> Snapshot:
+    try:
+        return _download_snapshot(ref, choose, error)
+    except AlignlineError as exc:
+        return _cached_if_unreachable(exc, ref, choose, error)
+
+
+def _cached_if_unreachable(exc: AlignlineError, ref: HubRef, choose: Callable[[list[str], str], list[str]],
+                           error: type[AlignlineError]) -> Snapshot:
+    """When the Hub gave no answer at all (not a refusal), the cached snapshot, as transformers falls back to it;
+    else ``exc`` again."""
+    if not getattr(exc, "hub_unreachable", False):
+        raise exc
+    try:
+        snapshot = _cached_snapshot(ref, choose, error)
+    except AlignlineError:
+        raise exc from None
+    log.warning("%s; using the cached snapshot %s", exc, snapshot.commit)
+    return snapshot
 
 
 def _cached_snapshot(ref: HubRef, choose: Callable[[list[str], str], list[str]],
@@ -159,10 +189,11 @@ def _cached_snapshot(ref: HubRef, choose: Callable[[list[str], str], list[str]],
         path = snapshot_download(ref.repo_id, repo_type=ref.repo_type, revision=ref.revision,
                                  cache_dir=hub_cache_dir(), local_files_only=True,
                                  allow_patterns=None if files is None else choose(files, str(ref)))
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as exc:
         where = hub_cache_dir() or "the default Hugging Face cache (~/.cache/huggingface/hub)"
+        partly = "only partly" if type(exc).__name__ == "IncompleteSnapshotError" else "not"
         raise error(
-            f"{ref.repo_type} {ref} is not in the Hugging Face cache ({where}) and offline mode (HF_HUB_OFFLINE=1"
+            f"{ref.repo_type} {ref} is {partly} in the Hugging Face cache ({where}) and offline mode (HF_HUB_OFFLINE=1"
             f"{' or HF_DATASETS_OFFLINE=1' if ref.repo_type == 'dataset' else ''}) forbids downloading it; fetch it "
             f"once online with `{ref.download_command()}` (or `huggingface-cli download ...`), or run this once "
             "without offline mode") from None
@@ -236,7 +267,10 @@ class _hub_errors:
                     "the network, or set HF_HUB_OFFLINE=1 to use what is already cached")
         else:
             return False
-        raise self.error(text) from None
+        raised = self.error(text)
+        # no answer at all (not a refusal): what is cached may stand in
+        raised.hub_unreachable = not isinstance(exc, HfHubHTTPError)
+        raise raised from None
 
 
 def _first_line(exc: BaseException) -> str:
