@@ -46,6 +46,11 @@ def input_fingerprint(value: str | Path | None) -> str | None:
     return text
 
 
+def models_when_set(**models: str | None) -> dict[str, str]:
+    """Optional model inputs, only those set: a run without them keeps the fingerprints it always had."""
+    return {name: value for name, value in models.items() if value}
+
+
 def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | None]:
     return {k: input_fingerprint(v) for k, v in inputs.items()}
 

@@ -46,6 +46,7 @@ from alignline.stages.common import (
     TrustRemoteCode,
     console,
     input_fingerprint,
+    models_when_set,
     stage_tokenizer,
     training_dtype,
 )
@@ -313,7 +314,11 @@ def finish(cfg: TSOConfig, rd: RunDir, progress: Progress, counts: Counter, acce
 # --------------------------------------------------------------------------- the stage
 
 def run(cfg: TSOConfig) -> Path:
-    rd = RunDir("tso", cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train}, ("resume", "stop_at"))
+    regenerate = cfg.regenerate
+    rd = RunDir("tso", cfg, cfg.output_dir, {
+        "model": cfg.model, "train": cfg.data.train,
+        **models_when_set(regenerate_prompts=regenerate and regenerate.prompts,
+                          regenerate_reward_model=regenerate and regenerate.reward_model)}, ("resume", "stop_at"))
     if rd.skip_if_done():
         return rd.path
     accelerator = make_accelerator(cfg.train, rd.path)
