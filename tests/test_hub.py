@@ -135,7 +135,8 @@ def test_hub_repo_with_only_pickled_weights_is_refused_before_downloading(hub, h
 def test_unknown_hub_repo_and_revision_say_what_to_do(hub, hub_env, tiny_model_dir):
     from alignline.models import resolve_model
 
-    with pytest.raises(ModelError, match=r"org/missing was not found on http://127.0.0.1:\d+.*HF_TOKEN") as err:
+    with pytest.raises(ModelError, match=r"org/missing was not found on http://127.0.0.1:\d+.*HF_TOKEN.*; nor is "
+                                         r"there a local directory") as err:
         resolve_model("org/missing")
     assert TOKEN not in str(err.value)
     hub.add("model", "org/tiny", directory_files(tiny_model_dir))

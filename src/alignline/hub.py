@@ -192,11 +192,13 @@ def _cached_snapshot(ref: HubRef, choose: Callable[[list[str], str], list[str]],
     except LocalEntryNotFoundError as exc:
         where = hub_cache_dir() or "the default Hugging Face cache (~/.cache/huggingface/hub)"
         partly = "only partly" if type(exc).__name__ == "IncompleteSnapshotError" else "not"
-        raise error(
+        missing = error(
             f"{ref.repo_type} {ref} is {partly} in the Hugging Face cache ({where}) and offline mode (HF_HUB_OFFLINE=1"
             f"{' or HF_DATASETS_OFFLINE=1' if ref.repo_type == 'dataset' else ''}) forbids downloading it; fetch it "
             f"once online with `{ref.download_command()}` (or `huggingface-cli download ...`), or run this once "
-            "without offline mode") from None
+            "without offline mode")
+        missing.hub_missing = partly == "not"
+        raise missing from None
     return Snapshot(ref, Path(path), Path(path).name)
 
 
@@ -270,6 +272,7 @@ class _hub_errors:
         raised = self.error(text)
         # no answer at all (not a refusal): what is cached may stand in
         raised.hub_unreachable = not isinstance(exc, HfHubHTTPError)
+        raised.hub_missing = isinstance(exc, RepositoryNotFoundError) and not isinstance(exc, GatedRepoError)
         raise raised from None
 
 

@@ -106,7 +106,12 @@ def resolve_model_source(name_or_path: str | Path, *, cache_dir: Path | None = N
         raise ModelError(
             f"model {name_or_path} not found; give a local HF checkpoint directory, a .gguf file, a Hugging Face "
             f"Hub id (org/name or org/name@revision) or one of the aliases: {_alias_list()}")
-    snapshot = fetch_snapshot(ref, hub_model_files, ModelError)
+    try:
+        snapshot = fetch_snapshot(ref, hub_model_files, ModelError)
+    except ModelError as exc:
+        if getattr(exc, "hub_missing", False):  # it may have been meant as a local path
+            raise ModelError(f"{exc}; nor is there a local directory {path.resolve()}") from None
+        raise
     _check_checkpoint_dir(snapshot.path)
     return snapshot.path, snapshot
 
