@@ -46,7 +46,7 @@ def hub_env(tmp_path, hub, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     env = {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0",
-           "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_TOKEN": TOKEN}
+           "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_TOKEN": TOKEN, "NO_PROXY": "127.0.0.1"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
@@ -71,7 +71,8 @@ def test_sft_from_hub_model_and_dataset_online_then_offline(tmp_path, hub, tiny_
     model_commit = hub.add("model", "org/tiny", files)
     data_commit = hub.add("dataset", "org/data", {"data/train.jsonl": jsonl(trl_conversations(8))})
     env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_CACHE": str(tmp_path / "hub"),
-           "HF_HUB_OFFLINE": "0", "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_TOKEN": TOKEN}
+           "HF_HUB_OFFLINE": "0", "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_TOKEN": TOKEN,
+           "NO_PROXY": "127.0.0.1"}
     args = ["sft", "model=org/tiny", "data.train=hf:org/data", "data.max_length=64", "data.max_record_chars=200",
             "train.epochs=1", "train.max_steps=2", "train.batch_size=2"]
 
