@@ -379,5 +379,5 @@ def test_jsonl_round_trip_and_shard_directory(tmp_path):
     assert read_conversations(tmp_path / "d") == convs
     empty = tmp_path / "nothing"
     empty.mkdir()
-    with pytest.raises(DataError, match="no .jsonl or .parquet shards"):
+    with pytest.raises(DataError, match="no .jsonl, .parquet or .arrow shards"):
         read_conversations(empty)

@@ -180,8 +180,10 @@ def import_gguf_cmd(
 
 
 @models_app.command("resolve")
-def resolve_cmd(name: str = typer.Argument(..., help="An alias, a .gguf file or a checkpoint directory.")) -> None:
-    """Print the local checkpoint directory a model name resolves to (importing an alias once)."""
+def resolve_cmd(name: str = typer.Argument(..., help="An alias, a .gguf file, a checkpoint directory or a Hub id "
+                                           "(org/name[@revision]).")) -> None:
+    """Print the local checkpoint directory a model name resolves to (importing an alias or fetching a Hub id
+    once)."""
     from alignline.models import resolve_model
 
     Console().print(str(resolve_model(name)))

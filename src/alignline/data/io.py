@@ -19,16 +19,18 @@ from typing import Any, BinaryIO, TypeVar
 
 from pydantic import BaseModel
 
+from alignline.data.datasets_source import is_datasets_source, iter_dataset_rows
 from alignline.data.dirlock import is_lock_file
+from alignline.data.layouts import adapt_conversation, adapt_pair, adapt_prompt
 from alignline.data.records import (
     Conversation,
     Pair,
     Prompt,
-    content_id,
     lone_surrogate_field,
     validate,
 )
 from alignline.errors import DataError, on_disk_full
+from alignline.hub import pinned_snapshot
 
 R = TypeVar("R", bound=BaseModel)
 MANIFEST = "manifest.json"
@@ -269,105 +271,56 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
 SIDE_FILES = frozenset({"judge_cache.jsonl", "failures.jsonl", "metrics.jsonl"})
 
 
+def _record_files(path: Path) -> list[Path]:
+    """The files a directory of shards holds (a stage's output directory: its side files are skipped)."""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet", ".arrow")
+                   and not p.name.startswith(".") and p.name not in SIDE_FILES)
+    if not files:
+        raise DataError("directory holds no .jsonl, .parquet or .arrow shards", path=str(path),
+                        expected="record shards, a save_to_disk directory or a Hub dataset (hf:ORG/NAME)")
+    return files
+
+
+def iter_source_rows(source: str | Path) -> Iterator[tuple[str, int, Any]]:
+    """(where, line or row, object) for every row of any records source: a JSONL / Parquet / Arrow file, a
+    directory of shards, a ``save_to_disk`` directory or a Hub dataset (``hf:...``)."""
+    if is_datasets_source(source):
+        yield from iter_dataset_rows(source)
+        return
+    path = Path(source)
+    for file in _record_files(path) if path.is_dir() else [path]:
+        if is_datasets_source(file):
+            yield from iter_dataset_rows(file)
+        else:
+            yield from ((str(file), line, obj) for line, obj in iter_rows(file))
+
+
 def iter_records(path: str | Path, model: type[R], adapt: Callable[[dict], dict] | None = None, *,
                  drop: Callable[[dict], str | None] | None = None, dropped: list[str] | None = None,
                  ) -> Iterator[tuple[str, int, R]]:
-    """(file, line, record) for every row of ``path``, validated as ``model`` (optionally through a layout
-    adapter).
-
-    ``path`` may be a JSONL or Parquet file or a directory of shards (a stage's output directory: its side
-    files :data:`SIDE_FILES` are not records and are skipped); errors name the shard and line. ``drop``: a row
-    (after ``adapt``) for which it returns a reason is skipped and noted in ``dropped`` as ``"file:line:
-    reason"``.
+    """(where, line, record) for every row of ``path`` (any source :func:`iter_source_rows` reads), validated as
+    ``model`` (optionally through a layout adapter). Errors name the shard and line (a dataset: its split and
+    row index). ``drop``: a row (after ``adapt``) for which it returns a reason is skipped and noted in
+    ``dropped`` as ``"where:line: reason"``.
     """
-    path = Path(path)
-    files = [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet") and not p.name.startswith(".")
-                       and p.name not in SIDE_FILES)
-        if not files:
-            raise DataError("directory holds no .jsonl or .parquet shards", path=str(path))
-    for file in files:
-        where = str(file)
-        for line, obj in iter_rows(file):
-            if adapt is not None and isinstance(obj, dict):
-                try:
-                    obj = adapt(obj)
-                except DataError as exc:
-                    raise DataError(str(exc), path=where, line=line) from None
-            reason = drop(obj) if drop is not None and isinstance(obj, dict) else None
-            if reason is not None:
-                if dropped is not None:
-                    dropped.append(f"{where}:{line}: {reason}")
-                continue
-            yield where, line, validate(model, obj, path=where, line=line)
+    for where, line, obj in iter_source_rows(path):
+        if adapt is not None and isinstance(obj, dict):
+            try:
+                obj = adapt(obj)
+            except DataError as exc:
+                raise DataError(str(exc), path=where, line=line) from None
+        reason = drop(obj) if drop is not None and isinstance(obj, dict) else None
+        if reason is not None:
+            if dropped is not None:
+                dropped.append(f"{where}:{line}: {reason}")
+            continue
+        yield where, line, validate(model, obj, path=where, line=line)
 
 
 def read_records(path: str | Path, model: type[R], adapt: Callable[[dict], dict] | None = None, *,
                  drop: Callable[[dict], str | None] | None = None, dropped: list[str] | None = None) -> list[R]:
     """Every record of ``path`` (see :func:`iter_records`)."""
     return [r for _, _, r in iter_records(path, model, adapt, drop=drop, dropped=dropped)]
-
-
-# --------------------------------------------------------------------------- TRL / generic layouts
-
-def _as_messages(value: Any, field: str, default_role: str) -> list[dict]:
-    if isinstance(value, str):
-        return [{"role": default_role, "content": value}]
-    if isinstance(value, list):
-        return value
-    raise DataError(f"'{field}' must be a string or a list of messages", found=type(value).__name__)
-
-
-def adapt_conversation(obj: dict) -> dict:
-    """Accept ours ({id, messages}) and TRL's conventional ``{"messages": [...]}`` without an id."""
-    if "messages" in obj and "id" not in obj:
-        obj = {"id": content_id(obj["messages"]), **obj}
-    return obj
-
-
-def adapt_prompt(obj: dict) -> dict:
-    """Accept ours and TRL's prompt-only layout ``{"prompt": str | messages}``."""
-    if "prompt" in obj and "messages" not in obj:
-        obj = dict(obj)
-        obj["messages"] = _as_messages(obj.pop("prompt"), "prompt", "user")
-    if "id" not in obj and "messages" in obj:
-        obj = {"id": content_id(obj["messages"]), **obj}
-    return obj
-
-
-def _last_assistant_text(value: Any, field: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        last = value[-1]
-        if last.get("role") != "assistant":
-            raise DataError(f"the last message of '{field}' must be an assistant turn", found=repr(last.get("role")))
-        return last.get("content", "")
-    raise DataError(f"'{field}' must be a string or a list of messages ending with an assistant turn",
-                    found=type(value).__name__)
-
-
-def adapt_pair(obj: dict) -> dict:
-    """Accept ours and TRL's preference layouts: explicit ``prompt/chosen/rejected`` (strings or messages)
-    and implicit-prompt (``chosen``/``rejected`` are whole conversations sharing all but the last turn)."""
-    if "chosen" not in obj or "rejected" not in obj:
-        return obj
-    obj = dict(obj)
-    if "prompt" not in obj:
-        chosen, rejected = obj["chosen"], obj["rejected"]
-        if isinstance(chosen, list) and isinstance(rejected, list) and chosen[:-1] == rejected[:-1]:
-            obj["prompt"] = chosen[:-1]
-        else:
-            raise DataError("no 'prompt' and chosen/rejected do not share a conversation prefix",
-                            field="prompt", expected="a prompt field or an implicit-prompt layout")
-    if isinstance(obj["prompt"], str):
-        obj["prompt"] = [{"role": "user", "content": obj["prompt"]}]
-    obj["chosen"] = _last_assistant_text(obj["chosen"], "chosen")
-    obj["rejected"] = _last_assistant_text(obj["rejected"], "rejected")
-    if "id" not in obj:
-        obj["id"] = content_id([obj["prompt"], obj["chosen"], obj["rejected"]])
-    return obj
 
 
 def read_conversations(path: str | Path, *, drop: Callable[[dict], str | None] | None = None,
@@ -391,9 +344,13 @@ def read_pairs(path: str | Path, *, drop: Callable[[dict], str | None] | None = 
 # --------------------------------------------------------------------------- manifests and fingerprints
 
 def fingerprint(obj: Any) -> str:
-    """sha256 of a JSON-serialisable object (configs) or of a file's / directory's contents."""
+    """sha256 of a JSON-serialisable object (configs) or of a file's / directory's contents; a Hub cache snapshot
+    (:func:`alignline.hub.pinned_snapshot`) by its repository and commit instead of its files."""
     h = hashlib.sha256()
-    if isinstance(obj, (str, Path)) and Path(obj).exists():
+    pinned = pinned_snapshot(obj) if isinstance(obj, (str, Path)) else None
+    if pinned is not None:
+        h.update(f"hub:{pinned}".encode())
+    elif isinstance(obj, (str, Path)) and Path(obj).exists():
         p = Path(obj)
         # a lock file says who is writing the directory, not what it holds
         files = sorted(q for q in p.rglob("*") if q.is_file() and not is_lock_file(q.name)) if p.is_dir() else [p]

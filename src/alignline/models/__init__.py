@@ -1,4 +1,4 @@
-"""Finding, importing, loading and saving models, all offline and in safetensors.
+"""Finding, fetching, importing, loading and saving models, all in safetensors.
 
 A model is named by one of:
 
@@ -7,9 +7,12 @@ A model is named by one of:
 * a **.gguf file**, imported once into ``<cache_dir>/<stem>-<sha256[:12]>``;
 * a **local Hugging Face checkpoint directory** with ``config.json`` and ``*.safetensors`` weights, or a
   PEFT adapter directory written by :func:`save_model` (``adapter_config.json`` + ``adapter_model.safetensors``;
-  loaded as base model + adapter, merged).
+  loaded as base model + adapter, merged);
+* a **Hugging Face Hub id** ``org/name`` or ``org/name@revision`` (:mod:`alignline.hub`): fetched through
+  ``huggingface_hub`` into its standard cache (only configs, tokenizer files and safetensors weights),
+  ``HF_HUB_OFFLINE=1`` honoured, the commit recorded.
 
-Nothing is ever downloaded: hub ids are not accepted. Pickled weights (``pytorch_model.bin``, ``*.pt``,
+Pickled weights (``pytorch_model.bin``, ``*.pt``,
 ``*.pth``, ``*.ckpt``) are refused, because unpickling can run arbitrary code.
 
 GGUF import dequantises every tensor (transformers' GGUF loader) and writes a plain float checkpoint
@@ -34,6 +37,7 @@ from alignline.models.loading import (
     load_reward_model,
     load_tokenizer,
     resolve_model,
+    resolve_model_source,
 )
 from alignline.models.saving import save_model
 from alignline.models.tiny import TINY_CHAT_TEMPLATE, TINY_EOS_ID, make_tiny_tokenizer, tiny_causal_lm_config
@@ -56,6 +60,7 @@ __all__ = [
     "make_tiny_tokenizer",
     "pick_dtype",
     "resolve_model",
+    "resolve_model_source",
     "save_model",
     "tiny_causal_lm_config",
 ]

@@ -1,9 +1,10 @@
-"""Resolving a model name to a local safetensors checkpoint, and loading tokenizers, causal LMs, reward
+"""Resolving a model name (alias, .gguf file, local directory or Hub id) to a local safetensors checkpoint, and loading tokenizers, causal LMs, reward
 models and LoRA adapters from it. Pickled weights are refused: unpickling can run arbitrary code."""
 
 from __future__ import annotations
 
 import json
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from pydantic import Field
 
 from alignline.config import Section
 from alignline.errors import ModelError
+from alignline.hub import Snapshot, fetch_snapshot, parse_hub_id
 from alignline.models.aliases import ALIASES, _alias_list, _resolve_alias, default_cache_dir
 from alignline.models.device import pick_dtype
 from alignline.models.gguf_import import _import_gguf, _sha256
@@ -26,13 +28,16 @@ def _pickled_files(directory: Path) -> list[Path]:
     return sorted(found)
 
 
-def _refuse_pickle(directory: Path, pickled: list[Path]) -> ModelError:
-    names = ", ".join(p.name for p in pickled[:5])
+def _refuse_pickle(source: Path | str, names: list[str], *, hub_revision: str | None = None) -> ModelError:
+    """The refusal of a checkpoint (directory or Hub repository) whose weights are only pickled."""
+    # a Hub repository is converted into a local directory named after it
+    target = f"{str(source).rsplit('/', 1)[-1]}-safetensors" if hub_revision else f"{source}-safetensors"
+    revision = f", revision='{hub_revision}'" if hub_revision else ""
     return ModelError(
-        f"{directory} has only pickled weights ({names}); alignline loads safetensors only, because unpickling "
-        "can run arbitrary code. If you trust the file, convert it once: python -c \"from transformers import "
-        f"AutoModelForCausalLM as M; M.from_pretrained('{directory}', use_safetensors=False)"
-        f".save_pretrained('{directory}-safetensors')\" and give {directory}-safetensors instead"
+        f"{source} has only pickled weights ({', '.join(names[:5])}); alignline loads safetensors only, because "
+        "unpickling can run arbitrary code. If you trust the file, convert it once: python -c \"from transformers "
+        f"import AutoModelForCausalLM as M; M.from_pretrained('{source}'{revision}, use_safetensors=False)"
+        f".save_pretrained('{target}')\" and give {target} instead"
     )
 
 
@@ -41,14 +46,14 @@ def _check_checkpoint_dir(directory: Path) -> None:
         if not (directory / "adapter_model.safetensors").is_file():
             pickled = _pickled_files(directory)
             if pickled:
-                raise _refuse_pickle(directory, pickled)
+                raise _refuse_pickle(directory, [p.name for p in pickled])
             raise ModelError(f"{directory}: adapter_config.json but no adapter_model.safetensors")
         return
     has_weights = any(directory.glob("*.safetensors")) or any(directory.glob("*.safetensors.index.json"))
     if not has_weights:
         pickled = _pickled_files(directory)
         if pickled:
-            raise _refuse_pickle(directory, pickled)
+            raise _refuse_pickle(directory, [p.name for p in pickled])
         raise ModelError(
             f"{directory} has no *.safetensors weights; give a Hugging Face checkpoint directory "
             f"(config.json + model.safetensors), a .gguf file or one of the aliases: {_alias_list()}"
@@ -57,26 +62,74 @@ def _check_checkpoint_dir(directory: Path) -> None:
         raise ModelError(f"{directory} has weights but no config.json; it is not a Hugging Face checkpoint")
 
 
-def resolve_model(name_or_path: str | Path, *, cache_dir: Path | None = None) -> Path:
-    """The local checkpoint directory for an alias, a .gguf file or a checkpoint directory.
+# What loading a Hub checkpoint needs besides its weights: configs, tokenizer files, the chat template.
+_HUB_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "chat_template.jinja", "chat_template.json", "adapter_config.json")
 
-    Aliases and .gguf files are imported once into ``cache_dir`` (default :func:`default_cache_dir`) and
-    reused afterwards. An alias name wins over a local path of the same name.
+
+def hub_model_files(files: list[str], label: str) -> list[str]:
+    """The files of a Hub model repository that loading needs (top level only: configs, tokenizer, chat template,
+    ``*.safetensors`` and their index, model code), decided from its file list before anything is downloaded. A repository
+    whose weights are only pickled is refused as a local directory is."""
+    top = [f for f in files if "/" not in f]
+    weights = [f for f in top if f.endswith((".safetensors", ".safetensors.index.json"))]
+    if any(not f.startswith("consolidated") for f in weights):
+        weights = [f for f in weights if not f.startswith("consolidated")]  # Mistral's second copy of the weights
+    if not any(f.endswith(".safetensors") for f in weights):
+        pickled = sorted(f for f in top if f not in _NOT_WEIGHTS and any(fnmatch(f, p) for p in _PICKLE_PATTERNS))
+        if pickled:
+            repo, _, commit = label.partition("@")
+            raise _refuse_pickle(repo, pickled, hub_revision=commit)
+        ggufs = [f for f in files if f.lower().endswith(".gguf")]
+        hint = (f"; it holds GGUF files ({', '.join(ggufs[:3])}): download one with `hf download {label.split('@')[0]} "
+                "FILE.gguf` and give its path" if ggufs else "")
+        raise ModelError(f"Hub model {label} has no *.safetensors weights{hint}")
+    # a repository's own model code (*.py) comes too: transformers runs it only with trust_remote_code on
+    return [f for f in top if f in _HUB_SIDE_FILES or f.startswith("tokenizer") or f.endswith(".py")] + weights
+
+
+def resolve_model_source(name_or_path: str | Path, *, cache_dir: Path | None = None) -> tuple[Path, Snapshot | None]:
+    """(local checkpoint directory, the Hub snapshot it is when it came from the Hub) for any model name.
+
+    In order: a built-in alias (an alias wins over a path or Hub id of the same spelling), an existing local path
+    (a checkpoint directory or a .gguf file), a Hub id ``org/name`` or ``org/name@revision`` (fetched through
+    huggingface_hub into its cache: only configs, tokenizer files and safetensors weights).
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if isinstance(name_or_path, str) and name_or_path in ALIASES:
-        return _resolve_alias(ALIASES[name_or_path], cache)
+        return _resolve_alias(ALIASES[name_or_path], cache), None
     path = Path(name_or_path).expanduser()
-    if not path.exists():
+    if path.exists():
+        return _resolve_local(path.resolve(), cache), None
+    ref = parse_hub_id(str(name_or_path))
+    if ref is None:
         raise ModelError(
-            f"model path {name_or_path} not found; give a local HF checkpoint directory, a .gguf file or one "
-            f"of the aliases: {_alias_list()} (alignline never downloads from the Hugging Face Hub)"
-        )
-    path = path.resolve()
+            f"model {name_or_path} not found; give a local HF checkpoint directory, a .gguf file, a Hugging Face "
+            f"Hub id (org/name or org/name@revision) or one of the aliases: {_alias_list()}")
+    try:
+        snapshot = fetch_snapshot(ref, hub_model_files, ModelError)
+    except ModelError as exc:
+        if getattr(exc, "hub_missing", False):  # it may have been meant as a local path
+            raise ModelError(f"{exc}; nor is there a local directory {path.resolve()}") from None
+        raise
+    _check_checkpoint_dir(snapshot.path)
+    check_safetensors_files(snapshot.path)
+    return snapshot.path, snapshot
+
+
+def resolve_model(name_or_path: str | Path, *, cache_dir: Path | None = None) -> Path:
+    """The local checkpoint directory for an alias, a .gguf file, a checkpoint directory or a Hub id (see
+    :func:`resolve_model_source`). Aliases and .gguf files are imported once into ``cache_dir`` (default
+    :func:`default_cache_dir`); Hub ids are fetched once into the Hugging Face cache."""
+    return resolve_model_source(name_or_path, cache_dir=cache_dir)[0]
+
+
+def _resolve_local(path: Path, cache: Path) -> Path:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             if path.match("*.bin") or path.suffix.lower() in (".pt", ".pth", ".ckpt", ".pkl"):
-                raise _refuse_pickle(path.parent, [path])
+                raise _refuse_pickle(path.parent, [path.name])
             raise ModelError(f"{path} is a file but not a .gguf; give a checkpoint directory, a .gguf file or "
                              f"one of the aliases: {_alias_list()}")
         digest = _sha256(path)
@@ -140,11 +193,11 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     A directory only needs the tokenizer files (no weights).
     """
     p = Path(path).expanduser()
-    if (isinstance(path, str) and path in ALIASES) or p.is_file():
+    if (isinstance(path, str) and path in ALIASES) or p.is_file() or (not p.exists() and parse_hub_id(str(path))):
         p = resolve_model(path)
     elif not p.is_dir():
         raise ModelError(f"tokenizer path {path} not found; give a model or tokenizer directory, a .gguf "
-                         f"file or one of the aliases: {_alias_list()}")
+                         f"file, a Hub id (org/name) or one of the aliases: {_alias_list()}")
     from transformers import AutoTokenizer
 
     source = _tokenizer_dir(p)

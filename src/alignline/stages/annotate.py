@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignline.config import Section
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import ShardedWriter, atomic_write_bytes, jsonl_bytes, read_prompts, read_records
 from alignline.data.records import Pair, Prompt, Response
 from alignline.generate.base import SamplingParams
@@ -46,7 +47,7 @@ class JudgeSettings(Section):
     type: Literal["verifier", "llm"] = "verifier"
     """verifier: verifiable-instruction checks (needs meta.instructions); llm: a chat model as judge."""
     model: str | None = None
-    """llm: the judge model (local HF dir, .gguf or alias), run in process."""
+    """llm: the judge model (local HF dir, .gguf, alias or Hub id), run in process."""
     sampling: SamplingParams = Field(default_factory=default_judge_sampling)
     """llm: judge sampling (default greedy, 384 new tokens)."""
     both_orders: bool = False
@@ -65,7 +66,7 @@ class JudgeSettings(Section):
 class AnnotateConfig(Section):
     """Configuration of ``alignline annotate``."""
 
-    prompts: str
+    prompts: RecordsSource
     """Prompt records (for the verifier: with meta.instructions)."""
     responses: str
     """Response records; the first two usable ones per prompt (by sample_idx) are compared."""

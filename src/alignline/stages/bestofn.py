@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignline.config import Section
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import atomic_write_json, read_prompts, read_records
 from alignline.data.records import RankedSet
 from alignline.errors import DataError
@@ -29,7 +30,7 @@ class BestOfNConfig(Section):
 
     model: str | None = None
     """The policy to evaluate (sampled here); not with ``ranked``."""
-    prompts: str
+    prompts: RecordsSource
     """Held-out prompts with verifiable instructions in meta (``prepare`` with ``instructions.splits``)."""
     reward_model: str | None = None
     """The reward model that picks the best of n; not with ``ranked``."""

@@ -13,16 +13,46 @@ from pydantic import BaseModel, Field
 from rich.console import Console
 
 from alignline.config import save_resolved
+from alignline.data.datasets_source import hub_dataset_commit, parse_hf_source
 from alignline.data.io import fingerprint, read_manifest, write_manifest
 from alignline.data.records import Response
-from alignline.errors import AlignlineError, DataError, PromptTooLongError, TooManyFailuresError
+from alignline.errors import AlignlineError, DataError, ModelError, PromptTooLongError, TooManyFailuresError
+from alignline.hub import hub_commit, parse_hub_id
 
 console = Console(stderr=True, soft_wrap=True)
 
 
+def input_fingerprint(value: str | Path | None) -> str | None:
+    """What identifies an input: a Hub dataset (``hf:...``) or Hub model id by its repository and resolved
+    commit (``hf:org/name@<commit>...``, the commit read from the cache when offline); a local file or directory
+    by its contents (a Hub cache snapshot by its commit); anything else (an alias, a path not there yet, a name
+    the Hub does not know, such as an endpoint's served model) by its text."""
+    if not value:
+        return None
+    text = str(value)
+    hub_data = parse_hf_source(text)
+    if hub_data is not None:
+        return hub_dataset_commit(hub_data)
+    if Path(text).exists():
+        return fingerprint(text)
+    ref = parse_hub_id(text)  # never an alias's spelling: aliases have no '/'
+    if ref is not None:
+        try:
+            return f"hf:{ref.repo_id}@{hub_commit(ref, ModelError)}"
+        except ModelError:
+            # a served model's name on an OpenAI-compatible endpoint looks the same and is no Hub repository; a
+            # model that is loaded fails there with this same error
+            pass
+    return text
+
+
+def models_when_set(**models: str | None) -> dict[str, str]:
+    """Optional model inputs, only those set: a run without them keeps the fingerprints it always had."""
+    return {name: value for name, value in models.items() if value}
+
+
 def input_fingerprints(inputs: dict[str, str | Path | None]) -> dict[str, str | None]:
-    return {k: (fingerprint(v) if v is not None and Path(v).exists() else (str(v) if v else None))
-            for k, v in inputs.items()}
+    return {k: input_fingerprint(v) for k, v in inputs.items()}
 
 
 #: Settings left out of every stage's config fingerprint: how to run, not what to compute (an interrupted run

@@ -24,6 +24,7 @@ from alignline.stages.common import (
     TrainingDtype,
     TrustRemoteCode,
     console,
+    input_fingerprint,
     stage_tokenizer,
     training_dtype,
 )
@@ -54,7 +55,7 @@ class DPOConfig(Section):
     """Configuration of ``alignline dpo``."""
 
     model: str
-    """Policy to start from (HF dir, .gguf or alias); Xwin starts DPO from the RS model."""
+    """Policy to start from (HF dir, .gguf, alias or Hub id); Xwin starts DPO from the RS model."""
     reference: str | None = None
     """Reference model; null: the starting policy (its log-probs are computed before training)."""
     output_dir: str = "runs/dpo"
@@ -92,8 +93,8 @@ def load_reference(cfg: DPOConfig, model, model_path, device_dtype: str, device)
 def reference_key(cfg: DPOConfig, ref_source, ref_model, n_train: int, n_eval: int) -> str:
     """What the stored reference log-probs were computed from: reuse them only when all of it is the same."""
     return fingerprint({"reference": fingerprint(str(ref_source)), "dtype": str(next(ref_model.parameters()).dtype),
-                        "data": fingerprint(cfg.data.train),
-                        "eval": cfg.data.eval and fingerprint(cfg.data.eval), "max_length": cfg.data.max_length,
+                        "data": input_fingerprint(cfg.data.train),
+                        "eval": cfg.data.eval and input_fingerprint(cfg.data.eval), "max_length": cfg.data.max_length,
                         "normalize": cfg.loss.normalize, "n": n_train, "n_eval": n_eval})
 
 

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from rich.table import Table
 
 from alignline.config import Section
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -49,9 +50,9 @@ class InjectionConfig(Section):
     """The pairwise judge: engine (hf / openai), model and engine settings."""
     sampling: SamplingParams = Field(default_factory=default_judge_sampling)
     """Judge sampling (default greedy, 384 new tokens)."""
-    pairs: str | None = None
+    pairs: RecordsSource | None = None
     """Pair records (chosen/rejected, or TRL preference layouts); or give prompts + responses_a + responses_b."""
-    prompts: str | None = None
+    prompts: RecordsSource | None = None
     """Prompt records, with responses_a and responses_b."""
     responses_a: str | None = None
     """Response records: the first usable response per prompt (by sample_idx) is one side of the pair."""

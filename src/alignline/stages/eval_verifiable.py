@@ -25,6 +25,7 @@ from pydantic import Field
 from rich.table import Table
 
 from alignline.config import Section
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import atomic_write_bytes, atomic_write_json, jsonl_bytes, read_prompts
 from alignline.errors import DataError
 from alignline.evaluate import winrate as wr
@@ -38,7 +39,7 @@ METRICS = ("prompt_level_strict", "prompt_level_loose", "instruction_level_stric
 class VerifiableConfig(Section):
     """Configuration of ``alignline eval verifiable``."""
 
-    prompts: str
+    prompts: RecordsSource
     """Held-out prompts with meta.instructions (``prepare`` with ``instructions.splits``)."""
     model: wr.SystemSettings = Field(default_factory=wr.SystemSettings)
     """The evaluated system: model.responses (a Response file) or model.model (+ engine settings) to generate."""

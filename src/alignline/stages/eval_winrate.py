@@ -22,6 +22,7 @@ from pydantic import Field
 from rich.table import Table
 
 from alignline.config import Section
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import atomic_write_json, read_prompts, write_records
 from alignline.data.records import Prompt, Rating, Response
 from alignline.evaluate import winrate as wr
@@ -49,7 +50,7 @@ class WinrateJudge(EngineSettings):
 class WinrateConfig(Section):
     """Configuration of ``alignline eval winrate``."""
 
-    prompts: str
+    prompts: RecordsSource
     """Held-out prompt records (each ends with a user turn)."""
     model: wr.SystemSettings = Field(default_factory=wr.SystemSettings)
     """The evaluated system: model.responses (a Response file) or model.model (+ engine settings) to generate."""

@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from alignline.config import Section
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import read_prompts, read_records, write_records
 from alignline.data.records import Prompt, Response
 from alignline.errors import AlignlineError, ConfigError, DataError
@@ -67,7 +68,7 @@ class FeedbackJudge(Section):
 class FeedbackConfig(Section):
     """Configuration of ``alignline feedback``."""
 
-    prompts: str
+    prompts: RecordsSource
     """Prompt records the responses answer (for the verifier: with meta.instructions)."""
     responses: str
     """Response records (prompt_id, sample_idx, text, source, ...); failed or empty ones are skipped (counted)."""

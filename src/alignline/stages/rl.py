@@ -30,6 +30,7 @@ from alignline.advantages import (
     token_weights,
 )
 from alignline.config import Section
+from alignline.data.datasets_source import RecordsSource
 from alignline.generate.base import DecodeStep, SamplingParams
 from alignline.generate.endpoint import OpenAIConnection
 from alignline.rewards import RewardSpec
@@ -115,7 +116,7 @@ class PPOSettings(Section):
 class EvalSettings(Section):
     """Greedy answers on held-out prompts with verifiable instructions (the loop's eval hook)."""
 
-    prompts: str | None = None
+    prompts: RecordsSource | None = None
     """Held-out prompts with meta.instructions; null: no evaluation."""
     max_prompts: int | None = Field(None, gt=0)
     """Only the first this many."""
@@ -140,8 +141,8 @@ class RLConfig(Section):
     """Configuration of ``alignline rl``."""
 
     model: str
-    """Starting policy (HF dir, .gguf or alias); usually an SFT model."""
-    prompts: str
+    """Starting policy (HF dir, .gguf, alias or Hub id); usually an SFT model."""
+    prompts: RecordsSource
     """Training prompts (with meta.instructions for the verifier reward)."""
     output_dir: str = "runs/rl"
     """Run directory: rollouts/, checkpoints/, metrics.jsonl, iterations.jsonl, model/ (and critic/)."""

@@ -20,7 +20,7 @@ from alignline.advantages import ESTIMATORS
 from alignline.data.io import atomic_write_bytes, iter_jsonl, jsonl_bytes, read_prompts
 from alignline.errors import AlignlineError, ConfigError, DataError, RewardFunctionError
 from alignline.rewards import build_reward, combine
-from alignline.stages.common import RunDir, console, training_dtype
+from alignline.stages.common import RunDir, console, models_when_set, training_dtype
 from alignline.stages.rl import (
     RLConfig,
     collate_rollout,
@@ -273,7 +273,12 @@ def run(cfg: RLConfig) -> Path:
     from alignline.train.loop import train
     from alignline.train.telemetry import Telemetry
 
-    rd = RunDir("rl", cfg, cfg.output_dir, {"model": cfg.model, "prompts": cfg.prompts, "eval": cfg.eval.prompts})
+    rd = RunDir("rl", cfg, cfg.output_dir, {
+        "model": cfg.model, "prompts": cfg.prompts, "eval": cfg.eval.prompts,
+        **models_when_set(reference=cfg.kl.reference, critic=cfg.ppo.critic,
+                          **{f"reward_model:{i}": r.model for i, r in enumerate(cfg.reward) if r.type == "rm"},
+                          **{f"reward_judge:{i}": r.judge.model for i, r in enumerate(cfg.reward)
+                             if r.type == "judge" and r.judge is not None and r.judge.engine == "hf"})})
     if rd.skip_if_done():
         return rd.path
     accelerator = make_accelerator(cfg.train, rd.path)

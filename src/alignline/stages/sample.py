@@ -24,6 +24,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignline.config import Section, ShardSetting
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import (
     ShardedWriter,
     iter_jsonl,
@@ -45,10 +46,10 @@ from alignline.train.telemetry import Telemetry
 class SampleConfig(Section):
     """Configuration of ``alignline sample``."""
 
-    prompts: str
+    prompts: RecordsSource
     """Prompt records (each ends with a user turn)."""
     model: str | None = None
-    """hf engine: a local HF dir, .gguf or alias; openai engine: the served model name (or give matrix)."""
+    """hf engine: a local HF dir, .gguf, alias or Hub id; openai engine: the served model name (or give matrix)."""
     matrix: str | None = None
     """A TSO model-matrix YAML instead of model: every member is sampled (or copied) into its own
     sub-directory; engine, openai, dtype, max_batch, trust_remote_code and decode_step then come from each member."""

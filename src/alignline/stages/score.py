@@ -33,6 +33,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from alignline.config import Section, ShardSetting
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import ShardedWriter, iter_jsonl, read_prompts, read_records
 from alignline.data.records import Prompt, RankedSet, Response
 from alignline.generate.base import EngineSettings, SamplingParams
@@ -59,7 +60,7 @@ class ScoreConfig(Section):
     """evaluator: sampling (default greedy, 512 new tokens)."""
     evaluator_batch_size: int = Field(8, gt=0)
     """evaluator: prompts per engine call."""
-    prompts: str
+    prompts: RecordsSource
     """Prompt records the responses answer."""
     responses: str
     """Response records (prompt_id, sample_idx, text, ...): JSONL, Parquet or a directory of shards."""

@@ -28,6 +28,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignline.config import Section
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import atomic_write_json, read_prompts, read_records, write_records
 from alignline.data.records import Conversation, Pair, RankedSet
 from alignline.errors import ConfigError, DataError
@@ -69,7 +70,7 @@ class SelectConfig(Section):
     """rso: accepted samples per prompt (paired best-with-worst)."""
     matrix: str | None = None
     """matrix: the model-matrix YAML (members, positive and negative source sets; see alignline.matrix)."""
-    prompts: str | None = None
+    prompts: RecordsSource | None = None
     """matrix: the Prompt records pairs are built for (their reference is the member 'human')."""
     responses: str | None = None
     """matrix: an `alignline sample matrix=...` output_dir (one sub-directory of Response records per member)."""

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, fit_to_length, tokenise_conversation
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import read_conversations
 from alignline.errors import ConfigError
 from alignline.models.loading import (
@@ -32,9 +33,10 @@ from alignline.train.telemetry import Telemetry
 class SFTData(Section):
     """Where the conversations come from and how they become training examples."""
 
-    train: str
-    """Conversations (JSONL, Parquet, or a directory of shards; ours or TRL's ``messages`` layout)."""
-    eval: str | None = None
+    train: RecordsSource
+    """Conversations (JSONL, Parquet, a directory of shards, a Hub dataset ``hf:ORG/NAME``, a save_to_disk
+    directory or an Arrow file; ours or TRL's ``messages`` / prompt-completion layouts)."""
+    eval: RecordsSource | None = None
     """Held-out conversations for the evaluation loss (optional)."""
     max_length: int = Field(4096, gt=8)
     """Longest example in tokens (Xwin: 4096)."""
@@ -62,7 +64,8 @@ class SFTConfig(Section):
     """Configuration of ``alignline sft``."""
 
     model: str = "smollm2-135m-instruct"
-    """Starting checkpoint: a local HF directory (safetensors), a .gguf file, or an alias."""
+    """Starting checkpoint: a local HF directory (safetensors), a .gguf file, an alias, or a Hub id
+    (org/name[@revision])."""
     output_dir: str = "runs/sft"
     """Run directory: model/, checkpoints/, metrics.jsonl, config.yaml, manifest.json."""
     data: SFTData

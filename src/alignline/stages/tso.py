@@ -25,6 +25,7 @@ from safetensors.torch import load_model
 
 from alignline.config import Section
 from alignline.data.chat import ensure_chat_template
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import (
     atomic_write_json,
     fingerprint,
@@ -44,6 +45,8 @@ from alignline.stages.common import (
     TrainingDtype,
     TrustRemoteCode,
     console,
+    input_fingerprint,
+    models_when_set,
     stage_tokenizer,
     training_dtype,
 )
@@ -116,7 +119,7 @@ class RegenerateSettings(Section):
     """Between mini-batches, sample the current policy's own responses, rank them with a reward model and
     add best-vs-worst pairs to the next mini-batch (TSO: the base model's responses are regenerated)."""
 
-    prompts: str
+    prompts: RecordsSource
     """Prompt records; split into K parts like the pairs, part k feeds mini-batch k (k >= 2)."""
     reward_model: str
     """Reward model that ranks the samples (e.g. from ``alignline rm``)."""
@@ -234,7 +237,7 @@ def with_reference(cfg: TSOConfig, k: int, pairs: list[TokenisedPair], reference
                    pad_id: int, it_dir: Path) -> tuple[list[TokenisedPair], float]:
     """Mini-batch k's pairs with the current weights' log-probs as reference (or the stored ones), and the seconds
     it took."""
-    key = fingerprint({"reference": fingerprint(reference_path), "data": fingerprint(cfg.data.train),
+    key = fingerprint({"reference": fingerprint(reference_path), "data": input_fingerprint(cfg.data.train),
                        "pairs": [p.id for p in pairs], "normalize": cfg.loss.normalize,
                        "max_length": cfg.data.max_length})
     t0 = time.perf_counter()
@@ -311,7 +314,11 @@ def finish(cfg: TSOConfig, rd: RunDir, progress: Progress, counts: Counter, acce
 # --------------------------------------------------------------------------- the stage
 
 def run(cfg: TSOConfig) -> Path:
-    rd = RunDir("tso", cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train}, ("resume", "stop_at"))
+    regenerate = cfg.regenerate
+    rd = RunDir("tso", cfg, cfg.output_dir, {
+        "model": cfg.model, "train": cfg.data.train,
+        **models_when_set(regenerate_prompts=regenerate and regenerate.prompts,
+                          regenerate_reward_model=regenerate and regenerate.reward_model)}, ("resume", "stop_at"))
     if rd.skip_if_done():
         return rd.path
     accelerator = make_accelerator(cfg.train, rd.path)

@@ -46,6 +46,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model
 
 from alignline.config import Section, config_error
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import atomic_write_json, atomic_write_text, read_manifest
 from alignline.errors import AlignlineError, ConfigError
 from alignline.evaluate.winrate import default_eval_sampling
@@ -90,10 +91,10 @@ TSOSettings = settings_of(
 class IterationBase(Section):
     """Settings shared by ``tso-loop`` and ``self-reward``."""
 
-    prompts: str
+    prompts: RecordsSource
     """Prompt records the preference pairs are built for (their reference answers are the member 'human')."""
     model: str
-    """The starting policy v0 (HF dir, .gguf or alias)."""
+    """The starting policy v0 (HF dir, .gguf, alias or Hub id)."""
     stages: int = Field(3, ge=1)
     """S: iterations; each samples the current policy, builds pairs and trains the next version (TSO: 3)."""
     sample: SampleSettings = Field(default_factory=SampleSettings)
@@ -102,7 +103,7 @@ class IterationBase(Section):
     """The judge of the policy's own samples: score.reward_model=DIR, score.judge=evaluator
     score.evaluator.model=PATH (an evaluator from alignline judge-sft), or score.judge=verifier (the prompts'
     verifiable instructions)."""
-    eval_prompts: str | None = None
+    eval_prompts: RecordsSource | None = None
     """Held-out prompts with verifiable instructions: every version's verifier pass rate goes to results.json
     (null: no evaluation)."""
     eval_sampling: SamplingParams = Field(default_factory=default_eval_sampling)

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from alignline import losses
 from alignline.config import Section
+from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import atomic_write_json, read_pairs
 from alignline.errors import DataError
 from alignline.stages.common import record_drops
@@ -75,9 +76,10 @@ class LossSettings(Section):
 class PairData(Section):
     """Preference pairs and how they are cut."""
 
-    train: str
-    """Pairs: JSONL, Parquet or a directory of shards (ours or TRL's prompt/chosen/rejected layouts)."""
-    eval: str | None = None
+    train: RecordsSource
+    """Pairs: JSONL, Parquet, a directory of shards, a Hub dataset ``hf:ORG/NAME``, a save_to_disk directory or
+    an Arrow file (ours or TRL's prompt/chosen/rejected layouts)."""
+    eval: RecordsSource | None = None
     """Held-out pairs for reward accuracy and loss (optional)."""
     max_length: int = Field(2048, gt=8)
     """Longest prompt + response in tokens; responses are cut to fit, prompts that do not fit are dropped."""
