@@ -137,10 +137,15 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         raise config_error(cls, exc, source) from None
 
 
+def resolved_yaml(cfg: BaseModel) -> str:
+    """The resolved config (every default filled in, secrets as '**********') as YAML."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
 def save_resolved(cfg: BaseModel, out_dir: str | Path, name: str = "config.yaml") -> Path:
-    """Save the resolved config (every default filled in) in the run directory."""
+    """Save the resolved config (:func:`resolved_yaml`) in the run directory."""
     path = Path(out_dir) / name
-    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    atomic_write_text(path, resolved_yaml(cfg))
     return path
 
 

@@ -374,12 +374,19 @@ def read_pairs(path: str | Path, *, drop: Callable[[dict], str | None] | None = 
 
 # --------------------------------------------------------------------------- manifests and fingerprints
 
+NOT_FINGERPRINTED = ("README.md",)
+"""Files a directory's fingerprint leaves out: a model card describes the model and is refreshed after the
+fact (a pipeline adds its progression row), which must not make the stages reading the model out of date."""
+
+
 def fingerprint(obj: Any) -> str:
-    """sha256 of a JSON-serialisable object (configs) or of a file's / directory's contents."""
+    """sha256 of a JSON-serialisable object (configs) or of a file's / directory's contents (but its
+    :data:`NOT_FINGERPRINTED` files)."""
     h = hashlib.sha256()
     if isinstance(obj, (str, Path)) and Path(obj).exists():
         p = Path(obj)
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        files = sorted(q for q in p.rglob("*") if q.is_file() and q.name not in NOT_FINGERPRINTED) \
+            if p.is_dir() else [p]
         for f in files:
             if p.is_dir():
                 h.update(str(f.relative_to(p)).encode())
