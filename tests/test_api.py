@@ -66,6 +66,7 @@ def test_a_stage_from_a_config_a_file_or_a_mapping(tmp_path, tiny_model_dir, con
     assert again.manifest["written_at"] == first.manifest["written_at"]  # up to date: nothing done
     assert alignline.run("sft", settings | {"train": {"epochs": 1, "batch_size": 4, "lr": 1e-3}}).manifest == \
         first.manifest
+    assert alignline.run(cfg, overrides="train.lr=1e-3").manifest == first.manifest  # one string: one override
 
 
 def test_wrong_stage_names_and_configs(tmp_path, tiny_model_dir, convs):

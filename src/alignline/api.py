@@ -148,16 +148,17 @@ def run(stage: str | BaseModel, config: str | Path | Mapping | BaseModel | None 
 
     ``run(cfg)`` with a stage config (``alignline.DPOConfig(...)``), or ``run("dpo", config)`` with a stage
     name and a YAML file, a mapping of settings, a config or None (only ``overrides``). ``overrides``:
-    ``key=value`` strings (``train.lr=1e-6``), applied last. An up-to-date run does nothing; an error leaves
+    ``key=value`` strings (``train.lr=1e-6``; one string is one override), applied last. An up-to-date run does nothing; an error leaves
     the run's manifest ``failed`` with the error and is raised.
     """
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
     if isinstance(stage, BaseModel):
         if config is not None:
             raise ConfigError("give the config once: run(cfg) or run(stage_name, cfg)")
         spec, config = _spec_of(stage), stage
     else:
         spec = _spec_named(stage)
-    cfg = _config(spec, config, list(overrides))
+    cfg = _config(spec, config, overrides)
     set_process_defaults()
     out = Path(spec.run(cfg))
     return RunResult(spec.key, out, read_manifest(out) or {}, cfg)
@@ -171,7 +172,8 @@ def run_pipeline(path: str | Path, overrides: Sequence[str] = (), *, from_stage:
     from alignline.pipeline import run_pipeline as run_plan
 
     set_process_defaults()
-    result = run_plan(path, list(overrides), from_stage=from_stage, only=only, dry_run=dry_run, report=report)
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)
+    result = run_plan(path, overrides, from_stage=from_stage, only=only, dry_run=dry_run, report=report)
     root = Path(result.plan.output_root)
     doc = {} if dry_run else (_read_json(root / "pipeline.json") or {})
     stages = {r.name: RunResult(r.stage, Path(r.output_dir), read_manifest(r.output_dir) or {})
