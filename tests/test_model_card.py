@@ -169,3 +169,37 @@ def test_pipeline_adds_each_policys_progression_row(tmp_path, monkeypatch):
         assert ModelCard.load(tmp_path / models[row.policy.name] / "README.md").data.tags[0] == row.policy.name
     assert "+0.833 +- 0.167 * vs zeta" in (tmp_path / models["alpha"] / "README.md").read_text()
 
+
+
+def test_a_pipeline_run_writes_the_row_into_the_evaluated_models_card(tmp_path, tiny_model_dir, tiny_tokenizer,
+                                                                       monkeypatch):
+    """sft -> eval.bestofn (a tiny seeded reward model, 2 samples) -> eval.verifiable: the sft model is a policy,
+    and after the run its card holds its progression row; a rerun leaves every stage up to date."""
+    import torch
+
+    from alignline.models import load_reward_model
+    from alignline.report.progression import cells, progression
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    save_model(load_reward_model(tiny_model_dir, dtype="float32"), tiny_tokenizer, tmp_path / "rm")
+    instructions = [{"id": "no_commas", "kwargs": {}, "text": "(no commas)"}]
+    write_jsonl(tmp_path / "eval.jsonl", [{"id": f"e{i}", "messages": [{"role": "user", "content": f"Greet {i}."}],
+                                          "meta": {"instructions": instructions}} for i in range(3)])
+    write_jsonl(tmp_path / "convs.jsonl", [conversation(i) for i in range(4)])
+    (tmp_path / "pipe.yaml").write_text(json.dumps({"name": "cards", "output_root": "out", "stages": [
+        {"name": "sft", "stage": "sft", "config": {"model": str(tiny_model_dir), "train": {"max_steps": 1},
+                                                   "data": {"train": "convs.jsonl", "max_length": 128}}},
+        {"name": "eval_sft", "stage": "eval.bestofn", "config": {
+            "model": "${sft}/model", "prompts": "eval.jsonl", "reward_model": "rm", "n": 2,
+            "sampling": {"temperature": 1.0, "max_new_tokens": 8}}},
+        {"name": "verify_sft", "stage": "eval.verifiable", "config": {
+            "prompts": "eval.jsonl", "model": {"responses": "${eval_sft}/samples", "name": "sft"}}}]}))
+    result = api.run_pipeline("pipe.yaml", report=False)
+    rows = progression(result.manifest)
+    assert [r.policy.name for r in rows] == ["sft"] and list(result.metrics) == ["sft"]
+    text = (tmp_path / "out" / "sft" / "model" / "README.md").read_text()
+    assert "| " + " | ".join(cells(rows)[0]) + " |" in text and f"alignline run {tmp_path / 'pipe.yaml'}" in text
+    assert ModelCard.load(tmp_path / "out" / "sft" / "model" / "README.md").data.tags == ["sft", "alignline"]
+    again = api.run_pipeline("pipe.yaml", report=False)  # the refreshed card changes no stage's inputs
+    assert [s["result"]["status"] for s in again.manifest["stages"]] == ["skipped-up-to-date"] * 3
