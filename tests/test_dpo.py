@@ -141,6 +141,11 @@ def test_tso_reference_swaps_exactly_at_minibatch_boundaries(tmp_path, tiny_mode
                 c0, _, _, _ = pair_logps(m0, collate_pairs(batch, tiny_tokenizer.pad_token_id))
             assert not torch.allclose(c0.double(), got[:, 0], atol=1e-3)
     assert (out / "reward_curves.png").exists()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "versions" / "v2" / "README.md")  # each version's card names the one before
+    assert card.data.tags == ["tso", "dpo", "dual-clip", "alignline"] and f"`{versions[1]['path']}`" in card.text
+    assert "| minibatch | 2 |" in card.text and "| minibatch_pairs | 8 |" in card.text
 
 
 def test_tso_resume_in_the_middle_of_a_minibatch(tmp_path, tiny_model_dir, pair_file):

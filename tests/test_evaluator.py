@@ -347,4 +347,10 @@ def test_judge_sft_end_to_end_reports_agreement_before_and_after(tmp_path, tiny_
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["conversations"] == 12
     assert manifest["agreement"]["after"]["parse_failure_rate"] == 1.0
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "sft" / "model" / "README.md")  # the evaluator's card, with its agreement
+    assert card.data.tags == ["sft", "judge", "evaluator", "alignline"]
+    assert "| parse_failure_rate | 1 -> 1 |" in card.text and "| spearman | n/a -> n/a |" in card.text
+    assert f"alignline judge-sft {out / 'config.yaml'}" in card.text
     assert judge_sft.run(cfg) == out  # up to date: nothing redone

@@ -175,6 +175,11 @@ def test_ppo_value_loss_decreases_on_fixed_rollout(tmp_path, tiny_model_dir, toy
     vl = [s["value_loss"] for s in steps if "value_loss" in s]
     assert len(vl) == 4 and vl[-1] < vl[0], vl
     assert (out / "critic" / "config.json").exists()
+    from huggingface_hub import ModelCard
+
+    policy, critic = ModelCard.load(out / "model" / "README.md"), ModelCard.load(out / "critic" / "README.md")
+    assert policy.data.tags == ["ppo", "rl", "alignline"] and policy.data.pipeline_tag == "text-generation"
+    assert critic.data.pipeline_tag == "text-classification" and "value-model" in critic.data.tags
     rec = json.loads((out / "rollouts" / "iter-00000.jsonl").read_text().splitlines()[0])
     assert len(rec["old_values"]) == len(rec["returns"]) == len(rec["advantages"]) == len(rec["response"])
 

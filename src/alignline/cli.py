@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 from rich.table import Table
 
+from alignline.api import set_process_defaults
 from alignline.errors import AlignlineError, ConfigError
 from alignline.stages.registry import STAGE_BY_TARGET, STAGES, StageSpec
 
@@ -199,11 +200,7 @@ def aliases_cmd() -> None:
 
 
 def main() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # batches of varying width fragment CUDA's caching allocator (a DPO run reserved 36 GB for 6 GB of
-    # tensors on an H100); expandable segments keep reserved close to allocated at no measured speed cost
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    set_process_defaults()  # the same as the Python API's (alignline.api)
     # a signal the caller ignores (nohup) stays ignored
     stops = [s for s in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is signal.SIG_DFL]
     for stop_signal in stops:

@@ -137,10 +137,26 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         raise config_error(cls, exc, source) from None
 
 
+def with_overrides(cfg: C, overrides: list[str] | None) -> C:
+    """``cfg`` with ``key=value`` overrides applied (validated again; itself when there are none)."""
+    if not overrides:
+        return cfg
+    data = _merge(cfg.model_dump(), parse_overrides(overrides))
+    try:
+        return type(cfg).model_validate(data)
+    except ValidationError as exc:
+        raise config_error(type(cfg), exc, f"{type(cfg).__name__} given + overrides") from None
+
+
+def resolved_yaml(cfg: BaseModel) -> str:
+    """The resolved config (every default filled in, secrets as '**********') as YAML."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
 def save_resolved(cfg: BaseModel, out_dir: str | Path, name: str = "config.yaml") -> Path:
-    """Save the resolved config (every default filled in) in the run directory."""
+    """Save the resolved config (:func:`resolved_yaml`) in the run directory."""
     path = Path(out_dir) / name
-    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    atomic_write_text(path, resolved_yaml(cfg))
     return path
 
 

@@ -343,17 +343,24 @@ def read_pairs(path: str | Path, *, drop: Callable[[dict], str | None] | None = 
 
 # --------------------------------------------------------------------------- manifests and fingerprints
 
+NOT_FINGERPRINTED = ("README.md",)
+"""Files a directory's fingerprint leaves out: a model card describes the model and is refreshed after the
+fact (a pipeline adds its progression row), which must not make the stages reading the model out of date."""
+
+
 def fingerprint(obj: Any) -> str:
-    """sha256 of a JSON-serialisable object (configs) or of a file's / directory's contents; a Hub cache snapshot
-    (:func:`alignline.hub.pinned_snapshot`) by its repository and commit instead of its files."""
+    """sha256 of a JSON-serialisable object (configs) or of a file's / directory's contents (but its
+    :data:`NOT_FINGERPRINTED` files and lock files); a Hub cache snapshot (:func:`alignline.hub.pinned_snapshot`)
+    by its repository and commit instead of its files."""
     h = hashlib.sha256()
     pinned = pinned_snapshot(obj) if isinstance(obj, (str, Path)) else None
     if pinned is not None:
         h.update(f"hub:{pinned}".encode())
     elif isinstance(obj, (str, Path)) and Path(obj).exists():
         p = Path(obj)
-        # a lock file says who is writing the directory, not what it holds
-        files = sorted(q for q in p.rglob("*") if q.is_file() and not is_lock_file(q.name)) if p.is_dir() else [p]
+        # a lock file says who is writing the directory, not what it holds; a model card describes the weights
+        files = sorted(q for q in p.rglob("*") if q.is_file() and q.name not in NOT_FINGERPRINTED
+                       and not is_lock_file(q.name)) if p.is_dir() else [p]
         for f in files:
             if p.is_dir():
                 h.update(str(f.relative_to(p)).encode())

@@ -22,7 +22,8 @@ or a concurrent import never leaves a half-written model where a reader would ta
 
 The modules: :mod:`~alignline.models.aliases` (asset wheels), :mod:`~alignline.models.gguf_import` (with
 :mod:`~alignline.models.gguf_layout`), :mod:`~alignline.models.loading` (resolving names, the safetensors-only
-policy, tokenizers, causal LMs, reward models, LoRA), :mod:`~alignline.models.saving`,
+policy, tokenizers, causal LMs, reward models, LoRA), :mod:`~alignline.models.saving` (with
+:mod:`~alignline.models.card`, the model card written beside the weights),
 :mod:`~alignline.models.device` (dtype choice), :mod:`~alignline.models.atomic_dir` and
 :mod:`~alignline.models.tiny` (the tests' and benchmarks' tiny tokenizer and Llama config).
 """

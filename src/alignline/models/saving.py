@@ -9,12 +9,13 @@ import torch
 
 from alignline.errors import ModelError, on_disk_full
 from alignline.models.atomic_dir import _replace_dir, _tmp_dir_for
+from alignline.models.card import CardFacts, write_model_card
 from alignline.models.gguf_import import _strip_gguf_quantizer
 from alignline.models.loading import _pickled_files
 
 
 def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = False,
-               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+               state_dict: dict[str, torch.Tensor] | None = None, card: CardFacts | None = None) -> Path:
     """Save ``model`` (and ``tokenizer`` unless None) to ``out_dir`` in safetensors, replacing it atomically.
 
     ``state_dict``: the weights to write instead of the model's own (the gathered full weights of a model
@@ -24,13 +25,19 @@ def save_model(model, tokenizer, out_dir: str | Path, *, merge_lora: bool = Fals
     ``base_model_name_or_path`` points at the base checkpoint) unless ``merge_lora`` is true, in which case
     the adapters are merged into a plain checkpoint (the model passed in is left unmerged). Every loader in
     :mod:`alignline.models.loading` accepts both kinds of directory.
+
+    ``card``: the facts of the model card written as ``README.md`` in the same directory (and renamed into
+    place with it; ``library_name`` peft for an adapter): :mod:`alignline.models.card`. The weights files are
+    the same with or without it.
     """
     out = Path(out_dir).expanduser().resolve()
     needed = _weight_bytes(model, state_dict, adapter_only=not merge_lora)
     with on_disk_full(out.parent, f"the model {out.name}/ (safetensors weights and tokenizer)", needed):
         tmp = _tmp_dir_for(out)
         try:
-            _write_model(model, tokenizer, tmp, merge_lora=merge_lora, state_dict=state_dict)
+            adapter = _write_model(model, tokenizer, tmp, merge_lora=merge_lora, state_dict=state_dict)
+            if card is not None:
+                write_model_card(tmp, card, adapter=adapter)
             pickled = _pickled_files(tmp)
             if pickled:
                 raise ModelError(f"saving {out} produced pickled files {[p.name for p in pickled]}; refusing")
@@ -50,8 +57,8 @@ def _weight_bytes(model, state_dict: dict | None, *, adapter_only: bool) -> int:
     return sum(t.numel() * t.element_size() for t in weights.values() if isinstance(t, torch.Tensor))
 
 
-def _write_model(model, tokenizer, tmp: Path, *, merge_lora: bool, state_dict: dict | None) -> None:
-    """``save_model``'s files, into the fresh directory ``tmp``."""
+def _write_model(model, tokenizer, tmp: Path, *, merge_lora: bool, state_dict: dict | None) -> bool:
+    """``save_model``'s files, into the fresh directory ``tmp``; whether they are an adapter alone."""
     from peft import PeftModel
 
     if isinstance(model, PeftModel):
@@ -68,3 +75,4 @@ def _write_model(model, tokenizer, tmp: Path, *, merge_lora: bool, state_dict: d
         model.save_pretrained(str(tmp), state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
+    return isinstance(model, PeftModel) and not merge_lora

@@ -263,6 +263,7 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None, *, from_s
         return PipelineResult(plan, [StageResult(ps.name, ps.spec.key, "planned" if ps.name in names else "excluded",
                                                  ps.output_dir) for ps in plan.stages])
 
+    from alignline.pipeline.cards import refresh_model_cards
     from alignline.pipeline.summary import disk_usage
     from alignline.report.progression import progression, rows_json
     from alignline.stages.common import console
@@ -272,7 +273,9 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None, *, from_s
         results, failure = _run_stages(plan, names)
         result = PipelineResult(plan, results)
         doc = _plan_json(result, started, {"from": from_stage, "only": only})
-        doc["progression"] = rows_json(progression(doc))
+        rows = progression(doc)
+        doc["progression"] = rows_json(rows)
+        refresh_model_cards(doc, rows)
         doc["wall_seconds"] = round(time.perf_counter() - t0, 1)
         doc["disk_bytes"] = disk_usage(plan.output_root)  # before report.html (a few MB at most) is written
         atomic_write_json(Path(plan.output_root) / "pipeline.json", doc)

@@ -19,6 +19,7 @@ from alignline.config import Section
 from alignline.data.io import fingerprint
 from alignline.models.loading import LoraSettings, load_causal_lm, merged_on_save, resolve_model
 from alignline.report.plots import plot_reward_curves
+from alignline.stages.cards import LOSS_TAGS, PREFERENCE_SETTINGS, stage_card, training_evaluation
 from alignline.stages.common import (
     RunDir,
     TrainingDtype,
@@ -164,8 +165,12 @@ def run(cfg: DPOConfig) -> Path:
         console.print(f"dpo: stopped after step {result.steps} as asked; rerun to resume")
         return rd.path
     with tel.phase("save_model"):
-        save_trained_model(accelerator, model, tokenizer, rd.path / "model",
-                           merge_lora=merged_on_save(cfg.lora))
+        card = stage_card("dpo", cfg, method=f"Preference optimisation ({cfg.loss.type}, beta {cfg.loss.beta})",
+                          tags=LOSS_TAGS[cfg.loss.type], data={"train": cfg.data.train, "eval": cfg.data.eval},
+                          counts=counts, settings=PREFERENCE_SETTINGS,
+                          evaluation=training_evaluation(result, ("loss", *PAIR_METRICS)))
+        save_trained_model(accelerator, model, tokenizer, rd.path / "model", merge_lora=merged_on_save(cfg.lora),
+                           card=card)
     if accelerator.is_main_process:
         plot_reward_curves([rd.path / "metrics.jsonl"], rd.path / "reward_curves.png",
                            title=f"{cfg.loss.type}: implicit rewards")

@@ -46,6 +46,7 @@ from alignline.judges.evaluator import (
     parse_evaluation,
     question_key,
 )
+from alignline.models.card import markdown_table, update_card_section
 from alignline.models.loading import LoraSettings, load_tokenizer, resolve_model
 from alignline.stages import sft
 from alignline.stages.common import Dtype, RunDir, console
@@ -180,6 +181,19 @@ def agreement_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def agreement_card_section(cfg: JudgeSFTConfig, result: dict, held: int) -> str:
+    """The evaluator's card section: its agreement with the held-out feedback before and after, and the
+    judge-sft command (the card's own command reproduces only the inner sft run)."""
+    def figure(value) -> str:
+        return "n/a" if value is None else f"{value:.4g}"
+
+    rows = {m: f"{figure(result['before'].get(m))} -> {figure(result['after'].get(m))}"
+            for m in ("spearman", "mae", "pairwise_accuracy", "parse_failure_rate")}
+    return (f"## Evaluator agreement ({held} held-out feedback records, before -> after)\n\n"
+            f"{markdown_table(rows, ('metric', 'value'))}\n\nThe whole judge-sft stage (feedback to conversations, "
+            f"training, agreement):\n\n```bash\nalignline judge-sft {Path(cfg.output_dir) / 'config.yaml'}\n```")
+
+
 def run(cfg: JudgeSFTConfig) -> Path:
     train_path, held_path = feedback_paths(cfg)
     rd = RunDir("judge_sft", cfg, cfg.output_dir, {"model": cfg.model, "feedback": train_path,
@@ -235,6 +249,7 @@ def run(cfg: JudgeSFTConfig) -> Path:
         with JudgeCache(rd.path / "eval_cache.jsonl") as cache:
             result["after"] = evaluate(model_dir, cfg, held, cache, rd.path / "evaluations_after.jsonl")
         atomic_write_json(rd.path / "agreement.json", result)
+        update_card_section(model_dir, "judge-sft", agreement_card_section(cfg, result, len(held)))
         rd.finish(counts, model_dir=str(model_dir), steps=trained.get("steps"), agreement={
             k: {m: result[k][m] for m in ("spearman", "mae", "pairwise_accuracy", "parse_failure_rate")}
             for k in ("before", "after")})

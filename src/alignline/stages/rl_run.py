@@ -265,6 +265,34 @@ def iteration_rows(root: Path, iterations: int) -> list[dict]:
     return rows
 
 
+ESTIMATOR_TAGS = {"grpo": ["grpo"], "dr_grpo": ["dr-grpo", "grpo"], "rloo": ["rloo"], "reinforce_pp": ["reinforce++"],
+                  "gae": ["ppo"]}
+"""Hub tags of each advantage estimator (``loss.estimator``); ``rl`` is added to all."""
+
+
+def rl_cards(cfg: RLConfig, counts: Counter, result, change: dict | None):
+    """The policy's card (its held-out strict instruction pass rate, start -> end, with the paired SE) and the
+    critic's (PPO's value model)."""
+    from alignline.stages.cards import stage_card, training_evaluation
+
+    evaluation = training_evaluation(result, ("loss", "reward_mean", "kl"))
+    if change:
+        evaluation |= {"held-out strict instruction pass rate": f"{change['start']:.3f} -> {change['end']:.3f}",
+                       "held-out change (paired SE)": f"{change['change']:+.3f} ({change['paired_se']:.3f})",
+                       "held-out instructions": change["n"]}
+    rewards = ", ".join(f"{s.label()} x{s.weight:g}" for s in cfg.reward)
+    common = dict(data={"prompts": cfg.prompts, "eval": cfg.eval.prompts}, counts=counts,
+                  settings=("iterations", "loss.estimator", "rollout.prompts", "rollout.group_size",
+                            "rollout.sampling.temperature", "kl.coef", "kl.estimator", "kl.reference"))
+    tags = [*ESTIMATOR_TAGS[cfg.loss.estimator], "rl"]
+    policy = stage_card("rl", cfg, method=f"Online RL ({cfg.loss.estimator}; rewards: {rewards})", tags=tags,
+                        evaluation=evaluation, **common)
+    critic = stage_card("rl", cfg, method=f"Value model (critic) of an online RL run ({cfg.loss.estimator})",
+                        tags=[*tags, "value-model"], evaluation={"steps": result.steps},
+                        pipeline_tag="text-classification", parent=cfg.ppo.critic or cfg.model, **common)
+    return policy, critic
+
+
 def run(cfg: RLConfig) -> Path:
     from alignline.models.loading import load_causal_lm, load_reward_model, resolve_model
     from alignline.stages.common import stage_tokenizer
@@ -325,16 +353,17 @@ def run(cfg: RLConfig) -> Path:
     if result.stopped_early:
         console.print(f"rl: stopped after step {result.steps} as asked; rerun to resume")
         return rd.path
+    change = paired_change(rd.path)
+    policy_card, critic_card = rl_cards(cfg, counts, result, change)
     with tel.phase("save_model"):
-        save_trained_model(accelerator, policy, tokenizer, rd.path / "model")
+        save_trained_model(accelerator, policy, tokenizer, rd.path / "model", card=policy_card)
         if critic is not None:
-            save_trained_model(accelerator, critic, tokenizer, rd.path / "critic")
+            save_trained_model(accelerator, critic, tokenizer, rd.path / "critic", card=critic_card)
     rows = iteration_rows(rd.path, cfg.iterations)
     atomic_write_bytes(rd.path / "iterations.jsonl", jsonl_bytes(rows))
     from alignline.report.plots import plot_rl_curves
 
     plot_rl_curves(rows, rd.path / "rl_curves.png", title=f"rl ({cfg.loss.estimator})")
-    change = paired_change(rd.path)
     rd.finish(counts, steps=result.steps, train_seconds=result.seconds, final_metrics=result.last_metrics,
               eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start,
               eval_change=change, model_dir=str(rd.path / "model"), phases=tel.summary())

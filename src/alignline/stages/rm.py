@@ -22,7 +22,9 @@ from alignline.config import Section
 from alignline.data.io import atomic_write_json
 from alignline.data.records import RATINGS
 from alignline.judges.reward import pair_rewards
+from alignline.models.card import CardFacts
 from alignline.models.loading import LoraSettings, load_reward_model
+from alignline.stages.cards import stage_card, training_evaluation
 from alignline.stages.common import (
     RunDir,
     TrainingDtype,
@@ -123,6 +125,17 @@ def summarize_scores(chosen: list[float], rejected: list[float], ratings: list[s
     }
 
 
+def rm_card(cfg: RMConfig, counts: Counter, result, final: dict) -> CardFacts:
+    """The reward model's card: its pairwise accuracy (overall and per rating) on the held-out pairs."""
+    evaluation = {**training_evaluation(result, ("loss", "accuracy")), "accuracy split": final["split"],
+                  "pairs evaluated": final["pairs"], "pairwise accuracy": final["accuracy"],
+                  **{f"accuracy ({k})": v["accuracy"] for k, v in final["accuracy_by_rating"].items()}}
+    return stage_card("rm", cfg, method="Reward model (Bradley-Terry on preference pairs, scalar head)",
+                      tags=["reward-model", "reward-trainer"], data={"train": cfg.data.train, "eval": cfg.data.eval},
+                      counts=counts, settings=("data.max_length", "margin_by_rating", "pair_layout"),
+                      evaluation=evaluation, pipeline_tag="text-classification")
+
+
 def run(cfg: RMConfig) -> Path:
     rd = RunDir("rm", cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train, "eval": cfg.data.eval})
     if rd.skip_if_done():
@@ -164,7 +177,7 @@ def run(cfg: RMConfig) -> Path:
                             batch_size=cfg.eval_batch_size, device=accelerator.device)
     final["split"] = "eval" if eval_pairs else "train (no data.eval given)"
     with tel.phase("save_model"):
-        save_trained_model(accelerator, model, tokenizer, rd.path / "model")
+        save_trained_model(accelerator, model, tokenizer, rd.path / "model", card=rm_card(cfg, counts, result, final))
     if accelerator.is_main_process:
         atomic_write_json(rd.path / "eval.json", final)
     accelerator.wait_for_everyone()

@@ -14,6 +14,7 @@ from alignline.data.chat import ensure_chat_template, fit_to_length, tokenise_co
 from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import read_conversations
 from alignline.errors import ConfigError
+from alignline.models.card import CardFacts
 from alignline.models.loading import (
     LoraSettings,
     load_causal_lm,
@@ -21,6 +22,7 @@ from alignline.models.loading import (
     merged_on_save,
     resolve_model,
 )
+from alignline.stages.cards import stage_card, training_evaluation
 from alignline.stages.common import RunDir, TrainingDtype, console, record_drops, training_dtype
 from alignline.train.accelerator import make_accelerator
 from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded
@@ -190,6 +192,22 @@ def report(stage: str, rd: RunDir, result: TrainResult, counts: Counter) -> None
     )
 
 
+CARD_KINDS = {"sft": ("sft", "Supervised fine-tuning (loss on assistant tokens)", ["sft"]),
+              "rs": ("rs", "Rejection-sampling fine-tuning (SFT on selected responses)", ["rs", "rejection-sampling",
+                                                                                          "sft"]),
+              "judge_sft_train": ("sft", "Evaluator fine-tuning on scored feedback (TSO judge-sft)",
+                                  ["sft", "judge", "evaluator"])}
+"""The card's command, method and tags for each stage that trains through :func:`run`."""
+
+
+def sft_card(cfg: SFTConfig, stage: str, counts: Counter, result: TrainResult) -> CardFacts:
+    command, method, tags = CARD_KINDS.get(stage, CARD_KINDS["sft"])
+    return stage_card(command, cfg, method=method, tags=tags, data={"train": cfg.data.train, "eval": cfg.data.eval},
+                      counts=counts, settings=("data.max_length", "data.packing", "data.train_on",
+                                               "data.long_examples"),
+                      evaluation=training_evaluation(result))
+
+
 def run(cfg: SFTConfig, stage: str = "sft") -> Path:
     rd = RunDir(stage, cfg, cfg.output_dir, {"model": cfg.model, "train": cfg.data.train, "eval": cfg.data.eval})
     if rd.skip_if_done():
@@ -215,7 +233,7 @@ def run(cfg: SFTConfig, stage: str = "sft") -> Path:
         return rd.path
     with tel.phase("save_model"):
         save_trained_model(accelerator, model, tokenizer, rd.path / "model",
-                           merge_lora=merged_on_save(cfg.lora))
+                           merge_lora=merged_on_save(cfg.lora), card=sft_card(cfg, stage, counts, result))
     rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
               eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start, model_dir=str(rd.path / "model"),
               phases=tel.summary())

@@ -39,7 +39,9 @@ from alignline.data.records import Pair, Prompt
 from alignline.errors import ConfigError
 from alignline.generate.base import SamplingParams
 from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model, save_model
+from alignline.models.card import CardFacts
 from alignline.report.plots import plot_reward_curves
+from alignline.stages.cards import LOSS_TAGS, PREFERENCE_SETTINGS, stage_card, training_evaluation
 from alignline.stages.common import (
     RunDir,
     TrainingDtype,
@@ -270,11 +272,21 @@ def train_minibatch(cfg: TSOConfig, k: int, pairs: list[TokenisedPair], loss_fn:
     return result
 
 
+def version_card(cfg: TSOConfig, k: int, counts: Counter, result: TrainResult, parent: str, pairs: int) -> CardFacts:
+    """The card of ``versions/v{k}``: its parent is the version before it (the mini-batch's reference)."""
+    return stage_card("tso", cfg, method=f"TSO mini-batch iterative preference optimisation, version {k} of "
+                      f"{cfg.minibatches} ({cfg.loss.type}, beta {cfg.loss.beta})",
+                      tags=["tso", *LOSS_TAGS[cfg.loss.type]], data={"train": cfg.data.train},
+                      counts={**counts, "minibatch": k, "minibatch_pairs": pairs}, parent=parent,
+                      settings=("minibatches", *PREFERENCE_SETTINGS),
+                      evaluation=training_evaluation(result, ("loss", *PAIR_METRICS)))
+
+
 def save_version(k: int, model, tokenizer, accelerator, it_dir: Path, version_dir: Path, *, pairs: int,
-                 reference_path: str, result: TrainResult, reference_seconds: float) -> None:
-    """``versions/v{k}`` (LoRA merged) and the mini-batch's manifest, which marks it complete."""
+                 reference_path: str, result: TrainResult, reference_seconds: float, card: CardFacts) -> None:
+    """``versions/v{k}`` (LoRA merged, with its ``card``) and the mini-batch's manifest, which marks it complete."""
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, version_dir, merge_lora=True)
+        save_model(accelerator.unwrap_model(model), tokenizer, version_dir, merge_lora=True, card=card)
         write_manifest(it_dir, stage="tso-minibatch", status="complete", minibatch=k, pairs=pairs,
                        reference=reference_path, steps=result.steps, reference_seconds=reference_seconds,
                        train_seconds=result.seconds, final_metrics=result.last_metrics)
@@ -357,8 +369,9 @@ def run(cfg: TSOConfig) -> Path:
         if result.stopped_early:
             console.print(f"tso: stopped in mini-batch {k} after step {result.steps} as asked; rerun to resume")
             return rd.path
+        card = version_card(cfg, k, counts, result, cfg.model if k == 1 else reference_path, len(part))
         save_version(k, model, tokenizer, accelerator, it_dir, version_dir, pairs=len(part),
-                     reference_path=reference_path, result=result, reference_seconds=ref_seconds)
+                     reference_path=reference_path, result=result, reference_seconds=ref_seconds, card=card)
         progress.add(k, version_dir, it_dir, len(part))
         progress.timings.append({"minibatch": k, "reference_seconds": ref_seconds, "train_seconds": result.seconds})
     finish(cfg, rd, progress, counts, accelerator)

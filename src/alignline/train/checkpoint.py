@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from alignline.data.io import atomic_write_bytes, atomic_write_json, fingerprint
 from alignline.errors import on_disk_full
 from alignline.models import save_model
+from alignline.models.card import CardFacts
 
 COMPLETE = "COMPLETE"
 """The marker written last into a checkpoint directory: its files' sizes and sha256 (JSON)."""
@@ -106,13 +107,15 @@ def _full_optimizer_state(accelerator, model, optimizer) -> dict:
     return optimizer.state_dict() if accelerator.is_main_process else {}
 
 
-def save_trained_model(accelerator, model, tokenizer, out_dir: Path, *, merge_lora: bool = True) -> None:
+def save_trained_model(accelerator, model, tokenizer, out_dir: Path, *, merge_lora: bool = True,
+                       card: CardFacts | None = None) -> None:
     """Write the trained model as an HF checkpoint (LoRA merged unless ``merge_lora`` is false: then the
-    adapters alone). Every process calls it; a sharded model's weights are gathered to the main process,
-    which writes."""
+    adapters alone) with its model card (``card``: :func:`alignline.models.save_model`). Every process calls
+    it; a sharded model's weights are gathered to the main process, which writes."""
     state = full_model_state(accelerator, model) if is_sharded(accelerator) else None
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, out_dir, merge_lora=merge_lora, state_dict=state)
+        save_model(accelerator.unwrap_model(model), tokenizer, out_dir, merge_lora=merge_lora, state_dict=state,
+                   card=card)
     accelerator.wait_for_everyone()
 
 
