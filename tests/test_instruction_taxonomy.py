@@ -390,3 +390,23 @@ def test_answer_budget_leaves_out_long_types_and_caps_counts():
                 assert k["num_highlights"] <= 4
             if d["id"] == "length_constraints:number_words":
                 assert k["relation"] == LT
+
+
+def test_a_word_limit_caps_the_other_counts():
+    """With "less than n words" drawn, the other counts are drawn for a budget of n - 1 words: bullets at
+    most (n - 1) // 6 (never below 2), sentences (at least) at most (n - 1) // 12 (never below 2)."""
+    found = 0
+    for i in range(1500):
+        out = attach_instructions(prompt(f"w{i}"), 5, k_min=3, k_max=3,
+                                  types=["number_words", "number_bullet_lists", "number_sentences"])
+        kw = {d["id"]: d["kwargs"] for d in out.meta["instructions"]}
+        limit = kw["length_constraints:number_words"]
+        if limit["relation"] != LT:
+            continue
+        found += 1
+        budget = limit["num_words"] - 1
+        assert kw["detectable_format:number_bullet_lists"]["num_bullets"] <= max(2, budget // 6)
+        sentences = kw["length_constraints:number_sentences"]
+        if sentences["relation"] == AL:
+            assert sentences["num_sentences"] <= max(2, budget // 12)
+    assert found > 100

@@ -250,6 +250,21 @@ def _choose_types(rng: random.Random, k: int, pool: Sequence[str], request: str)
     return chosen
 
 
+_WORD_LIMIT = "length_constraints:number_words"
+
+
+def _build(rng: random.Random, chosen: list[str], budget: int, request: str) -> list[Instruction]:
+    """Instances of the chosen types. A word limit ("less than n words") is drawn first and lowers the budget
+    of the others, so that their counts (bullets, sentences, paragraphs, ...) fit in n - 1 words."""
+    out = []
+    for type_id in sorted(chosen, key=lambda t: t != _WORD_LIMIT):
+        inst = REGISTRY[type_id].build(rng, budget, request)
+        if type_id == _WORD_LIMIT and inst.kwargs["relation"] == "less than":
+            budget = min(budget, inst.kwargs["num_words"] - 1)
+        out.append(inst)
+    return out
+
+
 def attach_instructions(prompt: Prompt, rng_seed: str | int, k_min: int = 1, k_max: int = 3,
                         types: str | Sequence[str] | None = None, *, exclude: Sequence[str] = (),
                         max_answer_words: int | None = None) -> Prompt:
@@ -260,7 +275,7 @@ def attach_instructions(prompt: Prompt, rng_seed: str | int, k_min: int = 1, k_m
     it is skipped for requests of more than 40 words). Their wordings are appended to the last user turn
     (``"\\n\\n" + " ".join(texts)``) and the instructions are stored in ``meta["instructions"]`` as
     ``[{"id", "kwargs", "text"}]``. ``types``/``exclude``/``max_answer_words`` choose the pool
-    (:func:`resolve_types`); counts are drawn to fit ``max_answer_words``. When too few compatible types are
+    (:func:`resolve_types`); counts are drawn to fit ``max_answer_words`` and a drawn word limit. When too few compatible types are
     left, fewer than ``k_min`` (at least one) are attached. A prompt that already has ``meta["instructions"]``
     is returned unchanged (as a copy), so attaching twice is harmless.
     """
@@ -272,8 +287,7 @@ def attach_instructions(prompt: Prompt, rng_seed: str | int, k_min: int = 1, k_m
     request = prompt.messages[-1].content
     rng = random.Random(instruction_seed(rng_seed, prompt.id))
     chosen = _choose_types(rng, rng.randint(k_min, k_max), pool, request)
-    budget = UNLIMITED if max_answer_words is None else max_answer_words
-    instructions = [REGISTRY[t].build(rng, budget, request) for t in chosen]
+    instructions = _build(rng, chosen, UNLIMITED if max_answer_words is None else max_answer_words, request)
     data = prompt.model_dump()
     last = data["messages"][-1]
     last["content"] = last["content"].rstrip() + "\n\n" + " ".join(i.text for i in instructions)
