@@ -14,6 +14,7 @@ import random
 
 import pytest
 
+from alignline.judges.instruction_wordings import FIRST_WORDS
 from alignline.judges.verifiable import REGISTRY, check
 
 instructions_registry = pytest.importorskip("if_verifiable.ifeval.instructions_registry")
@@ -22,6 +23,7 @@ common = pytest.importorskip("if_verifiable.common")
 PUNKT_TYPES = ("length_constraints:number_sentences", "change_case:capital_word_frequency")
 LANGDETECT_TYPES = ("language:response_language", "change_case:english_capital", "change_case:english_lowercase")
 LANGDETECT_RESPONSES = 80  # langdetect takes ~10 ms a text: these three types see the first 80 responses
+DRAWS = 8  # argument draws per response for the fast types (one for the langdetect and Punkt types)
 REQUEST = "Tell me about the river near your town."
 
 SENTENCES = (
@@ -66,6 +68,13 @@ def _body(rng: random.Random) -> str:
         return rng.choice((text, f"```json\n{text}\n```", f"```\n{text}\n```", f"Here it is: {text}"))
     if rng.random() < 0.05:
         return rng.choice(FOREIGN) + " " + rng.choice(FOREIGN)
+    if rng.random() < 0.15:  # blank-line paragraphs, each opening with one word (nth_paragraph_first_word)
+        opener = rng.choice(FIRST_WORDS)
+        return "\n\n".join(rng.choice(("", '"', "*")) + f"{opener.capitalize()}{rng.choice(('', ',', '.'))} "
+                             + _paragraph(rng) for _ in range(rng.randint(1, 5)))
+    if rng.random() < 0.15:
+        splitter = rng.choice(("Section", "SECTION", "Part", "PART", "Chapter", "Step"))
+        return "\n\n".join(f"{splitter} {i}\n{_paragraph(rng)}" for i in range(1, rng.randint(2, 6)))
     separator = rng.choice(("\n\n", "\n***\n", "\n\n***\n\n", " *** ", "\n", "\n\n\n"))
     return separator.join(_paragraph(rng) for _ in range(rng.randint(1, 5)))
 
@@ -117,8 +126,9 @@ def _official_verdicts(checker, response: str) -> tuple[bool, bool]:
 
 
 def test_our_verdicts_equal_the_official_checkers(monkeypatch):
-    """300 responses (80 for the langdetect types) x every IFEval type (2 argument draws each) x strict and
-    loose: no disagreement."""
+    """300 responses (80 for the langdetect types) x every IFEval type, with arguments drawn afresh by our
+    builder for each response (8 draws for the fast types), x strict and loose: no disagreement, and both
+    verdicts occur for every type (so that the comparison is not vacuous)."""
     import functools
 
     import langdetect
@@ -132,13 +142,18 @@ def test_our_verdicts_equal_the_official_checkers(monkeypatch):
     for type_id, kind in REGISTRY.items():
         if not kind.ifeval or type_id in skip:
             continue
-        for draw in range(2):
-            kwargs = kind.build(random.Random(f"{type_id}/{draw}"), request=REQUEST).kwargs
-            official = _official(type_id, kwargs)
-            for response in responses[:LANGDETECT_RESPONSES] if type_id in LANGDETECT_TYPES else responses:
+        outcomes = set()
+        slow = type_id in LANGDETECT_TYPES or type_id in PUNKT_TYPES
+        for i, response in enumerate(responses[:LANGDETECT_RESPONSES] if type_id in LANGDETECT_TYPES else responses):
+            for draw in range(1 if slow else DRAWS):
+                kwargs = kind.build(random.Random(f"{type_id}/{i}/{draw}"), request=REQUEST).kwargs
+                official = _official_verdicts(_official(type_id, kwargs), response)
                 ours = (check(kind, response, kwargs, "strict"), check(kind, response, kwargs, "loose"))
-                if ours != _official_verdicts(official, response):
-                    disagreements.append((type_id, kwargs, response))
+                if ours != official:
+                    disagreements.append((type_id, kwargs, response, ours, official))
+                outcomes.update(official)
                 compared += 1
-    assert compared == 2 * (300 * (25 - len(skip) - 3) + LANGDETECT_RESPONSES * 3)
+        assert outcomes == {True, False}, type_id
+    fast = 25 - 3 - len(PUNKT_TYPES)
+    assert compared == 300 * DRAWS * fast + LANGDETECT_RESPONSES * 3 + 300 * (len(PUNKT_TYPES) - len(skip))
     assert not disagreements, disagreements[:5]
