@@ -247,6 +247,26 @@ def test_builders_are_seeded_valid_and_mention_their_args(type_id):
     assert len(texts) >= 3, texts  # at least three wordings are drawn, not merely different numbers
 
 
+@pytest.mark.parametrize("type_id", sorted(t for t in REGISTRY if t != "combination:repeat_prompt"))
+def test_every_argument_varies(type_id):
+    """Over 300 draws every argument takes at least two values (relations both), within the documented
+    ranges for the counts."""
+    values: dict[str, set] = {}
+    for seed in range(300):
+        for key, value in REGISTRY[type_id].build(random.Random(seed), request=REQUEST).kwargs.items():
+            values.setdefault(key, set()).add(json.dumps(value))
+    assert all(len(v) >= 2 for v in values.values()), values
+    for key in ("relation", "let_relation", "capital_relation"):
+        if key in values:
+            assert values[key] == {json.dumps(AL), json.dumps(LT)}
+    ranges = {"num_paragraphs": (2, 5), "num_bullets": (2, 6), "num_highlights": (1, 4), "num_sections": (2, 5),
+              "num_placeholders": (1, 4), "num_sentences": (2, 10), "num_words": (20, 300), "frequency": (2, 4),
+              "let_frequency": (2, 12), "capital_frequency": (2, 10)}
+    for key, (lo, hi) in ranges.items():
+        if key in values:
+            assert all(lo <= json.loads(v) <= hi for v in values[key]), (key, values[key])
+
+
 def test_relation_wordings_say_which_way():
     for type_id, templates in words.WORDINGS.items():
         if isinstance(templates, dict):

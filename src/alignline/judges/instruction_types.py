@@ -310,7 +310,7 @@ def _draw_frequency(rng, budget, request):
 
 def _draw_letter(rng, budget, request):
     if rng.random() < 0.6:
-        return {"letter": rng.choice("etaoinshrdlcumwfgpyb"), "let_frequency": _upto(rng, 3, 12, budget, 4),
+        return {"letter": rng.choice("etaoinshr"), "let_frequency": _upto(rng, 3, 12, budget, 4),
                 "let_relation": "at least"}
     return {"letter": rng.choice(words.RATIONED_LETTERS), "let_frequency": rng.randint(2, 5),
             "let_relation": "less than"}
