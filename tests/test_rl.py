@@ -201,15 +201,15 @@ def test_verifier_reward_runs(tmp_path, tiny_model_dir):
 
 
 def test_verifier_reward_min_words_zeroes_near_empty_answers():
-    """A prompt with two instructions (no commas, all lowercase). "<<t>>" follows both: 1.0 without a floor,
-    0 under min_words=3 (1 word); "three plain words" follows both and has 3 words: 1.0 either way;
-    "Three, words here" breaks both: 0."""
+    """A prompt with two instructions (no commas, all lowercase). "<<the end>>" follows both (langdetect: en):
+    1.0 without a floor, 0 under min_words=3 (2 words); "three plain words" follows both and has 3 words: 1.0
+    either way; "Three, words here" breaks both: 0."""
     from alignline.data.records import Prompt
     from alignline.rewards import verifier_reward
 
     prompt = Prompt(id="p", messages=[{"role": "user", "content": "Hi"}],
                     meta={"instructions": [{"id": "no_commas", "kwargs": {}}, {"id": "all_lowercase", "kwargs": {}}]})
-    texts = ["<<t>>", "three plain words", "Three, words here"]
+    texts = ["<<the end>>", "three plain words", "Three, words here"]
     assert verifier_reward("strict")([prompt], [texts]) == [[1.0, 1.0, 0.0]]
     assert verifier_reward("strict", min_words=3)([prompt], [texts]) == [[0.0, 1.0, 0.0]]
 

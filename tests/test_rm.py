@@ -151,12 +151,13 @@ def test_score_unknown_prompt_is_a_clear_error(tmp_path, tiny_model_dir):
 
 
 def test_score_with_the_verifier_judge_ranks_by_instructions_followed(tmp_path):
-    """Instructions all_lowercase + no_commas: "good answer" follows both (1.0), "Good answer" only no_commas
-    (0.5), "Good, answer" neither (0.0); equal scores keep sample order (samples 0 and 3 both score 0.5)."""
+    """Instructions all_lowercase (IFEval's english_lowercase: no capitals and langdetect says English) +
+    no_commas: "this is a good answer" follows both (1.0), "This is a good answer" only no_commas (0.5),
+    "This is a good, answer" neither (0.0); equal scores keep sample order (samples 0 and 3 both score 0.5)."""
     instructions = [{"id": "all_lowercase", "kwargs": {}}, {"id": "no_commas", "kwargs": {}}]
     (tmp_path / "prompts.jsonl").write_text(json.dumps(
         {"id": "q0", "messages": [{"role": "user", "content": "Hi?"}], "meta": {"instructions": instructions}}) + "\n")
-    texts = ["Good answer", "Good, answer", "good answer", "Also fine"]
+    texts = ["This is a good answer", "This is a good, answer", "this is a good answer", "Also fine"]
     (tmp_path / "responses.jsonl").write_text("".join(
         json.dumps({"prompt_id": "q0", "sample_idx": i, "text": t, "source": "s"}) + "\n" for i, t in enumerate(texts)))
     cfg = load_config(score.ScoreConfig, None, [

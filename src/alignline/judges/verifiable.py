@@ -1,60 +1,61 @@
 """Verifiable instructions: the ``verifier`` judge (design section 5), deterministic and model-free.
 
 A *verifiable instruction* is a constraint on the form of a response that a few lines of Python can check
-("answer in at most 80 words", "do not use commas", "wrap the answer in double quotes"), in the spirit of
-IFEval (Zhou et al., 2023). The wording, word lists and checkers here are this project's own.
+("answer in fewer than 80 words", "do not use commas", "wrap the answer in double quotes"). The taxonomy is
+IFEval's (Zhou et al., 2023): its 25 instruction types, with their ids, argument names and the official
+checker's semantics, plus one type of this project's own (``startend:start_checker``). The wordings and word
+lists are this project's.
 
 How the pieces fit:
 
-* Every instruction type is an :class:`InstructionType` in :data:`REGISTRY`, keyed by a stable snake_case
-  id. A type has a pydantic model of its arguments (``args_model``), a builder ``build(rng)`` that draws
-  arguments from a seeded :class:`random.Random` and writes the instruction in plain English, and a checker
-  ``check(response, args, mode)``.
+* :mod:`alignline.judges.instruction_types` holds :data:`REGISTRY`: per type, its arguments (a pydantic
+  model), a seeded builder that draws arguments within an answer budget and picks one of at least three
+  wordings (:mod:`alignline.judges.instruction_wordings`), and its check
+  (:mod:`alignline.judges.instruction_checks`).
+* :func:`resolve_types` turns a configuration (``types: all``, a list of ids or short names, ``exclude``,
+  ``max_answer_words``) into the pool of types to draw from; :data:`ALIASES` keeps the short names of
+  earlier versions (``no_commas``, ``start_with``, ...) working.
 * :func:`attach_instructions` picks 1-3 mutually compatible types for a prompt (seeded by a base seed and
-  the prompt id, so the choice does not depend on processing order or sharding), appends their texts to
-  the last user turn and stores them in ``prompt.meta["instructions"]`` as ``[{"id", "kwargs", "text"}]``.
-  Pairs that cannot (or should not) be asked together are listed in :data:`CONFLICTS`.
-* :func:`verify` checks a response against such a list and returns a :class:`VerifyResult` (one boolean
-  per instruction and the fraction followed); :class:`VerifierJudge` does the same for a Prompt record;
-  :func:`aggregate` computes IFEval-style prompt-level and instruction-level accuracies.
+  the prompt id only, so the choice does not depend on processing order, sharding or hash seeds), appends
+  their wordings to the last user turn and stores them in ``prompt.meta["instructions"]`` as
+  ``[{"id", "kwargs", "text"}]`` (IFEval's id and kwargs, and the wording used). Pairs that cannot (or
+  should not) be asked together are listed in :data:`CONFLICTS`.
+* :func:`verify` checks a response against such a list and returns a :class:`VerifyResult`;
+  :class:`VerifierJudge` does the same for a Prompt record; :func:`aggregate` computes IFEval's
+  prompt-level and instruction-level accuracies.
 
-Strict and loose mode. In ``strict`` mode the response is checked as it is. ``loose`` mode forgives the
-usual wrapping of an otherwise compliant answer: the response counts as following an instruction if any
-of these variants does: the response itself, without its first line, without its last line, without both,
-and each of those four with every markdown emphasis character ``*`` removed. Loose is therefore never
-stricter than strict. A blank response, or a blank variant, never follows any instruction (an empty
-answer trivially "uses no commas" but follows nothing).
-
-Text conventions shared by the checkers: a *word* is a run of letters/digits (with inner ``'`` or ``-``),
-so markdown symbols are not words; keyword matches are case-insensitive and whole-word; a *sentence*
-ends at ``.``, ``!`` or ``?`` followed by whitespace or the end of the line, or at a line break; a
-*paragraph* is a non-blank block between blank lines or lines made of ``***``.
+Strict and loose mode are the official ones. ``strict``: the response as it is. ``loose``: the response
+follows an instruction if any of these variants does: the response, the response without its first line,
+without its last line, without both (those three stripped), and each of the four with every ``*``
+removed. A blank response or variant never follows any instruction.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import random
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict
 
 from alignline.data.records import Prompt
 from alignline.errors import ConfigError, DataError
+from alignline.judges.instruction_checks import count_words, split_sentences
+from alignline.judges.instruction_types import (
+    REGISTRY,
+    UNLIMITED,
+    Instruction,
+    InstructionArgs,
+    InstructionType,
+)
 
 __all__ = [
+    "ALIASES",
     "CONFLICTS",
-    "END_PHRASES",
-    "FILLER_WORDS",
-    "KEYWORDS",
     "MODES",
-    "POSTSCRIPT_MARKERS",
     "REGISTRY",
-    "START_PHRASES",
     "Instruction",
     "InstructionArgs",
     "InstructionType",
@@ -62,11 +63,13 @@ __all__ = [
     "VerifyResult",
     "aggregate",
     "attach_instructions",
+    "canonical_id",
+    "check",
     "compatible",
     "count_words",
     "instruction_seed",
     "loose_variants",
-    "split_paragraphs",
+    "resolve_types",
     "split_sentences",
     "verify",
 ]
@@ -74,637 +77,151 @@ __all__ = [
 Mode = Literal["strict", "loose"]
 MODES: tuple[str, ...] = ("strict", "loose")
 
-# ---------------------------------------------------------------------------------------------------------
-# Word lists for the builders. Keywords and filler words are disjoint, and no phrase below contains a comma
-# or a filler word, so no two instructions drawn from them can contradict each other.
-# ---------------------------------------------------------------------------------------------------------
-
-KEYWORDS: tuple[str, ...] = (
-    "balance", "garden", "morning", "journey", "patience", "window", "river", "habit", "coffee", "music",
-    "puzzle", "lesson", "community", "energy", "history", "future", "curious", "practical", "simple",
-    "friendly", "bridge", "season", "kitchen", "library",
-)
-"""Words that fit most chat topics; used by ``include_keywords`` and ``keyword_frequency``."""
-
-FILLER_WORDS: tuple[str, ...] = (
-    "very", "really", "basically", "actually", "just", "literally", "obviously", "definitely", "honestly",
-    "stuff", "thing", "quite",
-)
-"""Filler words a good answer can always avoid; used by ``exclude_words``."""
-
-START_PHRASES: tuple[str, ...] = (
-    "Great question", "In short", "Here is my answer", "To start with", "Let me explain", "Good news",
-)
-END_PHRASES: tuple[str, ...] = (
-    "Is there anything else I can help with?", "Let me know if you have more questions.", "Hope this helps!",
-    "That is all for now.", "Thanks for reading.",
-)
-POSTSCRIPT_MARKERS: tuple[str, ...] = ("P.S.", "P.P.S.")
-
-# ---------------------------------------------------------------------------------------------------------
-# Text helpers
-# ---------------------------------------------------------------------------------------------------------
-
-_WORD = re.compile(r"\w+(?:['’-]\w+)*")
-_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
-_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "e.g", "i.e", "cf", "fig"})
-_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n|^[ \t]*\*{3,}[ \t]*$", re.M)
-_BULLET = re.compile(r"^[ \t]*[*-][ \t]+\S", re.M)
-_HIGHLIGHT = re.compile(r"\*(?=[^\s*])[^\n*]*?[^\s*]\*|\*[^\s*]\*")
-_TITLE = re.compile(r"<<([^\n<>]+)>>")
-_FENCE = re.compile(r"\A```[ \t]*(?:json)?[ \t]*\n(.*?)\n?[ \t]*```\Z", re.S | re.I)
-_QUOTE_PAIRS = (('"', '"'), ("“", "”"))
-
-
-def count_words(text: str) -> int:
-    """Number of words: runs of letters/digits, with inner apostrophes or hyphens (``don't``, ``well-known``)."""
-    return len(_WORD.findall(text))
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text``: split after ``.``/``!``/``?`` (plus closing quotes or brackets) that is followed
-    by whitespace or the end of the line, and at every line break. Fragments without a word character are
-    dropped; decimals (``3.5``) and a few abbreviations (``e.g.``, ``Dr.``) do not end a sentence."""
-    out: list[str] = []
-    for line in text.split("\n"):
-        start = 0
-        for m in _SENTENCE_END.finditer(line):
-            before = line[start: m.start()].split()
-            last = before[-1].lower() if before else ""
-            if m.group().startswith(".") and m.group().rstrip("\"'”’)]") == "." and last in _ABBREVIATIONS:
-                continue
-            chunk = line[start: m.end()]
-            if re.search(r"\w", chunk):
-                out.append(chunk.strip())
-            start = m.end()
-        rest = line[start:]
-        if re.search(r"\w", rest):
-            out.append(rest.strip())
-    return out
-
-
-def split_paragraphs(text: str) -> list[str]:
-    """Non-blank blocks of ``text`` between blank lines or divider lines made of three or more ``*``."""
-    return [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
-
-
-def _phrase_pattern(phrase: str) -> re.Pattern[str]:
-    """Whole-word, case-insensitive pattern for a word or phrase (any whitespace between its words)."""
-    body = r"\s+".join(re.escape(part) for part in phrase.split())
-    return re.compile(rf"(?<!\w){body}(?!\w)", re.I)
-
-
-def _count_phrase(text: str, phrase: str) -> int:
-    return len(_phrase_pattern(phrase).findall(text))
-
-
-def _is_word_char(c: str) -> bool:
-    return c.isalnum() or c == "_"
-
-
-def _has_cased_letter(text: str) -> bool:
-    return any(c.lower() != c.upper() for c in text)
-
-
-def loose_variants(response: str) -> list[str]:
-    """The texts loose mode tries, strict text first: the response, without its first line, without its last
-    line, without both, each also with every ``*`` removed (duplicates and blank variants dropped)."""
-    lines = response.split("\n")
-    bases = [response, "\n".join(lines[1:]), "\n".join(lines[:-1]), "\n".join(lines[1:-1])]
-    out: list[str] = []
-    for base in bases:
-        for variant in (base, base.replace("*", "")):
-            if variant.strip() and variant not in out:
-                out.append(variant)
-    return out
-
-
-def _quote_list(words: Sequence[str], joiner: str) -> str:
-    quoted = [f'"{w}"' for w in words]
-    if len(quoted) == 1:
-        return quoted[0]
-    return ", ".join(quoted[:-1]) + f" {joiner} " + quoted[-1]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Records
-# ---------------------------------------------------------------------------------------------------------
-
-
-class Instruction(BaseModel):
-    """One verifiable instruction as stored in ``Prompt.meta["instructions"]``: JSON-serialisable."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    id: str
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    text: str = ""
-
-
-class VerifyResult(BaseModel):
-    """Per-instruction outcome of :func:`verify`; ``score`` is the fraction of instructions followed."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mode: Mode
-    ids: list[str]
-    followed: list[bool]
-    score: float
-
-    @property
-    def all_followed(self) -> bool:
-        return all(self.followed)
-
-
-class InstructionArgs(BaseModel):
-    """Base of every type's argument model: strict types (``5``, not ``"5"``), no unknown keys."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class _NoArgs(InstructionArgs):
-    pass
-
-
-class _RelationArgs(InstructionArgs):
-    relation: Literal["at_least", "at_most"]
-    n: int = Field(ge=1)
-
-
-class _CountArgs(InstructionArgs):
-    n: int = Field(ge=1)
-
-
-def _clean_words(v: list[str]) -> list[str]:
-    cleaned = [w.strip() for w in v]
-    for i, w in enumerate(cleaned):
-        if not re.search(r"\w", w):
-            raise ValueError(f"entry {i} ({w!r}) has no letter or digit")
-    return cleaned
-
-
-class _KeywordsArgs(InstructionArgs):
-    keywords: list[str] = Field(min_length=1)
-
-    @field_validator("keywords")
-    @classmethod
-    def _clean(cls, v: list[str]) -> list[str]:
-        return _clean_words(v)
-
-
-class _WordsArgs(InstructionArgs):
-    words: list[str] = Field(min_length=1)
-
-    @field_validator("words")
-    @classmethod
-    def _clean(cls, v: list[str]) -> list[str]:
-        return _clean_words(v)
-
-
-class _FrequencyArgs(InstructionArgs):
-    keyword: str
-    n: int = Field(ge=1)
-
-    @field_validator("keyword")
-    @classmethod
-    def _clean(cls, v: str) -> str:
-        return _clean_words([v])[0]
-
-
-class _PhraseArgs(InstructionArgs):
-    phrase: str
-
-    @field_validator("phrase")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("the phrase is blank")
-        return v.strip()
-
-
-class _MarkerArgs(InstructionArgs):
-    marker: str = "P.S."
-
-    @field_validator("marker")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("the marker is blank")
-        return v.strip()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Instruction types
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _field_path(loc: Iterable[Any]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-class InstructionType:
-    """One kind of verifiable instruction. Subclasses set ``id`` and ``args_model`` and implement
-    ``_make(rng) -> (kwargs, text)`` and ``follows(text, args) -> bool`` (the check of one text)."""
-
-    id: ClassVar[str]
-    args_model: ClassVar[type[InstructionArgs]] = _NoArgs
-
-    def build(self, rng: random.Random) -> Instruction:
-        """A seeded random instance: arguments drawn from ``rng`` and the instruction's English text."""
-        kwargs, text = self._make(rng)
-        self.parse_args(kwargs)
-        return Instruction(id=self.id, kwargs=kwargs, text=text)
-
-    def parse_args(self, kwargs: Any, *, field: str = "kwargs") -> InstructionArgs:
-        """Validated arguments; a malformed value raises DataError naming this id and the field."""
-        if isinstance(kwargs, self.args_model):
-            return kwargs
-        if not isinstance(kwargs, Mapping):
-            raise DataError(f"instruction '{self.id}' has malformed arguments", field=field,
-                            expected="a JSON object of arguments", found=type(kwargs).__name__)
-        try:
-            return self.args_model.model_validate(dict(kwargs))
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            name = _field_path(err["loc"])
-            where = f"{field}.{name}" if name else field
-            known = ", ".join(self.args_model.model_fields) or "none"
-            if err["type"] == "missing":
-                raise DataError(f"instruction '{self.id}' is missing its argument '{name}'", field=where,
-                                expected=f"the arguments: {known}") from None
-            if err["type"] == "extra_forbidden":
-                raise DataError(f"instruction '{self.id}' got an unknown argument '{name}'", field=where,
-                                expected=f"only the arguments: {known}") from None
-            msg = err["msg"].removeprefix("Value error, ")
-            raise DataError(f"instruction '{self.id}' has an invalid argument '{name}': {msg}", field=where,
-                            found=repr(err.get("input"))) from None
-
-    def check(self, response: str, args: InstructionArgs | Mapping[str, Any], mode: Mode = "strict") -> bool:
-        """Whether ``response`` follows the instruction; ``loose`` also tries :func:`loose_variants`."""
-        parsed = self.parse_args(args)
-        if mode == "strict":
-            return bool(response.strip()) and self.follows(response, parsed)
-        if mode == "loose":
-            return any(self.follows(v, parsed) for v in loose_variants(response))
-        raise ConfigError(f"verifier mode must be one of {', '.join(MODES)}, got {mode!r}")
-
-    def _make(self, rng: random.Random) -> tuple[dict[str, Any], str]:
-        raise NotImplementedError
-
-    def follows(self, text: str, args: Any) -> bool:
-        raise NotImplementedError
-
-
-class WordCount(InstructionType):
-    """``word_count``: at least / at most ``n`` words (:func:`count_words`). Builder: ``at_least`` 30-200,
-    ``at_most`` 50-300, both in steps of 10."""
-
-    id = "word_count"
-    args_model = _RelationArgs
-
-    def _make(self, rng):
-        relation = rng.choice(("at_least", "at_most"))
-        if relation == "at_least":
-            n = rng.randrange(30, 201, 10)
-            text = rng.choice(("Answer in at least {n} words.", "Write no fewer than {n} words.",
-                               "Make your response at least {n} words long."))
-        else:
-            n = rng.randrange(50, 301, 10)
-            text = rng.choice(("Answer in at most {n} words.", "Keep your response to {n} words or fewer.",
-                               "Use no more than {n} words."))
-        return {"relation": relation, "n": n}, text.format(n=n)
-
-    def follows(self, text, args):
-        count = count_words(text)
-        return count >= args.n if args.relation == "at_least" else count <= args.n
-
-
-class SentenceCount(InstructionType):
-    """``sentence_count``: at least / at most ``n`` sentences (:func:`split_sentences`). Builder:
-    ``at_least`` 3-8, ``at_most`` 2-6."""
-
-    id = "sentence_count"
-    args_model = _RelationArgs
-
-    def _make(self, rng):
-        relation = rng.choice(("at_least", "at_most"))
-        if relation == "at_least":
-            n = rng.randint(3, 8)
-            text = rng.choice(("Write at least {n} sentences.", "Your answer should have {n} or more sentences."))
-        else:
-            n = rng.randint(2, 6)
-            text = rng.choice(("Answer in at most {n} sentences.", "Use no more than {n} sentences."))
-        return {"relation": relation, "n": n}, text.format(n=n)
-
-    def follows(self, text, args):
-        count = len(split_sentences(text))
-        return count >= args.n if args.relation == "at_least" else count <= args.n
-
-
-class ParagraphCount(InstructionType):
-    """``paragraph_count``: exactly ``n`` paragraphs, separated by blank lines or ``***`` divider lines
-    (:func:`split_paragraphs`). Builder: 2-5."""
-
-    id = "paragraph_count"
-    args_model = _CountArgs
-
-    def _make(self, rng):
-        n = rng.randint(2, 5)
-        text = rng.choice((
-            "Write exactly {n} paragraphs, separated from each other by a blank line.",
-            "Structure your answer as exactly {n} paragraphs, separated by blank lines or by a line "
-            "containing only ***.",
-            "Your response must consist of exactly {n} paragraphs; separate them with the markdown divider ***.",
-        ))
-        return {"n": n}, text.format(n=n)
-
-    def follows(self, text, args):
-        return len(split_paragraphs(text)) == args.n
-
-
-class IncludeKeywords(InstructionType):
-    """``include_keywords``: every keyword appears (whole word, any case). Builder: 1-3 of :data:`KEYWORDS`."""
-
-    id = "include_keywords"
-    args_model = _KeywordsArgs
-
-    def _make(self, rng):
-        words = rng.sample(KEYWORDS, rng.randint(1, 3))
-        if len(words) == 1:
-            text = rng.choice(('Use the word "{w}" somewhere in your answer.',
-                               'Make sure your response contains the word "{w}".')).format(w=words[0])
-        else:
-            text = rng.choice(("Include the keywords {ws} in your response.",
-                               "Make sure to use the words {ws} somewhere in your answer.")).format(
-                ws=_quote_list(words, "and"))
-        return {"keywords": words}, text
-
-    def follows(self, text, args):
-        return all(_count_phrase(text, kw) > 0 for kw in args.keywords)
-
-
-class ExcludeWords(InstructionType):
-    """``exclude_words``: none of the words appears (whole word, any case). Builder: 1-3 of
-    :data:`FILLER_WORDS`."""
-
-    id = "exclude_words"
-    args_model = _WordsArgs
-
-    def _make(self, rng):
-        words = rng.sample(FILLER_WORDS, rng.randint(1, 3))
-        listed = _quote_list(words, "or")
-        text = rng.choice(("Do not use the word{s} {ws} anywhere in your response.",
-                           "Avoid the word{s} {ws} entirely.")).format(s="s" if len(words) > 1 else "", ws=listed)
-        return {"words": words}, text
-
-    def follows(self, text, args):
-        return not any(_count_phrase(text, w) for w in args.words)
-
-
-class KeywordFrequency(InstructionType):
-    """``keyword_frequency``: ``keyword`` appears at least ``n`` times (whole word, any case). Builder: a word
-    of :data:`KEYWORDS`, ``n`` 2-4."""
-
-    id = "keyword_frequency"
-    args_model = _FrequencyArgs
-
-    def _make(self, rng):
-        keyword = rng.choice(KEYWORDS)
-        n = rng.randint(2, 4)
-        text = rng.choice(('Use the word "{k}" at least {n} times.',
-                           'The word "{k}" should appear at least {n} times in your response.'))
-        return {"keyword": keyword, "n": n}, text.format(k=keyword, n=n)
-
-    def follows(self, text, args):
-        return _count_phrase(text, args.keyword) >= args.n
-
-
-class StartWith(InstructionType):
-    """``start_with``: the response (leading whitespace ignored) begins with ``phrase``, any case, and the
-    phrase is not the start of a longer word. Builder: one of :data:`START_PHRASES`."""
-
-    id = "start_with"
-    args_model = _PhraseArgs
-
-    def _make(self, rng):
-        phrase = rng.choice(START_PHRASES)
-        text = rng.choice(('Begin your response with the exact phrase "{p}".',
-                           'Start your answer with the words "{p}".'))
-        return {"phrase": phrase}, text.format(p=phrase)
-
-    def follows(self, text, args):
-        body, phrase = text.lstrip(), args.phrase
-        if body[: len(phrase)].lower() != phrase.lower():
-            return False
-        return len(body) == len(phrase) or not (_is_word_char(phrase[-1]) and _is_word_char(body[len(phrase)]))
-
-
-class EndWith(InstructionType):
-    """``end_with``: the response (trailing whitespace ignored) ends with ``phrase``, any case, with nothing
-    after it. Builder: one of :data:`END_PHRASES`."""
-
-    id = "end_with"
-    args_model = _PhraseArgs
-
-    def _make(self, rng):
-        phrase = rng.choice(END_PHRASES)
-        text = rng.choice(('Finish your response with the exact phrase "{p}" and write nothing after it.',
-                           'End your answer with the words "{p}"; nothing else may follow.'))
-        return {"phrase": phrase}, text.format(p=phrase)
-
-    def follows(self, text, args):
-        body, phrase = text.rstrip(), args.phrase
-        cut = len(body) - len(phrase)
-        if cut < 0 or body[cut:].lower() != phrase.lower():
-            return False
-        return cut == 0 or not (_is_word_char(phrase[0]) and _is_word_char(body[cut - 1]))
-
-
-class AllLowercase(InstructionType):
-    """``all_lowercase``: no capital letters, and at least one lowercase letter."""
-
-    id = "all_lowercase"
-
-    def _make(self, rng):
-        return {}, rng.choice(("Write your entire response in lowercase letters; do not use any capitals.",
-                               "Use only lowercase letters in your answer, with no capital letters at all."))
-
-    def follows(self, text, args):
-        return text == text.lower() and _has_cased_letter(text)
-
-
-class AllUppercase(InstructionType):
-    """``all_uppercase``: no lowercase letters, and at least one capital letter."""
-
-    id = "all_uppercase"
-
-    def _make(self, rng):
-        return {}, rng.choice(("Write your entire response in capital letters.",
-                               "Your whole answer must be in uppercase letters only."))
-
-    def follows(self, text, args):
-        return text == text.upper() and _has_cased_letter(text)
-
-
-class NoCommas(InstructionType):
-    """``no_commas``: no comma (``,`` or the full-width ``，``) anywhere."""
-
-    id = "no_commas"
-
-    def _make(self, rng):
-        return {}, rng.choice(("Do not use any commas in your response.",
-                               "Write your answer without a single comma."))
-
-    def follows(self, text, args):
-        return "," not in text and "，" not in text
-
-
-class JsonFormat(InstructionType):
-    """``json_format``: the whole response is one JSON object or array, optionally inside a markdown code
-    fence (```` ```json ... ``` ````); no other text."""
-
-    id = "json_format"
-
-    def _make(self, rng):
-        return {}, rng.choice((
-            "Format your entire output as JSON; you may wrap it in a ```json code block, but add no other text.",
-            "Reply with valid JSON only (an object or an array) and nothing outside it.",
-        ))
-
-    def follows(self, text, args):
-        body = text.strip()
-        fenced = _FENCE.match(body)
-        if fenced:
-            body = fenced.group(1).strip()
-        try:
-            value = json.loads(body)
-        except ValueError:
-            return False
-        return isinstance(value, dict | list)
-
-
-class BulletCount(InstructionType):
-    """``bullet_count``: exactly ``n`` markdown bullet lines (starting with ``* `` or ``- ``, any indent).
-    Builder: 2-6."""
-
-    id = "bullet_count"
-    args_model = _CountArgs
-
-    def _make(self, rng):
-        n = rng.randint(2, 6)
-        text = rng.choice(('Include exactly {n} bullet points, each on its own line starting with "* " or "- ".',
-                           'Your answer must contain exactly {n} markdown bullet points (lines that start '
-                           'with "* ").'))
-        return {"n": n}, text.format(n=n)
-
-    def follows(self, text, args):
-        return len(_BULLET.findall(text)) == args.n
-
-
-class HighlightedSections(InstructionType):
-    """``highlighted_sections``: at least ``n`` markdown-highlighted spans ``*like this*`` (``**bold**``
-    counts too); a span stays on one line and does not start or end with a space. Builder: 1-4."""
-
-    id = "highlighted_sections"
-    args_model = _CountArgs
-
-    def _make(self, rng):
-        n = rng.randint(1, 4)
-        text = rng.choice(("Highlight at least {n} section{s} of your answer with markdown, for example "
-                           "*an important part*.",
-                           "Mark at least {n} key part{s} of your response in italics using asterisks, "
-                           "like *this*."))
-        return {"n": n}, text.format(n=n, s="s" if n > 1 else "")
-
-    def follows(self, text, args):
-        return len(_HIGHLIGHT.findall(text)) >= args.n
-
-
-class Title(InstructionType):
-    """``title``: a non-blank title wrapped in double angle brackets, ``<<like this>>``, anywhere."""
-
-    id = "title"
-
-    def _make(self, rng):
-        return {}, rng.choice(("Give your answer a title wrapped in double angle brackets, such as "
-                               "<<a short title>>.",
-                               "Put a title at the top of your response inside double angle brackets, "
-                               "like <<my title>>."))
-
-    def follows(self, text, args):
-        return any(m.group(1).strip() for m in _TITLE.finditer(text))
-
-
-class Postscript(InstructionType):
-    """``postscript``: a line that starts with ``marker`` (default ``P.S.``, any case) followed by some text.
-    Builder: one of :data:`POSTSCRIPT_MARKERS`."""
-
-    id = "postscript"
-    args_model = _MarkerArgs
-
-    def _make(self, rng):
-        marker = rng.choice(POSTSCRIPT_MARKERS)
-        text = rng.choice(('At the end of your response, add a postscript that starts with "{m}".',
-                           'Close with a postscript beginning with "{m}".'))
-        return {"marker": marker}, text.format(m=marker)
-
-    def follows(self, text, args):
-        return re.search(rf"^[ \t]*{re.escape(args.marker)}[ \t]*\S", text, re.M | re.I) is not None
-
-
-class Quoted(InstructionType):
-    """``quoted``: the whole response (surrounding whitespace ignored) is wrapped in double quotation marks,
-    straight (``"..."``) or curly (``“...”``), with something inside."""
-
-    id = "quoted"
-
-    def _make(self, rng):
-        return {}, rng.choice(("Wrap your entire response in double quotation marks.",
-                               "Put your whole answer inside double quotes."))
-
-    def follows(self, text, args):
-        body = text.strip()
-        return len(body) > 2 and any(body[0] == a and body[-1] == b for a, b in _QUOTE_PAIRS) \
-            and bool(body[1:-1].strip())
-
-
-REGISTRY: dict[str, InstructionType] = {
-    t.id: t
-    for t in (
-        WordCount(), SentenceCount(), ParagraphCount(), IncludeKeywords(), ExcludeWords(), KeywordFrequency(),
-        StartWith(), EndWith(), AllLowercase(), AllUppercase(), NoCommas(), JsonFormat(), BulletCount(),
-        HighlightedSections(), Title(), Postscript(), Quoted(),
-    )
+ALIASES: dict[str, str] = {
+    "word_count": "length_constraints:number_words",
+    "sentence_count": "length_constraints:number_sentences",
+    "paragraph_count": "length_constraints:number_paragraphs",
+    "include_keywords": "keywords:existence",
+    "exclude_words": "keywords:forbidden_words",
+    "keyword_frequency": "keywords:frequency",
+    "start_with": "startend:start_checker",
+    "end_with": "startend:end_checker",
+    "all_lowercase": "change_case:english_lowercase",
+    "all_uppercase": "change_case:english_capital",
+    "no_commas": "punctuation:no_comma",
+    "bullet_count": "detectable_format:number_bullet_lists",
+    "highlighted_sections": "detectable_format:number_highlighted_sections",
+    "quoted": "startend:quotation",
+    **{t.split(":", 1)[1]: t for t in REGISTRY},  # the part after the colon: title, json_format, ...
 }
-"""Every instruction type by id (ids are stable: they are stored in prompt files)."""
+"""Short names accepted wherever a type id is: the ids of alignline before the IFEval taxonomy (stored in
+older prompt files, still in configs) and each id's part after the colon."""
 
-_JSON_REASON = "a JSON-only response has no room for this"
-CONFLICTS: dict[frozenset[str], str] = {
-    frozenset(pair): reason
-    for pair, reason in (
-        (("all_lowercase", "all_uppercase"), "a response cannot be all lowercase and all uppercase"),
-        *((("json_format", other), _JSON_REASON) for other in (
-            "bullet_count", "title", "postscript", "quoted", "paragraph_count", "highlighted_sections",
-            "start_with", "end_with", "sentence_count")),
-        (("json_format", "no_commas"), "JSON with more than one field needs commas"),
-        (("start_with", "quoted"), "a quoted response starts with the quotation mark"),
-        (("end_with", "quoted"), "a quoted response ends with the quotation mark"),
-        (("bullet_count", "quoted"), "the opening quotation mark would spoil the first bullet"),
-        (("start_with", "title"), "a title conventionally opens the response"),
-        (("end_with", "postscript"), "a postscript conventionally closes the response"),
-        (("sentence_count", "paragraph_count"), "a sentence limit fights a paragraph count"),
-        (("sentence_count", "bullet_count"), "every bullet line counts as a sentence"),
-    )
+# Older prompt files store these ids with other argument names; verify() translates them.
+_LEGACY_KEYS: dict[str, dict[str, str]] = {
+    "word_count": {"n": "num_words"}, "sentence_count": {"n": "num_sentences"},
+    "paragraph_count": {"n": "num_paragraphs"}, "exclude_words": {"words": "forbidden_words"},
+    "keyword_frequency": {"n": "frequency"}, "start_with": {"phrase": "start_phrase"},
+    "end_with": {"phrase": "end_phrase"}, "bullet_count": {"n": "num_bullets"},
+    "highlighted_sections": {"n": "num_highlights"}, "postscript": {"marker": "postscript_marker"},
 }
+
+# ---------------------------------------------------------------------------------------------------------
+# Conflicts
+# ---------------------------------------------------------------------------------------------------------
+
+_ANSWERS_ONLY_WITH: dict[str, tuple[tuple[str, ...], str]] = {
+    "detectable_format:constrained_response": ((), "the answer is one fixed sentence"),
+    "detectable_format:json_format": (
+        ("keywords:existence", "keywords:forbidden_words"), "a JSON-only response has no room for it"),
+    "combination:two_responses": (
+        ("keywords:existence", "keywords:forbidden_words", "language:response_language",
+         "detectable_format:title", "punctuation:no_comma"), "it is unclear which of the two answers it binds"),
+    "combination:repeat_prompt": (
+        ("keywords:existence", "detectable_format:title"),
+        "the repeated request fixes the start and its wording (commas, case, language)"),
+}
+_PAIRS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("language:response_language",
+     ("keywords:existence", "keywords:frequency", "keywords:forbidden_words", "keywords:letter_frequency",
+      "startend:end_checker", "startend:start_checker", "change_case:english_capital",
+      "change_case:english_lowercase", "change_case:capital_word_frequency",
+      "detectable_format:multiple_sections", "length_constraints:nth_paragraph_first_word"),
+     "it asks for English words, letters, capitals or headers in another language"),
+    ("change_case:english_lowercase", ("change_case:english_capital", "change_case:capital_word_frequency",
+                                       "detectable_format:multiple_sections"),
+     "lowercase rules out capitals (and the section headers have one)"),
+    ("change_case:english_capital", ("change_case:capital_word_frequency", "detectable_format:multiple_sections"),
+     "all-capitals fixes the capital-word count (and some section headers are not capitals)"),
+    ("length_constraints:number_paragraphs", ("length_constraints:nth_paragraph_first_word",
+                                              "length_constraints:number_sentences"),
+     "two paragraph definitions, or a sentence count fighting a paragraph count"),
+    ("detectable_format:multiple_sections", ("detectable_format:number_highlighted_sections",
+                                             "length_constraints:nth_paragraph_first_word"),
+     "headers are often highlighted, and a header would open the paragraph"),
+    ("startend:quotation", ("detectable_format:title", "detectable_format:number_bullet_lists"),
+     "the opening quotation mark spoils a leading title or the first bullet"),
+    ("startend:start_checker", ("detectable_format:title", "length_constraints:nth_paragraph_first_word"),
+     "both fix how the response opens"),
+)
+
+
+def _conflicts() -> dict[frozenset[str], str]:
+    out: dict[frozenset[str], str] = {}
+    for exclusive, (allowed, reason) in _ANSWERS_ONLY_WITH.items():
+        for other in REGISTRY:
+            if other != exclusive and other not in allowed:
+                out.setdefault(frozenset((exclusive, other)), reason)
+    for first, others, reason in _PAIRS:
+        for other in others:
+            out.setdefault(frozenset((first, other)), reason)
+    return out
+
+
+CONFLICTS: dict[frozenset[str], str] = _conflicts()
 """Pairs of types that :func:`attach_instructions` never combines, with the reason."""
 
 
 def compatible(a: str, b: str) -> bool:
     """Whether two instruction types may be attached to the same prompt (distinct and not in CONFLICTS)."""
     return a != b and frozenset((a, b)) not in CONFLICTS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Choosing the pool of types
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _known_ids() -> str:
+    return ", ".join(REGISTRY)
+
+
+def _unknown_id_hint(name: Any) -> str:
+    close = difflib.get_close_matches(str(name), [*REGISTRY, *ALIASES], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def canonical_id(name: str) -> str | None:
+    """The registry id of a type id or short name (``no_commas`` -> ``punctuation:no_comma``); None if unknown."""
+    return name if name in REGISTRY else ALIASES.get(name)
+
+
+def _resolve_names(names: Sequence[str], setting: str) -> list[str]:
+    out = []
+    for name in names:
+        found = canonical_id(str(name))
+        if found is None:
+            raise ConfigError(f"{setting}: unknown instruction type '{name}'{_unknown_id_hint(name)}; known "
+                              f"types: all, ifeval, {_known_ids()} (or a short name such as no_comma)")
+        out.append(found)
+    return out
+
+
+def resolve_types(types: str | Sequence[str] | None = None, exclude: Sequence[str] = (),
+                  max_answer_words: int | None = None) -> list[str]:
+    """The type ids to draw from, in registry order.
+
+    ``types``: ``None`` or ``"all"`` (every type), ``"ifeval"`` (IFEval's 25), or a list of ids / short names;
+    ``exclude``: ids or short names to leave out; ``max_answer_words``: leave out the types whose
+    ``min_words`` exceeds this answer budget. Raises ConfigError naming the setting when a name is unknown
+    or nothing is left."""
+    if types is None or types == "all":
+        chosen = set(REGISTRY)
+    elif types == "ifeval":
+        chosen = {t for t, kind in REGISTRY.items() if kind.ifeval}
+    elif isinstance(types, str):
+        raise ConfigError(f"instructions.types is {types!r}; give all, ifeval or a list of type ids")
+    else:
+        if not types:
+            raise ConfigError(f"instructions.types is empty; leave it unset (all) or pick from: {_known_ids()}")
+        chosen = set(_resolve_names(types, "instructions.types"))
+    chosen -= set(_resolve_names(exclude, "instructions.exclude"))
+    if max_answer_words is not None:
+        chosen = {t for t in chosen if REGISTRY[t].min_words <= max_answer_words}
+    if not chosen:
+        raise ConfigError(f"no instruction type is left to draw from (types={types!r}, exclude={list(exclude)}, "
+                          f"max_answer_words={max_answer_words}); widen types or raise max_answer_words")
+    return [t for t in REGISTRY if t in chosen]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -721,55 +238,56 @@ def instruction_seed(rng_seed: str | int, prompt_id: str) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def _known_ids() -> str:
-    return ", ".join(REGISTRY)
-
-
-def _unknown_id_hint(name: Any) -> str:
-    close = difflib.get_close_matches(str(name), list(REGISTRY), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _choose_types(rng: random.Random, k: int, pool: Sequence[str]) -> list[str]:
+def _choose_types(rng: random.Random, k: int, pool: Sequence[str], request: str) -> list[str]:
     order = list(pool)
     rng.shuffle(order)
     chosen: list[str] = []
     for t in order:
         if len(chosen) == k:
             break
-        if all(compatible(t, c) for c in chosen):
+        if REGISTRY[t].applies(request) and all(compatible(t, c) for c in chosen):
             chosen.append(t)
     return chosen
 
 
+_WORD_LIMIT = "length_constraints:number_words"
+
+
+def _build(rng: random.Random, chosen: list[str], budget: int, request: str) -> list[Instruction]:
+    """Instances of the chosen types. A word limit ("less than n words") is drawn first and lowers the budget
+    of the others, so that their counts (bullets, sentences, paragraphs, ...) fit in n - 1 words."""
+    out = []
+    for type_id in sorted(chosen, key=lambda t: t != _WORD_LIMIT):
+        inst = REGISTRY[type_id].build(rng, budget, request)
+        if type_id == _WORD_LIMIT and inst.kwargs["relation"] == "less than":
+            budget = min(budget, inst.kwargs["num_words"] - 1)
+        out.append(inst)
+    return out
+
+
 def attach_instructions(prompt: Prompt, rng_seed: str | int, k_min: int = 1, k_max: int = 3,
-                        types: Sequence[str] | None = None) -> Prompt:
+                        types: str | Sequence[str] | None = None, *, exclude: Sequence[str] = (),
+                        max_answer_words: int | None = None) -> Prompt:
     """A copy of ``prompt`` with ``k_min..k_max`` compatible verifiable instructions attached.
 
-    The random draw is seeded by :func:`instruction_seed` (``rng_seed`` and ``prompt.id``), so a prompt gets
-    the same instructions whatever the order or sharding. Their texts are appended to the last user turn
+    The draw is seeded by :func:`instruction_seed` (``rng_seed`` and ``prompt.id``), so a prompt gets the same
+    instructions whatever the order or sharding (only ``combination:repeat_prompt`` also looks at the request:
+    it is skipped for requests of more than 40 words). Their wordings are appended to the last user turn
     (``"\\n\\n" + " ".join(texts)``) and the instructions are stored in ``meta["instructions"]`` as
-    ``[{"id", "kwargs", "text"}]``. ``types`` restricts the choice (default: every type in REGISTRY); when too
-    few compatible types are left, fewer than ``k_min`` (at least one) are attached. A prompt that already
-    has ``meta["instructions"]`` is returned unchanged (as a copy), so attaching twice is harmless.
+    ``[{"id", "kwargs", "text"}]``. ``types``/``exclude``/``max_answer_words`` choose the pool
+    (:func:`resolve_types`); counts are drawn to fit ``max_answer_words`` and a drawn word limit. When too few compatible types are
+    left, fewer than ``k_min`` (at least one) are attached. A prompt that already has ``meta["instructions"]``
+    is returned unchanged (as a copy), so attaching twice is harmless.
     """
     if k_min < 1 or k_max < k_min:
         raise ConfigError(f"instructions need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
-    if types is None:
-        pool = list(REGISTRY)
-    else:
-        if not types:
-            raise ConfigError(f"instruction types is empty; leave it unset or pick from: {_known_ids()}")
-        unknown = [t for t in types if t not in REGISTRY]
-        if unknown:
-            raise ConfigError(f"unknown instruction type '{unknown[0]}'{_unknown_id_hint(unknown[0])}; "
-                              f"known types: {_known_ids()}")
-        pool = [t for t in REGISTRY if t in set(types)]
+    pool = resolve_types(types, exclude, max_answer_words)
     if prompt.meta.get("instructions"):
         return prompt.model_copy(deep=True)
+    request = prompt.messages[-1].content
     rng = random.Random(instruction_seed(rng_seed, prompt.id))
-    chosen = _choose_types(rng, rng.randint(k_min, k_max), pool)
-    instructions = [REGISTRY[t].build(rng) for t in chosen]
+    chosen = _choose_types(rng, rng.randint(k_min, k_max), pool, request)
+    instructions = _build(rng, chosen, UNLIMITED if max_answer_words is None else max_answer_words, request)
     data = prompt.model_dump()
     last = data["messages"][-1]
     last["content"] = last["content"].rstrip() + "\n\n" + " ".join(i.text for i in instructions)
@@ -782,8 +300,66 @@ def attach_instructions(prompt: Prompt, rng_seed: str | int, k_min: int = 1, k_m
 # ---------------------------------------------------------------------------------------------------------
 
 
+class VerifyResult(BaseModel):
+    """Per-instruction outcome of :func:`verify`; ``score`` is the fraction of instructions followed. ``ids``
+    are the ids as stored (an older short id stays as it was)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode
+    ids: list[str]
+    followed: list[bool]
+    score: float
+
+    @property
+    def all_followed(self) -> bool:
+        return all(self.followed)
+
+
+def loose_variants(response: str) -> list[str]:
+    """The texts loose mode tries, the response first: the response, without its first line, without its last
+    line, without both (those three stripped), each also with every ``*`` removed. Duplicates and blank
+    variants are dropped (a blank variant follows nothing)."""
+    lines = response.split("\n")
+    bases = [response, "\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    out: list[str] = []
+    for base in bases:
+        for variant in (base, base.replace("*", "")):
+            if variant.strip() and variant not in out:
+                out.append(variant)
+    return out
+
+
+def check(kind: InstructionType, response: str, args: InstructionArgs | Mapping[str, Any],
+          mode: Mode = "strict") -> bool:
+    """Whether ``response`` follows one instruction of type ``kind`` in ``mode``."""
+    parsed = kind.parse_args(args)
+    if mode == "strict":
+        return bool(response.strip()) and kind.follows(response, parsed)
+    if mode == "loose":
+        return any(kind.follows(v, parsed) for v in loose_variants(response))
+    raise ConfigError(f"verifier mode must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+def _legacy_kwargs(name: str, kwargs: Any) -> Any:
+    """Arguments of an older short id in today's names (``word_count`` ``at_most n`` -> ``less than n+1``)."""
+    if name not in _LEGACY_KEYS or not isinstance(kwargs, Mapping):
+        return kwargs
+    keys = _LEGACY_KEYS[name]
+    out = {keys.get(k, k): v for k, v in kwargs.items()}
+    if name == "keyword_frequency":
+        out.setdefault("relation", "at least")
+    count_key = keys.get("n")
+    if name in ("word_count", "sentence_count") and isinstance(out.get(count_key), int):
+        if out.get("relation") == "at_most":
+            out.update(relation="less than", **{count_key: out[count_key] + 1})
+        elif out.get("relation") == "at_least":
+            out["relation"] = "at least"
+    return out
+
+
 def _parse_instructions(instructions: Sequence[Mapping[str, Any] | Instruction],
-                        ) -> list[tuple[InstructionType, InstructionArgs]]:
+                        ) -> list[tuple[str, InstructionType, InstructionArgs]]:
     if isinstance(instructions, str | bytes | Mapping) or not isinstance(instructions, Sequence):
         raise DataError("instructions must be a list", field="instructions",
                         expected='a list of {"id", "kwargs", "text"} objects', found=type(instructions).__name__)
@@ -799,11 +375,13 @@ def _parse_instructions(instructions: Sequence[Mapping[str, Any] | Instruction],
             raise DataError("an instruction must be an object", field=where,
                             expected='{"id", "kwargs", "text"}', found=type(item).__name__)
         name = item.get("id")
-        if name not in REGISTRY:
+        found = canonical_id(name) if isinstance(name, str) else None
+        if found is None:
             raise DataError(f"unknown instruction id '{name}'{_unknown_id_hint(name)}", field=f"{where}.id",
                             expected=f"one of {_known_ids()}")
-        kind = REGISTRY[name]
-        parsed.append((kind, kind.parse_args(item.get("kwargs", {}), field=f"{where}.kwargs")))
+        kind = REGISTRY[found]
+        kwargs = _legacy_kwargs(name, item.get("kwargs", {}))
+        parsed.append((name, kind, kind.parse_args(kwargs, field=f"{where}.kwargs")))
     return parsed
 
 
@@ -817,8 +395,8 @@ def verify(response: str, instructions: Sequence[Mapping[str, Any] | Instruction
     if mode not in MODES:
         raise ConfigError(f"verifier mode must be one of {', '.join(MODES)}, got {mode!r}")
     parsed = _parse_instructions(instructions)
-    followed = [kind.check(response, args, mode) for kind, args in parsed]
-    return VerifyResult(mode=mode, ids=[kind.id for kind, _ in parsed], followed=followed,
+    followed = [check(kind, response, args, mode) for _, kind, args in parsed]
+    return VerifyResult(mode=mode, ids=[name for name, _, _ in parsed], followed=followed,
                         score=sum(followed) / len(followed))
 
 

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from rich.table import Table
 
 from alignline.config import Section
@@ -59,8 +59,32 @@ class InstructionSettings(Section):
     """Fewest instructions per prompt."""
     k_max: int = Field(3, ge=1)
     """Most instructions per prompt."""
-    types: list[str] | None = None
-    """Instruction type ids to draw from (null: all, see alignline.judges.verifiable.REGISTRY)."""
+    types: Literal["all", "ifeval"] | list[str] = "all"
+    """Instruction types to draw from: all (IFEval's 25 and start_checker), ifeval (IFEval's 25), or a list of
+    ids (keywords:existence, ...) or short names (existence, no_comma, and the older no_commas, start_with,
+    ...). The table of types: docs/guide.md, "Verifiable instructions"."""
+    exclude: list[str] = []
+    """Type ids or short names left out of ``types`` (e.g. types: all with exclude: [repeat_prompt])."""
+    max_answer_words: int | None = Field(None, ge=1)
+    """Answer budget in words (about 0.75 x the new-token budget): types whose shortest compliant answer is
+    longer are not drawn, and counts (sentences, bullets, paragraphs, ...) are drawn to fit; null: no limit."""
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _null_is_all(cls, v):
+        return "all" if v is None else v
+
+    @model_validator(mode="after")
+    def _known_types(self) -> InstructionSettings:
+        from alignline.judges.verifiable import resolve_types
+
+        try:
+            resolve_types(self.types, self.exclude, self.max_answer_words)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if self.k_max < self.k_min:
+            raise ValueError(f"k_max ({self.k_max}) is below k_min ({self.k_min}); raise k_max or lower k_min")
+        return self
 
 
 class DecontaminateSettings(Section):
@@ -235,7 +259,8 @@ def run(cfg: PrepareConfig) -> Path:
             from alignline.judges.verifiable import attach_instructions
 
             ins = cfg.instructions
-            records = [attach_instructions(p, ins.seed, ins.k_min, ins.k_max, ins.types) for p in records]
+            records = [attach_instructions(p, ins.seed, ins.k_min, ins.k_max, ins.types, exclude=ins.exclude,
+                                           max_answer_words=ins.max_answer_words) for p in records]
             counts[f"{name}:instructions_attached"] = sum(len(p.meta["instructions"]) for p in records)
         path = rd.path / f"{name}.{cfg.format}"
         write_records(path, records)
