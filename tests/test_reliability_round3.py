@@ -181,6 +181,22 @@ def test_pipeline_refuses_an_output_root_in_use(tmp_path):
     assert not (tmp_path / "root" / "pipeline.json").exists() and not (tmp_path / "root" / "prep").exists()
 
 
+def test_a_filesystem_that_cannot_lock_warns_and_runs(tmp_path, monkeypatch, capsys):
+    """flock refused by the filesystem (ENOLCK, as some network mounts answer): a warning naming the directory, and
+    the stage runs unguarded rather than not at all."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with directory_lock(tmp_path / "run", wait=False):
+        pass
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"warning: cannot lock {tmp_path / 'run'} (No locks available)" in said
+
+
 # ------------------------------------------------------------------------------ 2. a full disk
 
 @pytest.fixture
@@ -204,6 +220,17 @@ def small_disk(tmp_path):
 
 def _grow(disk, kb: int) -> None:
     subprocess.run(["mount", "-o", f"remount,size={kb}k", str(disk)], check=True)
+
+
+def test_a_read_only_output_directory_is_a_config_error(small_disk):
+    """An output_dir on a read-only filesystem: a ConfigError naming it (root ignores permission bits, not this)."""
+    from alignline.errors import ConfigError
+
+    disk = small_disk(64)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    with pytest.raises(ConfigError, match=f"cannot write the output directory {disk / 'run'} \\(Read-only file system\\)"), \
+            directory_lock(disk / "run", wait=False):
+        pass
 
 
 def sft_config_file(tmp_path, model_dir):

@@ -15,6 +15,7 @@ processes wait at their first collective for a main process that was refused and
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -88,8 +89,7 @@ def _open_locked(path: Path, wait: bool) -> int:
                 os.close(fd)
                 raise _busy(path, holder) from None
             if not said:
-                Console(stderr=True, soft_wrap=True).print(f"waiting for {path.parent}: in use by {holder}",
-                                                          markup=False, highlight=False)
+                _say(f"waiting for {path.parent}: in use by {holder}")
                 said = True
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
@@ -104,17 +104,29 @@ def _open_locked(path: Path, wait: bool) -> int:
         os.close(fd)
 
 
-def _acquire(path: Path, wait: bool) -> int:
+def _acquire(path: Path, wait: bool) -> int | None:
+    """The locked descriptor, or None where the filesystem cannot lock (said, and the run goes on unguarded)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_locked(path, wait)
+    except DirectoryBusyError:
+        raise
     except OSError as exc:
-        raise ConfigError(f"cannot create the output directory {path.parent} ({exc.strerror}); choose a writable "
-                          "output_dir") from None
-    fd = _open_locked(path, wait)
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+            raise ConfigError(f"cannot write the output directory {path.parent} ({exc.strerror}); choose a writable "
+                              "output_dir") from None
+        _say(f"warning: cannot lock {path.parent} ({exc.strerror}); nothing stops a second process from writing "
+             "there: make sure only this one does")
+        return None
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    with contextlib.suppress(OSError):  # who holds it is a courtesy (a full disk may refuse even these bytes)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     return fd
+
+
+def _say(text: str) -> None:
+    Console(stderr=True, soft_wrap=True).print(text, markup=False, highlight=False)
 
 
 @contextlib.contextmanager
@@ -137,6 +149,7 @@ def directory_lock(directory: str | Path, *, part: str | None = None, wait: bool
         held[1] -= 1
         if held[1] == 0:
             del _HELD[path]
-            with contextlib.suppress(OSError):
-                path.unlink()  # before letting go, so a waiter that locked the old file notices (samestat)
-            os.close(held[0])
+            if held[0] is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()  # before letting go, so a waiter that locked the old file notices (samestat)
+                os.close(held[0])
