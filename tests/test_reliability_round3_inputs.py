@@ -240,3 +240,23 @@ def test_annotate_whose_judge_never_parses_ends_failed(tmp_path, monkeypatch):
         annotate.run(llm_cfg(tmp_path))
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "failed"
     assert len((tmp_path / "out" / "failures.jsonl").read_text().splitlines()) == 6
+
+
+def test_rl_prompt_over_max_prompt_tokens_is_dropped_with_its_file_and_line(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """rl drops a prompt longer than max_prompt_tokens (counted, as before) and now lists it as file:line with its id
+    and length in dropped_lines."""
+    from collections import Counter
+
+    from tests.test_rl import config
+
+    from alignline.stages.rl_run import load_prompts
+
+    cfg = config(tmp_path, tiny_model_dir, max_prompt_tokens=60, reward="[{type: function, function: 'm:f'}]")
+    rows = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
+    rows[5]["messages"][0]["content"] = "word " * 40
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = Counter()
+    kept, _ = load_prompts(cfg, tiny_tokenizer, counts)
+    assert len(kept) == 7 and counts["dropped_prompt_too_long"] == 1
+    [line] = counts["dropped_lines"]
+    assert line.startswith(f"{tmp_path / 'prompts.jsonl'}:6: prompt 'p5' has ") and "more than max_prompt_tokens" in line
