@@ -94,14 +94,15 @@ def test_two_samples_in_one_directory_one_is_refused_the_other_equals_a_lone_run
 HOLD = textwrap.dedent("""
     import sys, time
     from alignline.data.dirlock import directory_lock
-    with directory_lock(sys.argv[1]):
+    with directory_lock(sys.argv[1], part=sys.argv[2] if len(sys.argv) > 2 else None):
         print("locked", flush=True)
         time.sleep(600)
 """)
 
 
-def _holder(directory) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(directory)], env=ENV, stdout=subprocess.PIPE, text=True)
+def _holder(directory, *part: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(directory), *part], env=ENV, stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -153,6 +154,18 @@ def test_lock_is_reentrant_in_a_process_and_left_to_the_main_process_of_a_launch
         pass
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(DirectoryBusyError), directory_lock(tmp_path, wait=False):
+        pass
+    proc.kill()
+    proc.wait()
+
+
+def test_shares_of_a_sharded_sample_lock_apart(tmp_path):
+    """sample's shard=i/N: machines filling one directory hold their own share's lock, so share 1/2 runs beside a
+    holder of share 0/2 while a second 0/2 is refused."""
+    proc = _holder(tmp_path, "0/2")
+    with directory_lock(tmp_path, part="1/2", wait=False):
+        assert lock_path(tmp_path, "1/2").name == ".alignline.1-2.lock"
+    with pytest.raises(DirectoryBusyError, match=".alignline.0-2.lock"), directory_lock(tmp_path, part="0/2", wait=False):
         pass
     proc.kill()
     proc.wait()

@@ -9,7 +9,9 @@ killed holder leaves it behind, harmless: only the kernel lock counts, and finge
 Within one process the lock is re-entrant (``tso-loop`` and ``self-reward`` run their sub-stages, a pipeline its
 stages, while holding an outer lock). Under ``accelerate launch`` / ``torchrun`` only the launch's main process
 (``RANK`` 0) takes it: the other processes of that launch share the directory with it, and a second launch's other
-processes wait at their first collective for a main process that was refused and exits.
+processes wait at their first collective for a main process that was refused and exits. A directory that cannot
+be written is a ConfigError; a filesystem that cannot lock (some network mounts) is warned about, and the stage runs
+unguarded.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ WAIT_ENV = "ALIGNLINE_WAIT_LOCK"
 (the ``--wait-lock`` flag sets it)."""
 
 _HELD: dict[Path, list] = {}
-"""Lock files this process holds: path -> [file descriptor, depth]."""
+"""Lock files this process holds: path -> [file descriptor (None: not lockable there), depth]."""
 
 
 def is_lock_file(name: str) -> bool:
