@@ -9,12 +9,15 @@ killed holder leaves it behind, harmless: only the kernel lock counts, and finge
 Within one process the lock is re-entrant (``tso-loop`` and ``self-reward`` run their sub-stages, a pipeline its
 stages, while holding an outer lock). Under ``accelerate launch`` / ``torchrun`` only the launch's main process
 (``RANK`` 0) takes it: the other processes of that launch share the directory with it, and a second launch's other
-processes wait at their first collective for a main process that was refused and exits.
+processes wait at their first collective for a main process that was refused and exits. A directory that cannot
+be written is a ConfigError; a filesystem that cannot lock (some network mounts) is warned about, and the stage runs
+unguarded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -33,7 +36,7 @@ WAIT_ENV = "ALIGNLINE_WAIT_LOCK"
 (the ``--wait-lock`` flag sets it)."""
 
 _HELD: dict[Path, list] = {}
-"""Lock files this process holds: path -> [file descriptor, depth]."""
+"""Lock files this process holds: path -> [file descriptor (None: not lockable there), depth]."""
 
 
 def is_lock_file(name: str) -> bool:
@@ -88,8 +91,7 @@ def _open_locked(path: Path, wait: bool) -> int:
                 os.close(fd)
                 raise _busy(path, holder) from None
             if not said:
-                Console(stderr=True, soft_wrap=True).print(f"waiting for {path.parent}: in use by {holder}",
-                                                          markup=False, highlight=False)
+                _say(f"waiting for {path.parent}: in use by {holder}")
                 said = True
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
@@ -104,17 +106,29 @@ def _open_locked(path: Path, wait: bool) -> int:
         os.close(fd)
 
 
-def _acquire(path: Path, wait: bool) -> int:
+def _acquire(path: Path, wait: bool) -> int | None:
+    """The locked descriptor, or None where the filesystem cannot lock (said, and the run goes on unguarded)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_locked(path, wait)
+    except DirectoryBusyError:
+        raise
     except OSError as exc:
-        raise ConfigError(f"cannot create the output directory {path.parent} ({exc.strerror}); choose a writable "
-                          "output_dir") from None
-    fd = _open_locked(path, wait)
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+            raise ConfigError(f"cannot write the output directory {path.parent} ({exc.strerror}); choose a writable "
+                              "output_dir") from None
+        _say(f"warning: cannot lock {path.parent} ({exc.strerror}); nothing stops a second process from writing "
+             "there: make sure only this one does")
+        return None
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    with contextlib.suppress(OSError):  # who holds it is a courtesy (a full disk may refuse even these bytes)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     return fd
+
+
+def _say(text: str) -> None:
+    Console(stderr=True, soft_wrap=True).print(text, markup=False, highlight=False)
 
 
 @contextlib.contextmanager
@@ -137,6 +151,7 @@ def directory_lock(directory: str | Path, *, part: str | None = None, wait: bool
         held[1] -= 1
         if held[1] == 0:
             del _HELD[path]
-            with contextlib.suppress(OSError):
-                path.unlink()  # before letting go, so a waiter that locked the old file notices (samestat)
-            os.close(held[0])
+            if held[0] is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()  # before letting go, so a waiter that locked the old file notices (samestat)
+                os.close(held[0])

@@ -31,7 +31,7 @@ from alignline.errors import DataError
 from alignline.evaluate import winrate as wr
 from alignline.generate.base import build_engine
 from alignline.judges.verifiable import aggregate, verify
-from alignline.stages.common import RunDir, console
+from alignline.stages.common import RunDir, console, prompts_located
 
 METRICS = ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict", "instruction_level_loose")
 
@@ -99,8 +99,9 @@ def run(cfg: VerifiableConfig) -> Path:
                         path=cfg.prompts, field="meta.instructions",
                         expected="held-out prompts from prepare with instructions.splits naming their split")
     # the module-level build_engine is looked up now, so a test can replace it
-    responses, name = wr.system_responses(cfg.model, "model", prompts, {p.id for p in all_prompts}, rd.path,
-                                          build_engine)
+    with prompts_located(cfg.prompts):  # a prompt too long for the generating model: its file:line
+        responses, name = wr.system_responses(cfg.model, "model", prompts, {p.id for p in all_prompts}, rd.path,
+                                              build_engine)
     results, rows, failed = check_responses(prompts, responses, cfg.prompts)
     res = {"model": name, **aggregate(results), "failed_responses": len(failed), "failed_prompt_ids": failed,
            "failed_counted_as": "not followed"}

@@ -29,7 +29,7 @@ from alignline.evaluate import winrate as wr
 from alignline.generate.base import EngineSettings, LazyEngine, SamplingParams, build_engine
 from alignline.judges.cache import JudgeCache, ask_judge
 from alignline.judges.pairwise import PAIRWISE_VERSION, diagnose_pairwise, pairwise_prompt, parse_pairwise
-from alignline.stages.common import RunDir, check_failures, console
+from alignline.stages.common import RunDir, check_failures, console, prompts_located
 
 
 def default_judge_sampling() -> SamplingParams:
@@ -190,8 +190,9 @@ def run(cfg: WinrateConfig) -> Path:
     prompts = all_prompts[: cfg.max_prompts]
     known = {p.id for p in all_prompts}
     # the module-level build_engine is looked up now, so a test can replace it
-    model_rs, model_name = wr.system_responses(cfg.model, "model", prompts, known, rd.path, build_engine)
-    ref_rs, ref_name = wr.system_responses(cfg.reference, "reference", prompts, known, rd.path, build_engine)
+    with prompts_located(cfg.prompts):  # a prompt too long for a generating system: its file:line
+        model_rs, model_name = wr.system_responses(cfg.model, "model", prompts, known, rd.path, build_engine)
+        ref_rs, ref_name = wr.system_responses(cfg.reference, "reference", prompts, known, rd.path, build_engine)
 
     counts: Counter = Counter(prompts=len(prompts))
     rows, jobs = pair_rows(prompts, model_rs, ref_rs, counts)

@@ -17,10 +17,18 @@ from pathlib import Path
 import torch
 
 from alignline.advantages import ESTIMATORS
-from alignline.data.io import atomic_write_bytes, iter_jsonl, jsonl_bytes, read_prompts
+from alignline.data.io import (
+    adapt_prompt,
+    atomic_write_bytes,
+    iter_jsonl,
+    iter_records,
+    jsonl_bytes,
+    read_prompts,
+)
+from alignline.data.records import Prompt
 from alignline.errors import AlignlineError, ConfigError, DataError, RewardFunctionError
 from alignline.rewards import build_reward, combine
-from alignline.stages.common import RunDir, console, models_when_set, training_dtype
+from alignline.stages.common import RunDir, console, models_when_set, record_drops, training_dtype
 from alignline.stages.rl import (
     RLConfig,
     collate_rollout,
@@ -36,21 +44,23 @@ def load_prompts(cfg: RLConfig, tokenizer, counts: Counter) -> tuple[list, list[
     """Training prompts and their token ids; the verifier reward needs instructions on every prompt."""
     from alignline.data.chat import prompt_ids
 
-    prompts = read_prompts(cfg.prompts)
+    located = list(iter_records(cfg.prompts, Prompt, adapt_prompt))
+    prompts = [p for _, _, p in located]
     verifier = [i for i, r in enumerate(cfg.reward) if r.type == "verifier"]
     bare = [p.id for p in prompts if not p.meta.get("instructions")]
     if verifier and bare:
         raise DataError(f"reward[{verifier[0]}].type=verifier, but {len(bare)} of {len(prompts)} prompts carry no "
                         f"verifiable instructions (e.g. '{bare[0]}')", path=cfg.prompts, field="meta.instructions",
                         expected="prompts from prepare with instructions attached, or another reward type")
-    kept, ids = [], []
-    for p in prompts:
+    kept, ids, too_long = [], [], []
+    for file, line, p in located:
         x = prompt_ids(tokenizer, p.messages)
         if len(x) > cfg.max_prompt_tokens:
-            counts["dropped_prompt_too_long"] += 1
+            too_long.append(f"{file}:{line}: prompt '{p.id}' has {len(x)} tokens, more than max_prompt_tokens")
             continue
         kept.append(p)
         ids.append(x)
+    record_drops(counts, "dropped_prompt_too_long", too_long, "prompt(s) longer than max_prompt_tokens")
     if len(kept) < cfg.rollout.prompts:
         raise DataError(f"{len(kept)} usable prompts, fewer than rollout.prompts={cfg.rollout.prompts} "
                         f"({dict(counts)})", path=cfg.prompts)
