@@ -69,7 +69,8 @@ RESUME_HELP = "Continue from the newest complete checkpoint (default: yes)."
 
 
 eval_app = typer.Typer(no_args_is_help=True,
-                       help="Evaluation: best-of-n curves, MT-bench, win rate, verifiable instructions, judge robustness.")
+                       help="Evaluation: best-of-n curves, MT-bench, win rate, verifiable instructions, IFEval, judge "
+                            "robustness.")
 app.add_typer(eval_app, name="eval")
 
 
