@@ -11,7 +11,7 @@ import pytest
 from alignline.config import load_config
 from alignline.data.io import iter_jsonl, read_records, write_records
 from alignline.data.records import Response
-from alignline.errors import DataError
+from alignline.errors import ConfigError, DataError
 from alignline.evaluate import ifeval as bench
 from alignline.stages import eval_ifeval
 
@@ -175,3 +175,7 @@ def test_cli_overrides_of_the_documented_command(tmp_path):
     assert (c.model, c.max_prompts, c.sampling.max_new_tokens, c.sampling.temperature) == (
         "smollm2-135m-instruct", 200, 320, 0.0)
     assert c.benchmark == "ifeval" and c.seed == 0
+    with pytest.raises(ConfigError, match="exactly one of model"):
+        load_config(eval_ifeval.IFEvalConfig, None, ["model=m", "responses=r.jsonl"])
+    with pytest.raises(ConfigError, match="exactly one of model"):
+        load_config(eval_ifeval.IFEvalConfig, None, [])

@@ -23,7 +23,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from rich.table import Table
 
 from alignline.data.io import (
@@ -54,6 +54,9 @@ def default_ifeval_sampling() -> SamplingParams:
 class IFEvalConfig(wr.SystemSettings):
     """Configuration of ``alignline eval ifeval``: the system (model + engine settings, or responses), then these."""
 
+    responses: str | None = None
+    """Instead of model: existing responses, Response records (a file or a sample shard directory; prompt_id =
+    the benchmark key, the first ok response per prompt) or IFEval's {"prompt", "response"} JSONL layout."""
     sampling: SamplingParams = Field(default_factory=default_ifeval_sampling)
     """Sampling when generating (default greedy, 1280 new tokens as lm-evaluation-harness; 256-512 on a CPU)."""
     benchmark: str = "ifeval"
@@ -69,6 +72,15 @@ class IFEvalConfig(wr.SystemSettings):
     """Generating: prompts per response shard (the unit that survives a kill)."""
     output_dir: str = "runs/eval_ifeval"
     """prompts.jsonl, responses/, verdicts.jsonl, results.json, manifest.json."""
+
+    @model_validator(mode="after")
+    def _one_system(self) -> IFEvalConfig:
+        if (self.model is None) == (self.responses is None):
+            raise ValueError("set exactly one of model=... (answer now with engine=hf or openai) and responses=FILE "
+                             f"(answers already made); {'both are' if self.model else 'neither is'} set")
+        if self.compare_to is not None and Path(self.compare_to).resolve() == Path(self.output_dir).resolve():
+            raise ValueError("compare_to names this run's own output_dir; give another eval.ifeval run directory")
+        return self
 
 
 def select_items(items: list[bench.BenchmarkItem], max_prompts: int | None, seed: int) -> list[bench.BenchmarkItem]:
@@ -104,7 +116,6 @@ def get_responses(cfg: IFEvalConfig, everything: list[bench.BenchmarkItem], prom
     """(one response per prompt, the system's name): read from ``cfg.responses`` or generated now."""
     from alignline.stages import sample
 
-    wr.check_system(cfg, "model")
     known = {i.prompt_id for i in everything}
     if cfg.responses is not None:
         adapt = _official_layout({i.prompt: i.prompt_id for i in everything}, cfg.name or Path(cfg.responses).stem)
@@ -232,7 +243,6 @@ def run(cfg: IFEvalConfig) -> Path:
         "compare_to": other / VERDICTS if other is not None else None})
     if rd.skip_if_done():
         return rd.path
-    wr.check_system(cfg, "model")
     rd.start()
     everything = bench.load_benchmark(path)
     items = select_items(everything, cfg.max_prompts, cfg.seed)
