@@ -167,6 +167,15 @@ def test_compare_to_other_prompts_is_refused(tmp_path):
                             f"compare_to={tmp_path}"))
 
 
+def test_official_layout_response_to_an_unknown_prompt(tmp_path):
+    write_bench(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": BENCH[0]["prompt"], "response": "x"}) + "\n"
+                   + json.dumps({"prompt": "Not a benchmark prompt.", "response": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2.*is not in the benchmark"):
+        eval_ifeval.run(cfg(tmp_path, "bad", f"responses={bad}"))
+
+
 def test_cli_overrides_of_the_documented_command(tmp_path):
     """`alignline eval ifeval model=... max_prompts=200 sampling.max_new_tokens=320` parses; the defaults are
     greedy on the installed benchmark."""

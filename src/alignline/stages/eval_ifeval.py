@@ -98,15 +98,16 @@ def as_prompts(items: list[bench.BenchmarkItem]) -> list[Prompt]:
                    meta={"benchmark_key": i.key, "instruction_id_list": list(i.instruction_ids)}) for i in items]
 
 
-def _official_layout(by_text: dict[str, str], source: str):
+def _official_layout(by_text: dict[str, str | None], source: str):
     """An adapter of IFEval's ``{"prompt", "response"}`` records into Response records (prompt matched by text)."""
     def adapt(obj: dict) -> dict:
         if "prompt_id" in obj or not {"prompt", "response"} <= set(obj):
             return obj
-        if obj["prompt"] not in by_text:
-            raise DataError("a response to a prompt that is not in the benchmark", field="prompt",
-                            expected="IFEval's input_response_data layout for this benchmark's prompts",
-                            found=repr(str(obj["prompt"])[:60]))
+        if by_text.get(obj["prompt"]) is None:
+            why = "is in the benchmark twice" if obj["prompt"] in by_text else "is not in the benchmark"
+            raise DataError(f"a response to a prompt that {why}", field="prompt", found=repr(str(obj["prompt"])[:60]),
+                            expected="IFEval's input_response_data layout for this benchmark's distinct prompts "
+                            "(else Response records with prompt_id = the key)")
         return {"prompt_id": by_text[obj["prompt"]], "sample_idx": 0, "text": obj["response"], "source": source}
     return adapt
 
@@ -118,7 +119,9 @@ def get_responses(cfg: IFEvalConfig, everything: list[bench.BenchmarkItem], prom
 
     known = {i.prompt_id for i in everything}
     if cfg.responses is not None:
-        adapt = _official_layout({i.prompt: i.prompt_id for i in everything}, cfg.name or Path(cfg.responses).stem)
+        texts = Counter(i.prompt for i in everything)
+        by_text = {i.prompt: i.prompt_id if texts[i.prompt] == 1 else None for i in everything}
+        adapt = _official_layout(by_text, cfg.name or Path(cfg.responses).stem)
         responses = read_records(cfg.responses, Response, adapt)
         return wr.pick_responses(prompts, responses, cfg.responses, known, "model"), wr.system_name(cfg, responses)
     out = sample.run(sample.SampleConfig(
