@@ -82,3 +82,36 @@ def test_summary_and_report_show_ifeval(tmp_path):
     html = report.build_report(report.ReportConfig(run_dir=str(tmp_path))).read_text()
     first = html[html.index('<section id="progression">'):html.index('<section id="training">')]
     assert "<td>rl</td><td>50.0 +- 10.0</td>" in first and "final policy rl vs smollm2" in first
+
+
+def test_a_pipeline_of_two_ifeval_stages(tmp_path, monkeypatch, capsys):
+    """Two eval.ifeval stages in a pipeline (answers from files, no model): the second compares itself with the
+    first (compare_to=${first}); pipeline.json's ifeval rows and the terminal summary show both and the final
+    against the first. Answers on our own 2-prompt benchmark, strict: first [F], [F]; second [T], [T]:
+    instruction level +1.0 with SE 0 (every prompt moved by 1): beyond 2 SE."""
+    import yaml
+
+    from alignline.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    bench = [{"key": k, "prompt": f"Answer question {k} without commas.", "instruction_id_list":
+              ["punctuation:no_comma"], "kwargs": [{}]} for k in (1, 2)]
+    write(tmp_path / "bench.jsonl", "".join(json.dumps(r) + "\n" for r in bench))
+    for name, text in (("first", "yes, no"), ("second", "yes and no")):
+        write(tmp_path / f"{name}.jsonl", "".join(json.dumps({"prompt": r["prompt"], "response": text}) + "\n"
+                                                   for r in bench))
+    stages = [{"name": "first", "stage": "eval.ifeval", "config": {"benchmark": "bench.jsonl",
+                                                                   "responses": "first.jsonl"}},
+              {"name": "second", "stage": "eval.ifeval", "config": {
+                  "benchmark": "bench.jsonl", "responses": "second.jsonl", "compare_to": "${first}"}}]
+    write(tmp_path / "pipe.yaml", yaml.safe_dump({"name": "ife", "output_root": "runs/ife", "stages": stages}))
+    run_pipeline("pipe.yaml", report=False)
+    doc = json.loads((tmp_path / "runs/ife/pipeline.json").read_text())
+    assert [r["policy"] for r in doc["ifeval"]] == ["first.jsonl", "second.jsonl"]
+    assert doc["ifeval"][-1]["vs_first"]["instruction_level_strict"] == {"difference": 1.0, "se": 0.0,
+                                                                         "beyond_2se": True}
+    second = json.loads((tmp_path / "runs/ife/second/results.json").read_text())
+    assert second["compare_to"]["prompt_level_strict"]["difference"] == 1.0
+    out = capsys.readouterr().out
+    assert "final policy second.jsonl vs first.jsonl (2 prompts, paired): instruction-level strict +100.0 +- 0.0 *" \
+        in " ".join(out.split())
