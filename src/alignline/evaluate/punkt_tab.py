@@ -10,8 +10,8 @@ alignline's cache and puts that directory first on ``nltk.data.path``, so the re
 
 Checked once against NLTK's own ``punkt_tab/english`` files (docs/guide.md, "IFEval"): the same 156
 abbreviations, 37 collocations and 39 sentence starters as sets, and the same 20,366 orthographic-context
-entries (236,303 characters, spot-checked entry by entry). The package's ``NUMERIC_ABBREV_TYPES`` is empty;
-``punkt_tab`` has no such file.
+entries (236,303 characters; 567 of them compared entry by entry). The package's ``NUMERIC_ABBREV_TYPES``
+is empty; ``punkt_tab`` has no such file.
 """
 
 from __future__ import annotations
