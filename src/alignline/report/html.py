@@ -28,6 +28,7 @@ from pydantic import Field
 from alignline.config import Section
 from alignline.data.io import atomic_write_text
 from alignline.report.common import StageRun, esc, find_runs, read_json
+from alignline.report.ifeval import section_ifeval
 from alignline.report.progression import relocate, section_progression
 from alignline.report.rl import section_rl
 from alignline.report.samples import section_samples
@@ -126,8 +127,8 @@ def build_html(root: Path, runs: list[StageRun], *, title: str, max_samples: int
     doc = read_json(root / "pipeline.json")
     runs = order_runs(runs, root, doc)
     builders = [("progression", "Result: held-out instruction following per policy",
-                 lambda rs, ns: section_progression(doc, root, ns),
-                 "no pipeline.json with evaluated policies (alignline run writes it)"),
+                 lambda rs, ns: section_progression(doc, root, ns) + section_ifeval(doc, root),
+                 "no pipeline.json with evaluated policies or eval.ifeval results (alignline run writes it)"),
                 *SECTIONS, ("samples", "Samples", lambda rs, ns: section_samples(rs, ns, max_samples),
                             "no pair or ranked-set records" if max_samples else "max_samples=0"),
                 ("stages", "Stages: counts and timings", section_stages, "no stage summaries")]

@@ -111,6 +111,9 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("verifiable", "alignline.stages.eval_verifiable:VerifiableConfig",
               "IFEval-style accuracy (prompt/instruction level, strict/loose) on prompts with verifiable "
               "instructions.", False, "eval"),
+    StageSpec("ifeval", "alignline.stages.eval_ifeval:IFEvalConfig",
+              "IFEval (Zhou et al. 2023): Google's checker, strict/loose, prompt/instruction level, per type, "
+              "seeded subsets, paired SEs against another run.", False, "eval"),
     StageSpec("injection", "alignline.stages.eval_injection:InjectionConfig",
               "Judge robustness: fake verdicts, forged delimiters, pleas and null answers against a pairwise judge.",
               False, "eval"),
