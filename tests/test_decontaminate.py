@@ -4,11 +4,12 @@ dropping, counting and listing the training conversations that overlap."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
 from alignline.config import load_config
-from alignline.data import decontaminate
+from alignline.data import benchmarks
 from alignline.data.decontaminate import (
     BenchmarkPrompt,
     OverlapIndex,
@@ -88,11 +89,12 @@ def test_benchmark_files_ifeval_records_and_alignline_prompts(tmp_path):
 
 
 def test_benchmarks_by_name_or_path(tmp_path, monkeypatch):
-    """A name registered in NAMED_BENCHMARKS resolves to its file; an unknown name that is not a file is a
-    config error saying what to give."""
+    """A name of the installed-benchmark registry (data/benchmarks.py, as ``ifeval``) resolves to its file; an
+    unknown name that is not a file is a config error saying what to give."""
     f = tmp_path / "input_data.jsonl"
     f.write_text(json.dumps({"prompt": BENCH}) + "\n")
-    monkeypatch.setitem(decontaminate.NAMED_BENCHMARKS, "toy", lambda: f)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    monkeypatch.setitem(benchmarks.BENCHMARKS, "toy", benchmarks.InstalledBenchmark("input_data.jsonl", "-", "toy"))
     assert [p.benchmark for p in resolve_benchmark("toy")] == ["toy"]
     with pytest.raises(ConfigError, match="not a file"):
         resolve_benchmark(str(tmp_path / "missing.jsonl"))

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignline.data.benchmarks import BENCHMARKS, benchmark_path
 from alignline.data.io import iter_rows
 from alignline.errors import ConfigError, DataError
 
@@ -60,19 +61,16 @@ class Match:
     overlap: float
 
 
-#: Benchmarks known by name: name -> a function returning the installed file of its prompts. A benchmark asset
-#: registers itself here (e.g. ``ifeval``); anything else in ``decontaminate.benchmarks`` is a path.
-NAMED_BENCHMARKS: dict[str, Callable[[], Path]] = {}
-
-
 def resolve_benchmark(name_or_path: str) -> list[BenchmarkPrompt]:
-    """The prompts of a benchmark given by name (:data:`NAMED_BENCHMARKS`) or by the path of its prompt file."""
-    locate = NAMED_BENCHMARKS.get(name_or_path)
-    path = locate() if locate is not None else Path(name_or_path)
+    """The prompts of a benchmark given by the name of an installed one (:data:`alignline.data.benchmarks.
+    BENCHMARKS`: ``ifeval``) or by the path of its prompt file."""
+    if name_or_path in BENCHMARKS:
+        path = benchmark_path(name_or_path)  # a clear error, with how to install it, when it is missing
+    else:
+        path = Path(name_or_path)
     if not path.is_file():
-        known = f" or one of the names {sorted(NAMED_BENCHMARKS)}" if NAMED_BENCHMARKS else ""
         raise ConfigError(f"decontaminate.benchmarks: {name_or_path!r} is not a file; give the path of a JSONL or "
-                          f"Parquet file of benchmark prompts{known}")
+                          f"Parquet file of benchmark prompts or one of the names {sorted(BENCHMARKS)}")
     return read_benchmark_prompts(path, label=name_or_path)
 
 
