@@ -32,7 +32,7 @@ CONFIGS = {
     "ScoreConfig": "score", "FeedbackConfig": "feedback", "JudgeSFTConfig": "judge-sft",
     "BestOfNConfig": "eval.bestofn", "TSOConfig": "tso", "TSOLoopConfig": "tso-loop", "RLConfig": "rl",
     "SelfRewardConfig": "self-reward", "MTBenchConfig": "eval.mtbench", "WinrateConfig": "eval.winrate",
-    "VerifiableConfig": "eval.verifiable", "InjectionConfig": "eval.injection",
+    "VerifiableConfig": "eval.verifiable", "IFEvalConfig": "eval.ifeval", "InjectionConfig": "eval.injection",
 }
 """Each stage config class offered here -> its stage (tests check it against the stage table)."""
 
