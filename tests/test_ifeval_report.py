@@ -70,6 +70,16 @@ def test_rows_and_final_against_first_by_hand(tmp_path):
     assert final_vs_first(rows[:1]) is None
 
 
+def test_a_model_from_outside_the_pipeline_goes_by_the_stage_name_setting(tmp_path):
+    """An eval.ifeval stage of a model no stage of this pipeline made (another pipeline's SFT model) is named by
+    its ``name`` setting when it has one (a long path would wrap the summary's first column), else the path."""
+    doc = fake_run(tmp_path)
+    doc["stages"][0]["config"] = {"model": "runs/other/sft/model", "name": "sft-of-other"}
+    assert ifeval_rows(doc, tmp_path)[0].name == "sft-of-other"
+    doc["stages"][0]["config"] = {"model": "runs/other/sft/model"}
+    assert ifeval_rows(doc, tmp_path)[0].name == "runs/other/sft/model"
+
+
 def test_summary_and_report_show_ifeval(tmp_path):
     doc = fake_run(tmp_path)
     rows = ifeval_rows(doc, tmp_path)

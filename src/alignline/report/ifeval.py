@@ -24,7 +24,8 @@ LEVELS = ("instruction_level_strict", "prompt_level_strict")
 @dataclass
 class IFEvalRow:
     name: str
-    """The policy: the stage holding the evaluated model, or the model itself."""
+    """The policy: the stage holding the evaluated model; for a model from outside the pipeline, the eval
+    stage's ``name`` setting, else the model itself."""
     eval_stage: str
     results: dict = field(default_factory=dict)
     verdicts: dict[str, list[bool]] = field(default_factory=dict)
@@ -73,7 +74,8 @@ def ifeval_rows(pipeline: dict, root: Path | None = None) -> list[IFEvalRow]:
         out = relocate(s["output_dir"], output_root, root)
         results = _read(out / "results.json")
         if results:
-            name = made_by["name"] if made_by is not None else str(evaluated or s["name"])
+            # a model from outside the pipeline goes by the stage's display name when it has one, not its path
+            name = made_by["name"] if made_by is not None else str(config.get("name") or evaluated or s["name"])
             rows.append(IFEvalRow(name, s["name"], results, _verdicts(out / "verdicts.jsonl")))
     return rows
 
