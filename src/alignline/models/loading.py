@@ -12,11 +12,12 @@ import torch
 from pydantic import Field
 
 from alignline.config import Section
+from alignline.data.io import file_sha256
 from alignline.errors import ModelError
 from alignline.hub import Snapshot, fetch_snapshot, parse_hub_id
 from alignline.models.aliases import ALIASES, _alias_list, _resolve_alias, default_cache_dir
 from alignline.models.device import pick_dtype
-from alignline.models.gguf_import import _import_gguf, _sha256
+from alignline.models.gguf_import import _import_gguf
 from alignline.models.safetensors_layout import check_safetensors_files
 
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -132,7 +133,7 @@ def _resolve_local(path: Path, cache: Path) -> Path:
                 raise _refuse_pickle(path.parent, [path.name])
             raise ModelError(f"{path} is a file but not a .gguf; give a checkpoint directory, a .gguf file or "
                              f"one of the aliases: {_alias_list()}")
-        digest = _sha256(path)
+        digest = file_sha256(path)
         out = cache / f"{path.stem}-{digest[:12]}"
         return _import_gguf(path, out, torch.float32, str(path), digest=digest)
     _check_checkpoint_dir(path)
