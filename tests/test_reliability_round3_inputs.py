@@ -126,7 +126,7 @@ def test_reward_function_that_raises_names_function_prompt_iteration_and_keeps_i
     from tests.test_rl import write_prompts as write_rl_prompts
 
     from alignline.stages.rl import RLConfig
-    from alignline.train.rollout import draw_prompts
+    from alignline.stages.rl.rollout import draw_prompts
 
     seed = RLConfig.model_validate({"model": "m", "prompts": "p"}).train.seed
     first, second = (set(draw_prompts(8, 4, seed, it)) for it in (0, 1))
@@ -249,7 +249,7 @@ def test_rl_prompt_over_max_prompt_tokens_is_dropped_with_its_file_and_line(tmp_
 
     from tests.test_rl import config
 
-    from alignline.stages.rl_run import load_prompts
+    from alignline.stages.rl.stage import load_prompts
 
     cfg = config(tmp_path, tiny_model_dir, max_prompt_tokens=60, reward="[{type: function, function: 'm:f'}]")
     rows = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]

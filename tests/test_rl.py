@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from alignline.config import load_config
 from alignline.errors import AlignlineError, ConfigError, DataError
 from alignline.stages import rl
-from alignline.train import rollout as ro
+from alignline.stages.rl import rollout as ro
 from alignline.train.groups import collate_groups, group_token_logps, group_token_values
 from alignline.train.pairs import token_logps
 
@@ -217,7 +217,7 @@ def test_verifier_reward_min_words_zeroes_near_empty_answers():
 def test_paired_change_reports_answer_lengths(tmp_path):
     """Start: 2 instructions [1, 0], answer "a b c d" (4 words); end: [1, 1], answer "a b" (2 words).
     Differences [0, 1]: mean 0.5, sd sqrt(0.5) = 0.7071, paired SE 0.7071 / sqrt(2) = 0.5."""
-    from alignline.stages.rl_run import paired_change
+    from alignline.stages.rl.evaluation import paired_change
 
     (tmp_path / "eval_start.jsonl").write_text(json.dumps({"prompt_id": "p", "strict": [True, False],
                                                            "loose": [True, False], "text": "a b c d"}) + "\n")
@@ -302,7 +302,7 @@ def test_reward_term_without_its_setting_is_a_config_error(tmp_path, tiny_model_
 
 
 def test_groups_of_one_have_no_zero_variance_count():
-    from alignline.train.rollout import group_stats
+    from alignline.stages.rl.rollout import group_stats
 
     one = group_stats(torch.tensor([[1.0], [1.0]]), [True, None], [3, 4], ["stop", "length"])
     assert one["zero_variance_groups"] is None and one["zero_variance_share"] is None and one["pass_rate_n"] == 1

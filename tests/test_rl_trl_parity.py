@@ -18,7 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignline.stages import rl
+from alignline.stages.rl import step as rl_step
+from alignline.stages.rl.config import RLConfig
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -63,7 +64,7 @@ def test_grpo_loss_equals_trl(tiny_model, tiny_tokenizer, tmp_path, loss_type, a
                for i, (p, r) in enumerate(seqs)]
     # the sampling policy and the reference: the model's own log-probs moved by fixed offsets (some ratios clip)
     tiny_model.eval()
-    batch = rl.collate_rollout(records, list(range(B)), pad, aggregation, MAX_NEW)
+    batch = rl_step.collate_rollout(records, list(range(B)), pad, aggregation, MAX_NEW)
     with torch.no_grad():
         current = group_token_logps(tiny_model, batch)[0].double()
     old = current + fixed_values(len(current), 1, 0.6)
@@ -71,13 +72,13 @@ def test_grpo_loss_equals_trl(tiny_model, tiny_tokenizer, tmp_path, loss_type, a
     lengths = [len(r) for _, r in seqs]
     for r, o, f in zip(records, old.split(lengths), ref.split(lengths)):
         r["old_logps"], r["ref_logps"] = o.tolist(), f.tolist()
-    batch = rl.collate_rollout(records, list(range(B)), pad, aggregation, MAX_NEW)
+    batch = rl_step.collate_rollout(records, list(range(B)), pad, aggregation, MAX_NEW)
 
-    cfg = rl.RLConfig(model="m", prompts="p", kl={"coef": BETA, "estimator": "k3", "where": "loss"},
+    cfg = RLConfig(model="m", prompts="p", kl={"coef": BETA, "estimator": "k3", "where": "loss"},
                       loss={"aggregation": aggregation, "clip_low": 0.2, "clip_high": 0.2},
                       rollout={"prompts": 2, "group_size": 4}, train={"batch_size": 8, "grad_accum": 1})
     tiny_model.zero_grad()
-    loss_sum, units, _ = rl.rl_step_fn(cfg)(tiny_model, batch)
+    loss_sum, units, _ = rl_step.rl_step_fn(cfg)(tiny_model, batch)
     ours = loss_sum / units
     ours.backward()
     our_grads = [p.grad.clone() for p in tiny_model.parameters()]

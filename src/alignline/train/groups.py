@@ -114,3 +114,25 @@ def group_token_values(critic, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def per_sequence(values: torch.Tensor, seq: torch.Tensor, n: int) -> torch.Tensor:
     """Sum of per-token ``values`` [T] per response: [n]."""
     return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, seq, values)
+
+
+@torch.no_grad()
+def token_passes(policy, ref, critic, groups: list[dict], *, pad_id: int, batch: int, want_old: bool
+                 ) -> dict[str, list[list[float]]]:
+    """Per-response token lists from the no-grad passes over prefix-shared group rows: ``old_logps`` (the
+    policy, if ``want_old``), ``ref_logps`` (if ``ref``), ``old_values`` (if ``critic``)."""
+    models = {"old_logps": policy if want_old else None, "ref_logps": ref, "old_values": critic}
+    out: dict[str, list[list[float]]] = {k: [] for k, m in models.items() if m is not None}
+    for s in range(0, len(groups), batch):
+        chunk = groups[s: s + batch]
+        b = {k: v.to(policy.device) for k, v in collate_groups(chunk, pad_id).items()}
+        lengths = [len(r) for g in chunk for r in g["responses"]]
+        for key, m in models.items():
+            if m is None:
+                continue
+            was = m.training
+            m.eval()
+            flat = group_token_values(m, b) if key == "old_values" else group_token_logps(m, b)[0]
+            m.train(was)
+            out[key] += [t.tolist() for t in flat.double().cpu().split(lengths)]
+    return out

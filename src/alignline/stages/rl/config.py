@@ -1,34 +1,13 @@
-"""``alignline rl``: online RL with a group policy gradient (GRPO, Dr. GRPO, RLOO, REINFORCE++) or PPO.
-
-One iteration (design section 4, "Online RL"): draw ``rollout.prompts`` prompts -> the engine samples
-``rollout.group_size`` (G) responses each from the current policy -> the reward function scores them ->
-no-grad passes give the sampling policy's, the reference's and the critic's per-token values (the G responses
-of a prompt share one row, :mod:`alignline.train.groups`) -> the estimator turns rewards into advantages
-(:mod:`alignline.advantages`) -> ``loss.epochs`` passes of the clipped-ratio loss through the one training loop.
-The rollout is a shard on disk (:mod:`alignline.train.rollout`) written before it is trained on.
-
-The whole run is one call of :func:`alignline.train.loop.train` whose "epochs" are the iterations: the plan of
-iteration k is a fixed number of micro-batches of response indices, and the first micro-batch of iteration k
-asks for its rollout, sampled then with the weights the loop holds at that moment (or read back from its
-shard after a resume). So optimizer state, schedule, checkpoints and exact resume are the loop's own.
-"""
+"""Settings of ``alignline rl`` (one config model, :class:`RLConfig`, validated before any model loads)."""
 
 from __future__ import annotations
 
 import math
-import random
 from typing import Literal
 
-import torch
 from pydantic import Field, field_validator, model_validator
 
-from alignline.advantages import (
-    ESTIMATORS,
-    KL_ESTIMATORS,
-    clipped_policy_loss,
-    clipped_value_loss,
-    token_weights,
-)
+from alignline.advantages import ESTIMATORS
 from alignline.config import Section
 from alignline.data.datasets_source import RecordsSource
 from alignline.generate.base import DecodeStep, SamplingParams
@@ -219,91 +198,3 @@ def metric_names(cfg: RLConfig) -> tuple[str, ...]:
 
 def estimator_params(cfg: RLConfig) -> dict:
     return {"gamma": cfg.ppo.gamma, "lam": cfg.ppo.lam} if ESTIMATORS[cfg.loss.estimator].critic else {}
-
-
-# --------------------------------------------------------------------------------------- training step
-
-def rl_step_fn(cfg: RLConfig):
-    """``step_fn`` for the loop: the clipped-ratio loss (+ KL in the loss, + PPO's value loss), summed with the
-    aggregation's token weights; metrics are sums over the micro-batch's response tokens."""
-    from alignline.train.groups import group_token_logps, group_token_values
-    from alignline.train.rollout import policy_and_critic
-
-    kl_fn = KL_ESTIMATORS[cfg.kl.estimator]
-    kl_in_loss = cfg.kl.coef > 0 and cfg.kl.where == "loss"
-
-    def step(model, batch):
-        policy, critic = policy_and_critic(model)
-        logps, entropy = group_token_logps(policy, batch, entropy=True)
-        old = batch["old_logps"].to(logps.dtype) if "old_logps" in batch else logps.detach()
-        per_token, clipped = clipped_policy_loss(logps, old, batch["advantages"].to(logps.dtype),
-                                                 eps_low=cfg.loss.clip_low, eps_high=cfg.loss.clip_high)
-        w = batch["weight"].to(logps.dtype)
-        metrics = {"response_tokens": float(w.numel()), "pg_loss": float((per_token.detach()).sum()),
-                   "clipped": float(clipped.sum()), "entropy": float(entropy.sum()),
-                   "ratio": float(torch.exp(logps.detach() - old).sum())}
-        if "ref_logps" in batch:
-            kl = kl_fn(logps, batch["ref_logps"].to(logps.dtype))
-            metrics["kl"] = float(kl.detach().sum())
-            if kl_in_loss:
-                per_token = per_token + cfg.kl.coef * kl
-        loss = (per_token * w).sum()
-        if critic is not None:
-            values = group_token_values(critic, batch)
-            vl = clipped_value_loss(values, batch["old_values"].to(values.dtype), batch["returns"].to(values.dtype),
-                                    clip=cfg.ppo.value_clip)
-            metrics["value_loss"] = float(vl.detach().sum())
-            loss = loss + cfg.ppo.vf_coef * (vl * w).sum()
-        return loss, int(batch["units"]), metrics
-
-    return step
-
-
-def make_plan(cfg: RLConfig):
-    """Micro-batches of iteration k: ``loss.epochs`` passes, each over the prompts in a seeded order with a
-    prompt's responses kept together (so they share rows); indices are k * P * G + response index."""
-    P, G, mb = cfg.rollout.prompts, cfg.rollout.group_size, cfg.train.batch_size
-
-    def plan(iteration: int) -> list[list[int]]:
-        out = []
-        for epoch in range(cfg.loss.epochs):
-            order = list(range(P))
-            random.Random(cfg.train.seed * 1_000_003 + iteration * 1_009 + epoch).shuffle(order)
-            seqs = [iteration * P * G + p * G + g for p in order for g in range(G)]
-            out += [seqs[s: s + mb] for s in range(0, len(seqs), mb)]
-        return out
-
-    return plan
-
-
-def collate_rollout(records: list[dict], local: list[int], pad_id: int, aggregation: str, max_new_tokens: int
-                    ) -> dict[str, torch.Tensor]:
-    """Tensors of the responses ``local`` (indices into ``records``): consecutive responses of one prompt
-    share a row; per-token fields flattened in the same order as the targets."""
-    from alignline.train.groups import collate_groups
-
-    items: list[dict] = []
-    for i in local:
-        r = records[i]
-        if items and items[-1]["key"] == r["prompt_id"]:
-            items[-1]["responses"].append(r["response"])
-        else:
-            items.append({"key": r["prompt_id"], "prompt": r["prompt"], "responses": [r["response"]]})
-    chosen = [records[i] for i in local]
-    batch = collate_groups(items, pad_id)
-    lengths = torch.tensor([len(r["response"]) for r in chosen])
-    w, units = token_weights(aggregation, lengths, max_new_tokens)
-    batch["weight"] = w.repeat_interleave(lengths)
-    batch["units"] = units.sum()
-    for key in ("advantages", "old_logps", "ref_logps", "old_values", "returns"):
-        if chosen[0].get(key) is not None:
-            batch[key] = torch.tensor([x for r in chosen for x in r[key]], dtype=torch.float64)
-    return batch
-
-
-
-def run(cfg: RLConfig):
-    """Run the stage (the body lives in :mod:`alignline.stages.rl_run`)."""
-    from alignline.stages.rl_run import run as run_rl
-
-    return run_rl(cfg)

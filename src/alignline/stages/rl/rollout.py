@@ -14,41 +14,25 @@ reason ``stop`` without stop strings), as TRL does, so the policy learns to stop
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from alignline.advantages import KL_ESTIMATORS, Estimator
+from alignline.advantages import ESTIMATORS, KL_ESTIMATORS, Estimator
 from alignline.data.io import atomic_write_bytes, atomic_write_json, iter_jsonl, jsonl_bytes
 from alignline.data.records import Prompt
+from alignline.errors import AlignlineError, RewardFunctionError
 from alignline.generate.base import sample_seed
-from alignline.train.groups import collate_groups, group_token_logps, group_token_values
-
-
-class ActorCritic(torch.nn.Module):
-    """The policy and PPO's critic as one module, so the one training loop optimises and checkpoints both."""
-
-    def __init__(self, policy, critic):
-        super().__init__()
-        self.policy, self.critic = policy, critic
-
-    def get_input_embeddings(self):  # what the loop's telemetry reads of a causal LM
-        return self.policy.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return self.policy.get_output_embeddings()
-
-    def gradient_checkpointing_enable(self, **kwargs) -> None:
-        for m in (self.policy, self.critic):
-            m.gradient_checkpointing_enable(**kwargs)
-
-
-def policy_and_critic(model):
-    return (model.policy, model.critic) if isinstance(model, ActorCritic) else (model, None)
+from alignline.stages.common import console
+from alignline.stages.rl.config import RLConfig, estimator_params
+from alignline.train.groups import token_passes
 
 
 def draw_prompts(n_prompts: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
@@ -71,8 +55,6 @@ def read_rollout(root: Path, iteration: int) -> tuple[list[dict], dict] | None:
     path = shard_path(root, iteration)
     if not path.exists():
         return None
-    import json
-
     stats = json.loads(path.with_suffix(".stats.json").read_text())
     return [obj for _, obj in iter_jsonl(path)], stats
 
@@ -121,7 +103,6 @@ def sample_openai(engine, prompts: Sequence[Prompt], tokenizer, G: int, sampling
     """The same through an OpenAI-compatible server: texts are tokenised back with the chat template (no
     log-probs: the run computes them in its own pass)."""
     from alignline.data.chat import tokenise_prompt_response
-    from alignline.errors import AlignlineError
 
     seeded = sampling.model_copy(update={"seed": sample_seed(sampling.seed, "rl-iteration", iteration)})
     out = []
@@ -135,28 +116,6 @@ def sample_openai(engine, prompts: Sequence[Prompt], tokenizer, G: int, sampling
             group.append(RolloutSample(ids[:-1] if r.finish_reason == "length" else ids, r.text,
                                        r.finish_reason or "stop", None))
         out.append(group)
-    return out
-
-
-@torch.no_grad()
-def token_passes(policy, ref, critic, groups: list[dict], *, pad_id: int, batch: int, want_old: bool
-                 ) -> dict[str, list[list[float]]]:
-    """Per-response token lists from the no-grad passes over prefix-shared group rows: ``old_logps`` (the
-    policy, if ``want_old``), ``ref_logps`` (if ``ref``), ``old_values`` (if ``critic``)."""
-    models = {"old_logps": policy if want_old else None, "ref_logps": ref, "old_values": critic}
-    out: dict[str, list[list[float]]] = {k: [] for k, m in models.items() if m is not None}
-    for s in range(0, len(groups), batch):
-        chunk = groups[s: s + batch]
-        b = {k: v.to(policy.device) for k, v in collate_groups(chunk, pad_id).items()}
-        lengths = [len(r) for g in chunk for r in g["responses"]]
-        for key, m in models.items():
-            if m is None:
-                continue
-            was = m.training
-            m.eval()
-            flat = group_token_values(m, b) if key == "old_values" else group_token_logps(m, b)[0]
-            m.train(was)
-            out[key] += [t.tolist() for t in flat.double().cpu().split(lengths)]
     return out
 
 
@@ -214,3 +173,129 @@ def all_followed(prompt: Prompt, text: str) -> bool | None:
     found = prompt.meta.get("instructions")
     return verify(text, found, "strict").all_followed if found else None
 
+
+
+def make_rollout_engine(cfg: RLConfig, policy, tokenizer):
+    if cfg.engine == "hf":
+        from alignline.generate.hf import HFEngine
+
+        return HFEngine(policy, tokenizer, max_batch=cfg.rollout.max_batch, decode_step=cfg.rollout.decode_step)
+    from alignline.generate.endpoint import OpenAISettings
+    from alignline.generate.openai_engine import OpenAIEngine
+
+    engine = OpenAIEngine(OpenAISettings.of(cfg.model, cfg.openai))
+    engine.check_connection()  # an unreachable server is an error now, before any training
+    return engine
+
+
+def push_weights(cfg: RLConfig, policy, tokenizer, out: Path) -> None:
+    """Save the policy and ask the server to reload it (SGLang's update_weights_from_disk body)."""
+    import urllib.request
+
+    from alignline.models.saving import save_model
+
+    save_model(policy, tokenizer, out)
+    req = urllib.request.Request(cfg.openai.weights_url, data=json.dumps({"model_path": str(out.resolve())}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        urllib.request.urlopen(req, timeout=600).read()
+    except OSError as exc:
+        raise AlignlineError(f"openai.weights_url={cfg.openai.weights_url}: the weight reload failed ({exc})") from None
+
+
+def whiten(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(adv.dtype)
+    n = m.sum()
+    mean = (adv * m).sum() / n
+    var = (((adv - mean) * m) ** 2).sum() / (n - 1).clamp(min=1)
+    return (adv - mean) / (var.sqrt() + 1e-8) * m
+
+
+def rollout_source(cfg: RLConfig, root: Path, prompts, ids, tokenizer, policy, ref, critic, engine, reward_fn,
+                   counts: Counter, tel):
+    """``get(iteration) -> records``: the shard if it exists, else a new rollout from the current weights."""
+    from alignline.data.chat import tokenise_prompt_response
+
+    P, G, sampling = cfg.rollout.prompts, cfg.rollout.group_size, cfg.rollout.sampling
+    end_id = tokenise_prompt_response(tokenizer, [{"role": "user", "content": "x"}], "y")[1][-1]
+    est = ESTIMATORS[cfg.loss.estimator]
+    want_old = cfg.steps_per_iteration > 1 or (cfg.kl.coef > 0 and cfg.kl.where == "reward")
+    engine_logps = want_old and cfg.rollout.engine_logprobs
+    cache: dict[int, list[dict]] = {}
+
+    def make(it: int) -> list[dict]:
+        drawn = draw_prompts(len(prompts), P, cfg.train.seed, it)
+        chosen = [prompts[i] for i in drawn]
+        t0 = time.perf_counter()
+        if cfg.engine == "hf":
+            groups = sample_hf(engine, [ids[i] for i in drawn], [p.id for p in chosen], G, sampling, it, end_id,
+                                  logprobs=engine_logps)
+        else:
+            if it > 0:
+                push_weights(cfg, policy, tokenizer, root / "served_policy")
+            groups = sample_openai(engine, chosen, tokenizer, G, sampling, it)
+        t_sample = time.perf_counter() - t0
+        try:
+            scores, parts = reward_fn(chosen, [[x.text for x in g] for g in groups])
+        except RewardFunctionError as exc:
+            exc.iteration = it
+            raise
+        records = []
+        for pi, (p, g) in enumerate(zip(chosen, groups)):
+            for i, x in enumerate(g):
+                score = scores[pi][i] - cfg.length_penalty * len(x.ids) / sampling.max_new_tokens
+                records.append({"iteration": it, "prompt_id": p.id, "sample_idx": i, "prompt": ids[drawn[pi]],
+                                "response": x.ids, "text": x.text, "finish_reason": x.finish_reason,
+                                "score": score, "parts": {k: v[pi][i] for k, v in parts.items()},
+                                "passed": all_followed(p, x.text)})
+        t1 = time.perf_counter()
+        groups_ids = [{"prompt": records[pi * G]["prompt"], "responses": [r["response"] for r in records[pi * G: (pi + 1) * G]]}
+                      for pi in range(P)]
+        sampled_logps = [x.logprobs for g in groups for x in g]
+        from_engine = want_old and all(v is not None for v in sampled_logps)
+        if from_engine:  # the sampling policy's log-probs came with the tokens: no pass of the policy
+            for r, v in zip(records, sampled_logps):
+                r["old_logps"] = v
+        passes = token_passes(policy, ref, critic, groups_ids, pad_id=tokenizer.pad_token_id,
+                                 batch=cfg.rollout.pass_batch, want_old=want_old and not from_engine)
+        for key, lists in passes.items():
+            for r, v in zip(records, lists):
+                r[key] = v
+        t_pass = time.perf_counter() - t1
+        adv, returns, totals = advantages_for(
+            est, estimator_params(cfg), [[records[pi * G + i]["score"] for i in range(G)] for pi in range(P)],
+            records, cfg.kl.coef, cfg.kl.estimator, cfg.kl.where == "reward")
+        lengths = [len(r["response"]) for r in records]
+        mask = padded([[1.0] * n for n in lengths], P, G, max(lengths))
+        if est.critic and cfg.ppo.whiten:
+            adv = whiten(adv, mask)
+        for k, r in enumerate(records):
+            r["reward"] = float(totals.flatten()[k])
+            r["advantages"] = adv.view(P * G, -1)[k, : lengths[k]].tolist()
+            if returns is not None:
+                r["returns"] = returns.view(P * G, -1)[k, : lengths[k]].tolist()
+        stats = {"iteration": it, **group_stats(totals, [r["passed"] for r in records], lengths,
+                                                   [r["finish_reason"] for r in records]),
+                 "rollout_tokens": sum(lengths), "rollout_seconds": t_sample,
+                 "rollout_tokens_per_s": sum(lengths) / max(t_sample, 1e-9), "pass_seconds": t_pass,
+                 "old_logps_from": "engine" if from_engine else ("pass" if want_old else None)}
+        write_rollout(root, it, records, stats)
+        counts["rollouts"] += 1
+        pr = "" if stats["pass_rate"] is None else f", pass rate {stats['pass_rate']:.3f}"
+        console.print(f"rl iteration {it}: reward {stats['reward_mean']:.4f} +- {stats['reward_se']:.4f}{pr}, "
+                      + ("" if G < 2 else f"zero-variance groups {stats['zero_variance_groups']}/{P}, ")
+                      + f"{stats['rollout_tokens_per_s']:.0f} rollout tok/s")
+        return records
+
+    def get(it: int) -> list[dict]:
+        if it not in cache:
+            cache.clear()
+            stored = read_rollout(root, it)
+            if stored is not None:
+                cache[it] = stored[0]
+            else:
+                with tel.phase("rollout"):
+                    cache[it] = make(it)
+        return cache[it]
+
+    return get
