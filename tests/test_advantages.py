@@ -29,6 +29,7 @@ from alignline.advantages import (
     reinforce_pp,
     rloo,
     token_weights,
+    whiten,
 )
 
 R = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
@@ -129,3 +130,13 @@ def test_aggregations():
     assert w.tolist() == [1, 1] and u.tolist() == [2, 4]
     w, u = token_weights("token_sum_norm", n, 8)
     assert w.tolist() == [0.125, 0.125] and u.tolist() == [1, 1]
+
+
+def test_whiten_over_real_tokens_only():
+    """Tokens [1, 2, 3] and one padded position: mean 2, unbiased variance (1 + 0 + 1) / 2 = 1, std 1, so
+    [-1, 0, 1] and the padding stays 0; a constant shift of the real tokens changes nothing."""
+    adv = torch.tensor([[[1.0, 2.0, 3.0, 9.0]]], dtype=torch.float64)
+    mask = torch.tensor([[[1.0, 1.0, 1.0, 0.0]]], dtype=torch.float64)
+    expected = torch.tensor([[[-1.0, 0.0, 1.0, 0.0]]], dtype=torch.float64)
+    torch.testing.assert_close(whiten(adv, mask), expected, atol=1e-7, rtol=0)
+    torch.testing.assert_close(whiten(adv + 5.0, mask), expected, atol=1e-7, rtol=0)

@@ -158,11 +158,11 @@ def test_sampling_logps_from_the_engine_equal_the_policy_pass(tmp_path, tiny_mod
     runs = {flag: rl.run(config(tmp_path, tiny_model_dir, f"engine-{flag}", **over,
                                 **{"rollout.engine_logprobs": flag}))
             for flag in ("true", "false")}
-    (a, sa), (b, sb) = (ro.read_rollout(runs[flag], 0) for flag in ("true", "false"))
-    assert (sa["old_logps_from"], sb["old_logps_from"]) == ("engine", "pass")
-    for x, y in zip(a, b, strict=True):
-        assert x["response"] == y["response"] and len(x["old_logps"]) == len(x["response"])
-        torch.testing.assert_close(torch.tensor(x["old_logps"]), torch.tensor(y["old_logps"]), atol=1e-5, rtol=0)
+    a, b = (ro.read_rollout(runs[flag], 0) for flag in ("true", "false"))
+    assert (a.stats["old_logps_from"], b.stats["old_logps_from"]) == ("engine", "pass")
+    for x, y in zip(a.records, b.records, strict=True):
+        assert x.response == y.response and len(x.old_logps) == len(x.response)
+        torch.testing.assert_close(torch.tensor(x.old_logps), torch.tensor(y.old_logps), atol=1e-5, rtol=0)
 
 
 def test_ppo_value_loss_decreases_on_fixed_rollout(tmp_path, tiny_model_dir, toy):

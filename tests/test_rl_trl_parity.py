@@ -20,6 +20,7 @@ import torch
 
 from alignline.stages.rl import step as rl_step
 from alignline.stages.rl.config import RLConfig
+from alignline.stages.rl.rollout import RolloutRecord
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -60,23 +61,25 @@ def test_grpo_loss_equals_trl(tiny_model, tiny_tokenizer, tmp_path, loss_type, a
     B, T, Pw = len(seqs), max(len(r) for _, r in seqs), max(len(p) for p in PROMPTS)
     pad = tiny_tokenizer.pad_token_id
     advantages = torch.tensor([1.0, -0.5, 0.25, -0.75, 0.5, -1.0, 0.0, 0.8])
-    records = [{"prompt_id": str(PROMPTS.index(p)), "prompt": p, "response": r, "advantages": [float(advantages[i])] * len(r)}
+    records = [RolloutRecord(iteration=0, prompt_id=str(PROMPTS.index(p)), sample_idx=i, prompt=p, response=r,
+                             text="", finish_reason="stop", score=0.0, parts={}, passed=None,
+                             advantages=[float(advantages[i])] * len(r))
                for i, (p, r) in enumerate(seqs)]
     # the sampling policy and the reference: the model's own log-probs moved by fixed offsets (some ratios clip)
     tiny_model.eval()
-    batch = rl_step.collate_rollout(records, list(range(B)), pad, aggregation, MAX_NEW)
+    batch = rl_step.collate_rollout(records, pad, aggregation, MAX_NEW)
     with torch.no_grad():
         current = group_token_logps(tiny_model, batch)[0].double()
     old = current + fixed_values(len(current), 1, 0.6)
     ref = current + fixed_values(len(current), 2, 1.0)
     lengths = [len(r) for _, r in seqs]
     for r, o, f in zip(records, old.split(lengths), ref.split(lengths)):
-        r["old_logps"], r["ref_logps"] = o.tolist(), f.tolist()
-    batch = rl_step.collate_rollout(records, list(range(B)), pad, aggregation, MAX_NEW)
+        r.old_logps, r.ref_logps = o.tolist(), f.tolist()
+    batch = rl_step.collate_rollout(records, pad, aggregation, MAX_NEW)
 
     cfg = RLConfig(model="m", prompts="p", kl={"coef": BETA, "estimator": "k3", "where": "loss"},
-                      loss={"aggregation": aggregation, "clip_low": 0.2, "clip_high": 0.2},
-                      rollout={"prompts": 2, "group_size": 4}, train={"batch_size": 8, "grad_accum": 1})
+                   loss={"aggregation": aggregation, "clip_low": 0.2, "clip_high": 0.2},
+                   rollout={"prompts": 2, "group_size": 4}, train={"batch_size": 8, "grad_accum": 1})
     tiny_model.zero_grad()
     loss_sum, units, _ = rl_step.rl_step_fn(cfg)(tiny_model, batch)
     ours = loss_sum / units

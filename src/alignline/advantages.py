@@ -107,6 +107,19 @@ def gae(rewards: Tensor, token_rewards: Tensor, values: Tensor, mask: Tensor, *,
     return adv, (adv + v) * m
 
 
+
+def whiten(advantages: Tensor, mask: Tensor) -> Tensor:
+    """Advantages normalised over a rollout's real tokens: ``(A - mean) / (std + 1e-8)`` with the mean and the
+    unbiased std taken over positions where ``mask`` is 1, padding left 0 (PPO's ``ppo.whiten``).
+
+    Worked example, one response of tokens ``[1, 2, 3]`` and a padded position: mean 2, unbiased variance
+    ``(1 + 0 + 1) / 2 = 1``, so ``[-1, 0, 1, 0]`` (up to the 1e-8)."""
+    m = mask.to(advantages.dtype)
+    n = m.sum()
+    mean = (advantages * m).sum() / n
+    var = (((advantages - mean) * m) ** 2).sum() / (n - 1).clamp(min=1)
+    return (advantages - mean) / (var.sqrt() + 1e-8) * m
+
 @dataclass(frozen=True)
 class Estimator:
     """An estimator with what the stage must provide for it."""

@@ -179,13 +179,14 @@ def _all_sum_dict(accelerator, values: dict[str, float], keys: list[str]) -> dic
 class _Stage:
     """The callables a stage hands :func:`train` (see the module docstring)."""
 
-    plan: Callable[[int], list[list[int]]]
-    collate: Callable[[list[int]], dict[str, torch.Tensor]]
+    plan: Callable[[int], list[list[Any]]]
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]]
     count_units: Callable[[dict[str, torch.Tensor]], int]
     step_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int, dict[str, float]]]
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None
     metric_keys: tuple[str, ...]
     count_logits: Callable[[dict[str, torch.Tensor]], int]
+    epoch_start: Callable[[int], None] | None
 
 
 @dataclass
@@ -281,13 +282,14 @@ def _resume_or_clear(run: _Run, resume: bool) -> tuple[dict[str, int], bool]:
     return position, True
 
 
-def _steps_from(plan: Callable[[int], list[list[int]]], steps_per_epoch: list[int], per_step: int,
-                position: dict[str, int]):
+def _steps_from(stage: _Stage, steps_per_epoch: list[int], per_step: int, position: dict[str, int]):
     """(epoch, step within the epoch, that step's micro-batches across processes) from ``position`` on; an
-    epoch's plan is built when the epoch is reached."""
+    epoch's plan is built, and the stage's ``epoch_start`` called, when the epoch's first step to run is reached."""
     for epoch in range(position["epoch"], len(steps_per_epoch)):
-        micro_batches = plan(epoch)
+        micro_batches = stage.plan(epoch)
         first = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        if stage.epoch_start is not None and first < steps_per_epoch[epoch]:
+            stage.epoch_start(epoch)
         for index in range(first, steps_per_epoch[epoch]):
             yield epoch, index, micro_batches[index * per_step: (index + 1) * per_step]
 
@@ -303,7 +305,7 @@ def _every(interval: int | None, step: int) -> bool:
     return bool(interval) and step % interval == 0
 
 
-def _forward_backward(run: _Run, group: list[list[int]], batches: list[dict], global_units: float,
+def _forward_backward(run: _Run, group: list[list[Any]], batches: list[dict], global_units: float,
                       clock: tm.StepClock) -> dict[str, float]:
     """Forward and backward of this process's micro-batches, each loss scaled so that the gradients add up to
     the per-unit mean over the whole step; returns the step's sums over all processes (loss, tokens, logit
@@ -361,7 +363,7 @@ def _stop_if_diverged(run: _Run, step: int, loss_value: float, grad_norm: float 
     )
 
 
-def _run_step(run: _Run, group: list[list[int]], step: int, epoch: int) -> dict[str, Any]:
+def _run_step(run: _Run, group: list[list[Any]], step: int, epoch: int) -> dict[str, Any]:
     """Optimizer step ``step + 1`` over ``group`` (its micro-batches across processes, this process taking
     every ``world``-th); returns the step's metrics record."""
     acc, stage = run.accelerator, run.stage
@@ -436,14 +438,37 @@ def _close_sinks(run: _Run, result: TrainResult, step: int) -> None:
         run.accelerator.end_training()
 
 
+def _run_steps(run: _Run, result: TrainResult, position: dict[str, int], steps_per_epoch: list[int],
+               total_steps: int, save_at_end: bool) -> tuple[int, int, dict[str, Any]]:
+    """The optimizer steps from ``position`` to the end (or ``stop_after_step``), each reported, evaluated and
+    checkpointed as the settings ask; returns (the last step, the tokens trained, its metrics record)."""
+    settings, step, tokens_seen, last = run.settings, position["step"], 0, {}
+    per_step = settings.grad_accum * run.accelerator.num_processes
+    for epoch, index, group in _steps_from(run.stage, steps_per_epoch, per_step, position):
+        last = _run_step(run, group, step, epoch)
+        step = last["step"]
+        tokens_seen += last["tokens"]
+        _report(run, last, total_steps)
+        finished = step >= total_steps
+        if run.stage.evaluate is not None and (_every(settings.eval_every, step) or finished):
+            result.eval_metrics = _evaluate(run, step)
+        stop_now = settings.stop_after_step is not None and step >= settings.stop_after_step
+        if _every(settings.save_every, step) or (finished and save_at_end) or stop_now:
+            result.checkpoint = _save(run, _position_after(step, epoch, index, steps_per_epoch[epoch]))
+        if finished or stop_now:
+            result.stopped_early = not finished
+            break
+    return step, tokens_seen, last
+
+
 def train(
     model: torch.nn.Module,
     *,
     accelerator,
     settings: TrainSettings,
     out_dir: Path,
-    plan: Callable[[int], list[list[int]]],
-    collate: Callable[[list[int]], dict[str, torch.Tensor]],
+    plan: Callable[[int], list[list[Any]]],
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
     count_units: Callable[[dict[str, torch.Tensor]], int],
     step_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int, dict[str, float]]],
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
@@ -453,6 +478,7 @@ def train(
     telemetry: tm.Telemetry | None = None,
     count_logits: Callable[[dict[str, torch.Tensor]], int] = tm.logit_positions,
     final_checkpoint: bool = False,
+    epoch_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; see the module docstring for the contract of each callable.
 
@@ -463,13 +489,14 @@ def train(
     output a batch computes (default :func:`alignline.train.telemetry.logit_positions`). The last step is
     checkpointed only with ``settings.keep_checkpoints_when_done`` or ``final_checkpoint`` (a stage that resumes
     a later part from it, as tso's mini-batches do): writing the weights and both AdamW moments for a stage that
-    deletes them once ``model/`` is saved costs seconds and disk for nothing.
+    deletes them once ``model/`` is saved costs seconds and disk for nothing. ``epoch_start(epoch)`` runs before
+    the first step of each epoch that runs (rl makes the epoch's rollout there).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     per_step = settings.grad_accum * accelerator.num_processes
     steps_per_epoch, total_steps = _count_steps(plan, settings, per_step)
-    stage = _Stage(plan, collate, count_units, step_fn, evaluate, metric_keys, count_logits)
+    stage = _Stage(plan, collate, count_units, step_fn, evaluate, metric_keys, count_logits, epoch_start)
     run = _set_up(model, accelerator, settings, out_dir, stage, total_steps, telemetry)
     position, resumed = _resume_or_clear(run, resume)
     step = position["step"]
@@ -481,22 +508,8 @@ def train(
     if evaluate is not None and step == 0:  # the starting point, so the run's effect on held-out data is visible
         result.eval_metrics_start = _evaluate(run, 0)
     run.model.train()
-    steps = _steps_from(plan, steps_per_epoch, per_step, position)
     if step < total_steps:  # a run resumed from its final checkpoint has no step left
-        for epoch, index, group in steps:
-            last = _run_step(run, group, step, epoch)
-            step = last["step"]
-            tokens_seen += last["tokens"]
-            _report(run, last, total_steps)
-            finished = step >= total_steps
-            if evaluate is not None and (_every(settings.eval_every, step) or finished):
-                result.eval_metrics = _evaluate(run, step)
-            stop_now = settings.stop_after_step is not None and step >= settings.stop_after_step
-            if _every(settings.save_every, step) or (finished and save_at_end) or stop_now:
-                result.checkpoint = _save(run, _position_after(step, epoch, index, steps_per_epoch[epoch]))
-            if finished or stop_now:
-                result.stopped_early = not finished
-                break
+        step, tokens_seen, last = _run_steps(run, result, position, steps_per_epoch, total_steps, save_at_end)
     _close_sinks(run, result, step)
     result.steps, result.last_metrics = step, last
     result.seconds, result.tokens = time.perf_counter() - t_start, tokens_seen

@@ -188,6 +188,12 @@ class RLConfig(Section):
         per_step = self.train.batch_size * self.train.grad_accum
         return self.loss.epochs * math.ceil(self.rollout.prompts * self.rollout.group_size / per_step)
 
+    @property
+    def needs_old_logps(self) -> bool:
+        """The sampling policy's log-probs are needed: an iteration takes more than one optimizer step (the
+        clipped ratio's denominator), or the KL is in the reward."""
+        return self.steps_per_iteration > 1 or (self.kl.coef > 0 and self.kl.where == "reward")
+
 
 def metric_names(cfg: RLConfig) -> tuple[str, ...]:
     """Per-step sums the loop logs (each divided by the step's units); iterations.jsonl turns them into

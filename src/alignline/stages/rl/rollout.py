@@ -1,38 +1,102 @@
 """One rollout of ``alignline rl``: sample G responses per prompt, score them, take the no-grad passes,
 compute advantages, write the shard.
 
-A rollout is a list of records, one per response (``iteration``, ``prompt_id``, ``sample_idx``, ``prompt`` and
-``response`` token ids, ``text``, ``finish_reason``, ``reward`` and its parts, per-token ``advantages``, and
-where the run needs them per-token ``old_logps`` (the sampling policy), ``ref_logps`` (the reference),
-``old_values`` and ``returns`` (PPO)). It is written as ``rollouts/iter-NNNNN.jsonl`` in one atomic rename,
-after its statistics (``iter-NNNNN.stats.json``); a rerun reads an existing shard instead of sampling again,
-so a resumed run trains on exactly the rollouts of the uninterrupted one.
-
-The trained response tokens are the sampled ones plus the end token when the policy emitted it (finish
-reason ``stop`` without stop strings), as TRL does, so the policy learns to stop.
+A rollout is a :class:`Rollout`: per drawn prompt, its G :class:`RolloutRecord` (token ids, text, score and
+reward, per-token advantages and, where the run needs them, the sampling policy's, the reference's and the
+critic's per-token values). It is written as ``rollouts/iter-NNNNN.jsonl`` (one record per line, prompt-major)
+in one atomic rename, after its statistics (``iter-NNNNN.stats.json``); a rerun reads an existing shard
+instead of sampling again, so a resumed run trains on exactly the rollouts of the uninterrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from alignline.advantages import ESTIMATORS, KL_ESTIMATORS, Estimator
+from alignline.advantages import ESTIMATORS, KL_ESTIMATORS, Estimator, whiten
 from alignline.data.io import atomic_write_bytes, atomic_write_json, iter_jsonl, jsonl_bytes
 from alignline.data.records import Prompt
-from alignline.errors import AlignlineError, RewardFunctionError
-from alignline.generate.base import sample_seed
+from alignline.errors import RewardFunctionError
 from alignline.stages.common import console
 from alignline.stages.rl.config import RLConfig, estimator_params
+from alignline.stages.rl.sampling import RolloutSample, RolloutSampler
 from alignline.train.groups import token_passes
+
+_ONLY_WHEN_NEEDED = ("old_logps", "ref_logps", "old_values", "returns")
+
+
+@dataclass
+class RolloutRecord:
+    """One sampled response of a rollout, as a line of its shard holds it."""
+
+    iteration: int
+    prompt_id: str
+    sample_idx: int
+    """Which of the prompt's G samples (seeded by it)."""
+    prompt: list[int]
+    """Prompt token ids (chat template applied)."""
+    response: list[int]
+    """Trained response token ids (an emitted end token included)."""
+    text: str
+    finish_reason: str
+    score: float
+    """The weighted reward terms minus the length penalty."""
+    parts: dict[str, float]
+    """Each reward term's value, by its label."""
+    passed: bool | None
+    """All of the prompt's verifiable instructions followed (strict); None without any."""
+    old_logps: list[float] | None = None
+    """The sampling policy's per-token log-probs (only when the run needs them)."""
+    ref_logps: list[float] | None = None
+    """The reference's per-token log-probs (kl.coef > 0)."""
+    old_values: list[float] | None = None
+    """The critic's per-token values at sampling (PPO)."""
+    reward: float = 0.0
+    """Total reward: the score plus any per-token KL penalty (kl.where: reward)."""
+    advantages: list[float] = dataclasses.field(default_factory=list)
+    """Per-token advantages from the estimator."""
+    returns: list[float] | None = None
+    """Per-token returns, the value loss's target (PPO)."""
+
+    def to_json(self) -> dict:
+        row = dataclasses.asdict(self)
+        return {k: v for k, v in row.items() if v is not None or k not in _ONLY_WHEN_NEEDED}
+
+
+class ResponseRef(NamedTuple):
+    """A plan item: response ``sample`` of the ``prompt``-th prompt drawn in ``iteration``."""
+
+    iteration: int
+    prompt: int
+    sample: int
+
+
+@dataclass
+class Rollout:
+    """One iteration's rollout: ``groups[p][g]`` is response g of the p-th drawn prompt."""
+
+    iteration: int
+    groups: list[list[RolloutRecord]]
+    stats: dict
+    """What ``iter-NNNNN.stats.json`` holds (and iterations.jsonl starts from)."""
+
+    @property
+    def records(self) -> list[RolloutRecord]:
+        return [r for group in self.groups for r in group]
+
+    def responses(self, refs: Sequence[ResponseRef]) -> list[RolloutRecord]:
+        assert all(ref.iteration == self.iteration for ref in refs), "a plan item of another iteration"
+        return [self.groups[ref.prompt][ref.sample] for ref in refs]
 
 
 def draw_prompts(n_prompts: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
@@ -51,72 +115,26 @@ def shard_path(root: Path, iteration: int) -> Path:
     return root / "rollouts" / f"iter-{iteration:05d}.jsonl"
 
 
-def read_rollout(root: Path, iteration: int) -> tuple[list[dict], dict] | None:
+def read_rollout(root: Path, iteration: int) -> Rollout | None:
+    """The rollout of ``iteration`` from its shard (a prompt's group starts at its sample 0), None if unwritten."""
     path = shard_path(root, iteration)
     if not path.exists():
         return None
     stats = json.loads(path.with_suffix(".stats.json").read_text())
-    return [obj for _, obj in iter_jsonl(path)], stats
+    groups: list[list[RolloutRecord]] = []
+    for _, obj in iter_jsonl(path):
+        record = RolloutRecord(**obj)
+        if record.sample_idx == 0:
+            groups.append([])
+        groups[-1].append(record)
+    return Rollout(iteration, groups, stats)
 
 
-def write_rollout(root: Path, iteration: int, records: list[dict], stats: dict) -> None:
-    path = shard_path(root, iteration)
+def write_rollout(root: Path, rollout: Rollout) -> None:
+    path = shard_path(root, rollout.iteration)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path.with_suffix(".stats.json"), stats)
-    atomic_write_bytes(path, jsonl_bytes(records))  # the shard is the completion marker, written last
-
-
-class RolloutSample(NamedTuple):
-    """One sampled response as the rollout trains on it."""
-
-    ids: list[int]
-    """Response token ids, an emitted end token included."""
-    text: str
-    finish_reason: str
-    logprobs: list[float] | None
-    """The sampling policy's log-prob of each of ``ids`` (from the engine), or None: the run computes them."""
-
-
-def sample_hf(engine, prompt_ids: list[list[int]], prompt_keys: list[str], G: int, sampling, iteration: int,
-              end_id: int, *, logprobs: bool = False) -> list[list[RolloutSample]]:
-    """A :class:`RolloutSample` per sample, per prompt. Sample i of prompt p in iteration k is seeded by
-    ``sample_seed(seed, p, k * G + i)``. One engine call: its continuous batching keeps ``max_batch`` samples
-    decoding until the whole rollout is done. The end token kept is the one drawn (``end_id`` where the engine
-    does not say); ``logprobs`` asks the engine for the log-probs, which its fallback path does not give (None).
-    """
-    seeds = [[sample_seed(sampling.seed, key, iteration * G + i) for i in range(G)] for key in prompt_keys]
-    out = []
-    for samples in engine.sample_prompts(prompt_ids, seeds, sampling, logprobs=logprobs):
-        group = []
-        for x in samples:
-            ended = x.finish_reason == "stop" and not sampling.stop
-            ids = list(x.token_ids) + ([end_id if x.end_token is None else x.end_token] if ended else [])
-            logps = None if x.logprobs is None else x.logprobs[: len(ids)]
-            assert logps is None or len(logps) == len(ids), "the engine gives one log-prob per token"
-            group.append(RolloutSample(ids, x.text, x.finish_reason, logps))
-        out.append(group)
-    return out
-
-
-def sample_openai(engine, prompts: Sequence[Prompt], tokenizer, G: int, sampling, iteration: int
-                  ) -> list[list[RolloutSample]]:
-    """The same through an OpenAI-compatible server: texts are tokenised back with the chat template (no
-    log-probs: the run computes them in its own pass)."""
-    from alignline.data.chat import tokenise_prompt_response
-
-    seeded = sampling.model_copy(update={"seed": sample_seed(sampling.seed, "rl-iteration", iteration)})
-    out = []
-    for p, responses in zip(prompts, engine.generate(list(prompts), G, seeded)):
-        group = []
-        for r in responses:
-            if r.status != "ok":
-                raise AlignlineError(f"the rollout server failed on prompt '{p.id}': {r.error}; check the server "
-                                     "(engine openai settings)")
-            _, ids = tokenise_prompt_response(tokenizer, p.messages, r.text, where=f"prompt {p.id}")
-            group.append(RolloutSample(ids[:-1] if r.finish_reason == "length" else ids, r.text,
-                                       r.finish_reason or "stop", None))
-        out.append(group)
-    return out
+    atomic_write_json(path.with_suffix(".stats.json"), rollout.stats)
+    atomic_write_bytes(path, jsonl_bytes(r.to_json() for r in rollout.records))  # the completion marker, last
 
 
 def padded(lists: Sequence[Sequence[float]], P: int, G: int, T: int) -> torch.Tensor:
@@ -126,24 +144,25 @@ def padded(lists: Sequence[Sequence[float]], P: int, G: int, T: int) -> torch.Te
     return x.view(P, G, T)
 
 
-def advantages_for(estimator: Estimator, params: dict, scores: list[list[float]], records: list[dict],
-                   kl_coef: float, kl_name: str, kl_in_reward: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(advantages [P, G, T], returns or None, total rewards [P, G]) for one rollout (``records`` in prompt-major
-    order). A KL penalty in the reward is ``-coef * kl_t`` at every token; the score sits at the last token."""
-    P, G = len(scores), len(scores[0])
-    lengths = [len(r["response"]) for r in records]
+def advantages_for(estimator: Estimator, params: dict, groups: list[list[RolloutRecord]], kl_coef: float,
+                   kl_name: str, kl_in_reward: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(advantages [P, G, T], returns or None, total rewards [P, G]) for one rollout. A KL penalty in the
+    reward is ``-coef * kl_t`` at every token; the score sits at the last token."""
+    P, G = len(groups), len(groups[0])
+    records = [r for group in groups for r in group]
+    lengths = [len(r.response) for r in records]
     T = max(lengths)
     mask = padded([[1.0] * n for n in lengths], P, G, T)
     token_rewards = torch.zeros(P * G, T, dtype=torch.float64)
     if kl_in_reward and kl_coef:
-        kl = KL_ESTIMATORS[kl_name](padded([r["old_logps"] for r in records], P, G, T),
-                                    padded([r["ref_logps"] for r in records], P, G, T))
+        kl = KL_ESTIMATORS[kl_name](padded([r.old_logps for r in records], P, G, T),
+                                    padded([r.ref_logps for r in records], P, G, T))
         token_rewards -= kl_coef * (kl * mask).view(P * G, T)
-    flat_scores = torch.tensor([x for row in scores for x in row], dtype=torch.float64)
+    flat_scores = torch.tensor([r.score for r in records], dtype=torch.float64)
     token_rewards[torch.arange(P * G), torch.tensor(lengths) - 1] += flat_scores
     token_rewards = token_rewards.view(P, G, T)
     totals = token_rewards.sum(-1)
-    values = padded([r["old_values"] for r in records], P, G, T) if estimator.critic else torch.zeros_like(mask)
+    values = padded([r.old_values for r in records], P, G, T) if estimator.critic else torch.zeros_like(mask)
     adv, returns = estimator.fn(totals, token_rewards, values, mask, **params)
     return adv, returns, totals
 
@@ -174,128 +193,119 @@ def all_followed(prompt: Prompt, text: str) -> bool | None:
     return verify(text, found, "strict").all_followed if found else None
 
 
-
-def make_rollout_engine(cfg: RLConfig, policy, tokenizer):
-    if cfg.engine == "hf":
-        from alignline.generate.hf import HFEngine
-
-        return HFEngine(policy, tokenizer, max_batch=cfg.rollout.max_batch, decode_step=cfg.rollout.decode_step)
-    from alignline.generate.endpoint import OpenAISettings
-    from alignline.generate.openai_engine import OpenAIEngine
-
-    engine = OpenAIEngine(OpenAISettings.of(cfg.model, cfg.openai))
-    engine.check_connection()  # an unreachable server is an error now, before any training
-    return engine
+def progress_line(stats: dict, prompts: int, group_size: int) -> str:
+    pass_rate = "" if stats["pass_rate"] is None else f", pass rate {stats['pass_rate']:.3f}"
+    return (f"rl iteration {stats['iteration']}: reward {stats['reward_mean']:.4f} +- {stats['reward_se']:.4f}"
+            f"{pass_rate}, "
+            + ("" if group_size < 2 else f"zero-variance groups {stats['zero_variance_groups']}/{prompts}, ")
+            + f"{stats['rollout_tokens_per_s']:.0f} rollout tok/s")
 
 
-def push_weights(cfg: RLConfig, policy, tokenizer, out: Path) -> None:
-    """Save the policy and ask the server to reload it (SGLang's update_weights_from_disk body)."""
-    import urllib.request
+@dataclass
+class RolloutModels:
+    """The models a rollout's no-grad passes run: the policy, the frozen reference and PPO's critic."""
 
-    from alignline.models.saving import save_model
-
-    save_model(policy, tokenizer, out)
-    req = urllib.request.Request(cfg.openai.weights_url, data=json.dumps({"model_path": str(out.resolve())}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        urllib.request.urlopen(req, timeout=600).read()
-    except OSError as exc:
-        raise AlignlineError(f"openai.weights_url={cfg.openai.weights_url}: the weight reload failed ({exc})") from None
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None
+    critic: torch.nn.Module | None
 
 
-def whiten(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(adv.dtype)
-    n = m.sum()
-    mean = (adv * m).sum() / n
-    var = (((adv - mean) * m) ** 2).sum() / (n - 1).clamp(min=1)
-    return (adv - mean) / (var.sqrt() + 1e-8) * m
+class RolloutSource:
+    """Each iteration's rollout for the training loop. :meth:`start_iteration` is the loop's per-iteration hook:
+    it reads the iteration's shard, or makes a new rollout from the weights the loop holds at that moment;
+    :meth:`responses` gives the collate the records its plan items name."""
 
+    def __init__(self, cfg: RLConfig, root: Path, prompts: list[Prompt], prompt_ids: list[list[int]],
+                 sampler: RolloutSampler, models: RolloutModels, reward_fn: Callable, counts: Counter, tel):
+        self.cfg, self.root, self.prompts, self.prompt_ids = cfg, root, prompts, prompt_ids
+        self.sampler, self.models, self.reward_fn, self.counts, self.tel = sampler, models, reward_fn, counts, tel
+        self.current: Rollout | None = None
 
-def rollout_source(cfg: RLConfig, root: Path, prompts, ids, tokenizer, policy, ref, critic, engine, reward_fn,
-                   counts: Counter, tel):
-    """``get(iteration) -> records``: the shard if it exists, else a new rollout from the current weights."""
-    from alignline.data.chat import tokenise_prompt_response
+    def start_iteration(self, iteration: int) -> None:
+        self.current = read_rollout(self.root, iteration)
+        if self.current is None:
+            with self.tel.phase("rollout"):
+                self.current = self.make(iteration)
 
-    P, G, sampling = cfg.rollout.prompts, cfg.rollout.group_size, cfg.rollout.sampling
-    end_id = tokenise_prompt_response(tokenizer, [{"role": "user", "content": "x"}], "y")[1][-1]
-    est = ESTIMATORS[cfg.loss.estimator]
-    want_old = cfg.steps_per_iteration > 1 or (cfg.kl.coef > 0 and cfg.kl.where == "reward")
-    engine_logps = want_old and cfg.rollout.engine_logprobs
-    cache: dict[int, list[dict]] = {}
+    def responses(self, refs: Sequence[ResponseRef]) -> list[RolloutRecord]:
+        assert self.current is not None, "start_iteration runs before the iteration's first micro-batch"
+        return self.current.responses(refs)
 
-    def make(it: int) -> list[dict]:
-        drawn = draw_prompts(len(prompts), P, cfg.train.seed, it)
-        chosen = [prompts[i] for i in drawn]
+    def make(self, iteration: int) -> Rollout:
+        """Sample, score, pass, estimate, write: one new rollout."""
+        cfg = self.cfg
+        drawn = draw_prompts(len(self.prompts), cfg.rollout.prompts, cfg.train.seed, iteration)
+        prompts, prompt_ids = [self.prompts[i] for i in drawn], [self.prompt_ids[i] for i in drawn]
         t0 = time.perf_counter()
-        if cfg.engine == "hf":
-            groups = sample_hf(engine, [ids[i] for i in drawn], [p.id for p in chosen], G, sampling, it, end_id,
-                                  logprobs=engine_logps)
-        else:
-            if it > 0:
-                push_weights(cfg, policy, tokenizer, root / "served_policy")
-            groups = sample_openai(engine, chosen, tokenizer, G, sampling, it)
+        samples = self.sampler.sample(iteration, prompts, prompt_ids)
         t_sample = time.perf_counter() - t0
-        try:
-            scores, parts = reward_fn(chosen, [[x.text for x in g] for g in groups])
-        except RewardFunctionError as exc:
-            exc.iteration = it
-            raise
-        records = []
-        for pi, (p, g) in enumerate(zip(chosen, groups)):
-            for i, x in enumerate(g):
-                score = scores[pi][i] - cfg.length_penalty * len(x.ids) / sampling.max_new_tokens
-                records.append({"iteration": it, "prompt_id": p.id, "sample_idx": i, "prompt": ids[drawn[pi]],
-                                "response": x.ids, "text": x.text, "finish_reason": x.finish_reason,
-                                "score": score, "parts": {k: v[pi][i] for k, v in parts.items()},
-                                "passed": all_followed(p, x.text)})
+        groups = self.scored(iteration, prompts, prompt_ids, samples)
         t1 = time.perf_counter()
-        groups_ids = [{"prompt": records[pi * G]["prompt"], "responses": [r["response"] for r in records[pi * G: (pi + 1) * G]]}
-                      for pi in range(P)]
-        sampled_logps = [x.logprobs for g in groups for x in g]
-        from_engine = want_old and all(v is not None for v in sampled_logps)
-        if from_engine:  # the sampling policy's log-probs came with the tokens: no pass of the policy
-            for r, v in zip(records, sampled_logps):
-                r["old_logps"] = v
-        passes = token_passes(policy, ref, critic, groups_ids, pad_id=tokenizer.pad_token_id,
-                                 batch=cfg.rollout.pass_batch, want_old=want_old and not from_engine)
-        for key, lists in passes.items():
-            for r, v in zip(records, lists):
-                r[key] = v
+        old_logps_from = self.add_token_passes(groups, samples)
         t_pass = time.perf_counter() - t1
-        adv, returns, totals = advantages_for(
-            est, estimator_params(cfg), [[records[pi * G + i]["score"] for i in range(G)] for pi in range(P)],
-            records, cfg.kl.coef, cfg.kl.estimator, cfg.kl.where == "reward")
-        lengths = [len(r["response"]) for r in records]
-        mask = padded([[1.0] * n for n in lengths], P, G, max(lengths))
-        if est.critic and cfg.ppo.whiten:
-            adv = whiten(adv, mask)
-        for k, r in enumerate(records):
-            r["reward"] = float(totals.flatten()[k])
-            r["advantages"] = adv.view(P * G, -1)[k, : lengths[k]].tolist()
-            if returns is not None:
-                r["returns"] = returns.view(P * G, -1)[k, : lengths[k]].tolist()
-        stats = {"iteration": it, **group_stats(totals, [r["passed"] for r in records], lengths,
-                                                   [r["finish_reason"] for r in records]),
+        totals = self.add_advantages(groups)
+        records = [r for group in groups for r in group]
+        lengths = [len(r.response) for r in records]
+        stats = {"iteration": iteration, **group_stats(totals, [r.passed for r in records], lengths,
+                                                       [r.finish_reason for r in records]),
                  "rollout_tokens": sum(lengths), "rollout_seconds": t_sample,
                  "rollout_tokens_per_s": sum(lengths) / max(t_sample, 1e-9), "pass_seconds": t_pass,
-                 "old_logps_from": "engine" if from_engine else ("pass" if want_old else None)}
-        write_rollout(root, it, records, stats)
-        counts["rollouts"] += 1
-        pr = "" if stats["pass_rate"] is None else f", pass rate {stats['pass_rate']:.3f}"
-        console.print(f"rl iteration {it}: reward {stats['reward_mean']:.4f} +- {stats['reward_se']:.4f}{pr}, "
-                      + ("" if G < 2 else f"zero-variance groups {stats['zero_variance_groups']}/{P}, ")
-                      + f"{stats['rollout_tokens_per_s']:.0f} rollout tok/s")
-        return records
+                 "old_logps_from": old_logps_from}
+        rollout = Rollout(iteration, groups, stats)
+        write_rollout(self.root, rollout)
+        self.counts["rollouts"] += 1
+        console.print(progress_line(stats, cfg.rollout.prompts, cfg.rollout.group_size))
+        return rollout
 
-    def get(it: int) -> list[dict]:
-        if it not in cache:
-            cache.clear()
-            stored = read_rollout(root, it)
-            if stored is not None:
-                cache[it] = stored[0]
-            else:
-                with tel.phase("rollout"):
-                    cache[it] = make(it)
-        return cache[it]
+    def scored(self, iteration: int, prompts: list[Prompt], prompt_ids: list[list[int]],
+               samples: list[list[RolloutSample]]) -> list[list[RolloutRecord]]:
+        """The samples as records with their rewards (minus the length penalty) and verifier outcome."""
+        penalty, max_new = self.cfg.length_penalty, self.cfg.rollout.sampling.max_new_tokens
+        try:
+            scores, parts = self.reward_fn(prompts, [[x.text for x in group] for group in samples])
+        except RewardFunctionError as exc:
+            exc.iteration = iteration
+            raise
+        return [[RolloutRecord(iteration=iteration, prompt_id=p.id, sample_idx=i, prompt=ids, response=x.ids,
+                               text=x.text, finish_reason=x.finish_reason,
+                               score=scores[pi][i] - penalty * len(x.ids) / max_new,
+                               parts={k: v[pi][i] for k, v in parts.items()}, passed=all_followed(p, x.text))
+                 for i, x in enumerate(group)]
+                for pi, (p, ids, group) in enumerate(zip(prompts, prompt_ids, samples))]
 
-    return get
+    def add_token_passes(self, groups: list[list[RolloutRecord]], samples: list[list[RolloutSample]]) -> str | None:
+        """Per-token old_logps, ref_logps, old_values as the run needs them; returns where old_logps came from
+        (engine: with the tokens, no pass of the policy; pass; None: not needed)."""
+        want_old = self.cfg.needs_old_logps
+        records, sampled = [r for g in groups for r in g], [x.logprobs for g in samples for x in g]
+        from_engine = want_old and all(v is not None for v in sampled)
+        if from_engine:
+            for r, v in zip(records, sampled):
+                r.old_logps = v
+        rows = [{"prompt": g[0].prompt, "responses": [r.response for r in g]} for g in groups]
+        m = self.models
+        passes = token_passes(m.policy, m.ref, m.critic, rows, pad_id=self.sampler.tokenizer.pad_token_id,
+                              batch=self.cfg.rollout.pass_batch, want_old=want_old and not from_engine)
+        for key, lists in passes.items():
+            for r, v in zip(records, lists):
+                setattr(r, key, v)
+        return "engine" if from_engine else ("pass" if want_old else None)
+
+    def add_advantages(self, groups: list[list[RolloutRecord]]) -> torch.Tensor:
+        """Each record's reward, advantages (whitened over the rollout's tokens for PPO when asked) and returns;
+        returns the total rewards [P, G]."""
+        cfg = self.cfg
+        est = ESTIMATORS[cfg.loss.estimator]
+        adv, returns, totals = advantages_for(est, estimator_params(cfg), groups, cfg.kl.coef, cfg.kl.estimator,
+                                              cfg.kl.where == "reward")
+        if est.critic and cfg.ppo.whiten:
+            lengths = [len(r.response) for g in groups for r in g]
+            adv = whiten(adv, padded([[1.0] * n for n in lengths], len(groups), len(groups[0]), max(lengths)))
+        for p, group in enumerate(groups):
+            for g, r in enumerate(group):
+                n = len(r.response)
+                r.reward = float(totals[p, g])
+                r.advantages = adv[p, g, :n].tolist()
+                if returns is not None:
+                    r.returns = returns[p, g, :n].tolist()
+        return totals

@@ -1,9 +1,12 @@
-"""The body of ``alignline rl`` (settings: :mod:`alignline.stages.rl.config`; one rollout:
-:mod:`alignline.stages.rl.rollout`; loss step and plan: :mod:`alignline.stages.rl.step`).
+"""The body of ``alignline rl``: the settings are :mod:`alignline.stages.rl.config`, one rollout
+:mod:`alignline.stages.rl.rollout` (engine side: :mod:`alignline.stages.rl.sampling`), the loss step, the plan
+and the collate :mod:`alignline.stages.rl.step`.
 
-Read top to bottom: check the inputs (before any model is loaded where possible), load the policy (and the
-frozen reference, and PPO's critic), build the rollout source the plan pulls from, run the one training loop
-with the iterations as its epochs, then write the model, ``iterations.jsonl`` and the curves.
+Read top to bottom (:func:`run`): check the inputs (before any model is loaded where possible), load the policy
+(and the frozen reference, and PPO's critic), build the rollout source, run the one training loop with the
+iterations as its epochs (the source's ``start_iteration`` is the loop's per-epoch hook: it reads the
+iteration's shard or samples a new rollout with the weights the loop holds then), then write the model,
+``iterations.jsonl`` and the curves.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from alignline.rewards import build_reward, combine
 from alignline.stages.common import RunDir, console, models_when_set, record_drops, training_dtype
 from alignline.stages.rl.config import RLConfig, metric_names
 from alignline.stages.rl.evaluation import eval_fn, paired_change
-from alignline.stages.rl.rollout import make_rollout_engine, read_rollout, rollout_source
+from alignline.stages.rl.rollout import RolloutModels, RolloutSource, read_rollout
+from alignline.stages.rl.sampling import RolloutSampler, make_rollout_engine
 from alignline.stages.rl.step import collate_rollout, make_plan, rl_step_fn
 from alignline.train.actor_critic import ActorCritic
 
@@ -61,7 +65,7 @@ def iteration_rows(root: Path, iterations: int) -> list[dict]:
         stored = read_rollout(root, it)
         if stored is None:
             continue
-        row = dict(stored[1])
+        row = dict(stored.stats)
         mine = [s for s in steps if s.get("epoch") == it and "units" in s]
         tokens = sum(s["response_tokens"] * s["units"] for s in mine)
         for key in ("pg_loss", "kl", "clipped", "entropy", "value_loss", "ratio"):
@@ -102,20 +106,60 @@ def rl_cards(cfg: RLConfig, counts: Counter, result, change: dict | None):
     return policy, critic
 
 
-def run(cfg: RLConfig) -> Path:
-    from alignline.models.loading import load_causal_lm, load_reward_model, resolve_model
-    from alignline.stages.common import stage_tokenizer
-    from alignline.train.accelerator import make_accelerator
-    from alignline.train.checkpoint import save_trained_model
-    from alignline.train.loop import train
-    from alignline.train.telemetry import Telemetry
-
-    rd = RunDir("rl", cfg, cfg.output_dir, {
+def run_dir(cfg: RLConfig) -> RunDir:
+    """The run directory, fingerprinted by the config and every model and data input."""
+    return RunDir("rl", cfg, cfg.output_dir, {
         "model": cfg.model, "prompts": cfg.prompts, "eval": cfg.eval.prompts,
         **models_when_set(reference=cfg.kl.reference, critic=cfg.ppo.critic,
                           **{f"reward_model:{i}": r.model for i, r in enumerate(cfg.reward) if r.type == "rm"},
                           **{f"reward_judge:{i}": r.judge.model for i, r in enumerate(cfg.reward)
                              if r.type == "judge" and r.judge is not None and r.judge.engine == "hf"})})
+
+
+def load_models(cfg: RLConfig, model_path, tokenizer, device) -> tuple[RolloutModels, object]:
+    """The policy, the rollout engine over it (an unreachable server fails here, before the other models
+    load), the frozen reference (kl.coef > 0) and PPO's critic."""
+    from alignline.models.loading import load_causal_lm, load_reward_model, resolve_model
+
+    dtype, trust = training_dtype(cfg.dtype), cfg.trust_remote_code
+    policy = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust).to(device)
+    engine = make_rollout_engine(cfg, policy, tokenizer)
+    ref = None
+    if cfg.kl.coef > 0:
+        ref = load_causal_lm(resolve_model(cfg.kl.reference) if cfg.kl.reference else model_path, dtype=dtype,
+                             trust_remote_code=trust).to(device).eval().requires_grad_(False)
+    critic = None
+    if ESTIMATORS[cfg.loss.estimator].critic:
+        critic = load_reward_model(resolve_model(cfg.ppo.critic) if cfg.ppo.critic else model_path, dtype=dtype,
+                                   trust_remote_code=trust).to(device)
+    return RolloutModels(policy, ref, critic), engine
+
+
+def train_iterations(cfg: RLConfig, rd: RunDir, accelerator, models: RolloutModels, source: RolloutSource,
+                     pad_id: int, evaluate, tel):
+    """The one training loop over ``iterations`` epochs: the source's ``start_iteration`` makes (or reads back)
+    each iteration's rollout before its first step, and the collate takes the responses the plan names."""
+    from alignline.train.loop import train
+
+    model = ActorCritic(models.policy, models.critic) if models.critic is not None else models.policy
+    agg, max_new = cfg.loss.aggregation_name, cfg.rollout.sampling.max_new_tokens
+
+    def collate(refs):
+        return collate_rollout(source.responses(refs), pad_id, agg, max_new)
+
+    return train(model, accelerator=accelerator, settings=cfg.train.model_copy(update={"epochs": cfg.iterations}),
+                 out_dir=rd.path, plan=make_plan(cfg), collate=collate, count_units=lambda b: int(b["units"]),
+                 step_fn=rl_step_fn(cfg), evaluate=evaluate, metric_keys=metric_names(cfg),
+                 resume=cfg.resume and not rd.fresh, desc=f"rl ({cfg.loss.estimator})", telemetry=tel,
+                 epoch_start=source.start_iteration)
+
+
+def run(cfg: RLConfig) -> Path:
+    from alignline.stages.common import stage_tokenizer
+    from alignline.train.accelerator import make_accelerator
+    from alignline.train.telemetry import Telemetry
+
+    rd = run_dir(cfg)
     if rd.skip_if_done():
         return rd.path
     accelerator = make_accelerator(cfg.train, rd.path)
@@ -131,47 +175,36 @@ def run(cfg: RLConfig) -> Path:
     counts: Counter = Counter()
     prompts, ids = load_prompts(cfg, tokenizer, counts)
     device = accelerator.device
-    terms = [(s.label(), s.weight, build_reward(s, i, out_dir=rd.path, counts=counts, device=device))
-             for i, s in enumerate(cfg.reward)]
+    reward_fn = combine([(s.label(), s.weight, build_reward(s, i, out_dir=rd.path, counts=counts, device=device))
+                         for i, s in enumerate(cfg.reward)])
     evaluate = eval_fn(cfg, tokenizer, rd.path) if cfg.eval.prompts else None
-    dtype = training_dtype(cfg.dtype)
-    policy = load_causal_lm(model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(device)
-    engine = make_rollout_engine(cfg, policy, tokenizer)
-    ref = None
-    if cfg.kl.coef > 0:
-        ref = load_causal_lm(resolve_model(cfg.kl.reference) if cfg.kl.reference else model_path, dtype=dtype,
-                             trust_remote_code=cfg.trust_remote_code).to(device).eval().requires_grad_(False)
-    critic, model = None, policy
-    if ESTIMATORS[cfg.loss.estimator].critic:
-        critic = load_reward_model(resolve_model(cfg.ppo.critic) if cfg.ppo.critic else model_path, dtype=dtype,
-                                   trust_remote_code=cfg.trust_remote_code).to(device)
-        model = ActorCritic(policy, critic)
+    models, engine = load_models(cfg, model_path, tokenizer, device)
     tel = Telemetry(device)
-    get = rollout_source(cfg, rd.path, prompts, ids, tokenizer, policy, ref, critic, engine, combine(terms), counts,
-                         tel)
-    n = cfg.rollout.prompts * cfg.rollout.group_size
-    agg, max_new = cfg.loss.aggregation_name, cfg.rollout.sampling.max_new_tokens
-
-    def collate(ix: list[int]):
-        return collate_rollout(get(ix[0] // n), [i % n for i in ix], tokenizer.pad_token_id, agg, max_new)
-
-    result = train(model, accelerator=accelerator, settings=cfg.train.model_copy(update={"epochs": cfg.iterations}),
-                   out_dir=rd.path, plan=make_plan(cfg), collate=collate, count_units=lambda b: int(b["units"]),
-                   step_fn=rl_step_fn(cfg), evaluate=evaluate, metric_keys=metric_names(cfg),
-                   resume=cfg.resume and not rd.fresh, desc=f"rl ({cfg.loss.estimator})", telemetry=tel)
+    sampler = RolloutSampler(cfg, engine, models.policy, tokenizer, rd.path,
+                             logprobs=cfg.needs_old_logps and cfg.rollout.engine_logprobs)
+    source = RolloutSource(cfg, rd.path, prompts, ids, sampler, models, reward_fn, counts, tel)
+    result = train_iterations(cfg, rd, accelerator, models, source, tokenizer.pad_token_id, evaluate, tel)
     if result.stopped_early:
         console.print(f"rl: stopped after step {result.steps} as asked; rerun to resume")
         return rd.path
+    finish(cfg, rd, accelerator, models, tokenizer, result, counts, tel)
+    return rd.path
+
+
+def finish(cfg: RLConfig, rd: RunDir, accelerator, models: RolloutModels, tokenizer, result, counts: Counter,
+           tel) -> None:
+    """The trained model (and critic) with their cards, iterations.jsonl, the curves, the manifest."""
+    from alignline.report.plots import plot_rl_curves
+    from alignline.train.checkpoint import save_trained_model
+
     change = paired_change(rd.path)
     policy_card, critic_card = rl_cards(cfg, counts, result, change)
     with tel.phase("save_model"):
-        save_trained_model(accelerator, policy, tokenizer, rd.path / "model", card=policy_card)
-        if critic is not None:
-            save_trained_model(accelerator, critic, tokenizer, rd.path / "critic", card=critic_card)
+        save_trained_model(accelerator, models.policy, tokenizer, rd.path / "model", card=policy_card)
+        if models.critic is not None:
+            save_trained_model(accelerator, models.critic, tokenizer, rd.path / "critic", card=critic_card)
     rows = iteration_rows(rd.path, cfg.iterations)
     atomic_write_bytes(rd.path / "iterations.jsonl", jsonl_bytes(rows))
-    from alignline.report.plots import plot_rl_curves
-
     plot_rl_curves(rows, rd.path / "rl_curves.png", title=f"rl ({cfg.loss.estimator})")
     rd.finish(counts, steps=result.steps, train_seconds=result.seconds, final_metrics=result.last_metrics,
               eval_metrics=result.eval_metrics, eval_metrics_start=result.eval_metrics_start,
@@ -183,4 +216,3 @@ def run(cfg: RLConfig) -> Path:
                      f"({change['change']:+.3f} +- {change['paired_se']:.3f} paired SE, n={change['n']}; answers "
                      f"{change['start_words']:.1f} -> {change['end_words']:.1f} words)" if change else "")
                   + f"\n  model: {rd.path / 'model'}\n  iterations: {rd.path / 'iterations.jsonl'}")
-    return rd.path

@@ -13,6 +13,7 @@ from alignline.advantages import (
     token_weights,
 )
 from alignline.stages.rl.config import RLConfig
+from alignline.stages.rl.rollout import ResponseRef, RolloutRecord
 
 
 def rl_step_fn(cfg: RLConfig):
@@ -53,41 +54,40 @@ def rl_step_fn(cfg: RLConfig):
 
 def make_plan(cfg: RLConfig):
     """Micro-batches of iteration k: ``loss.epochs`` passes, each over the prompts in a seeded order with a
-    prompt's responses kept together (so they share rows); indices are k * P * G + response index."""
+    prompt's responses kept together (so they share rows); each item names its response
+    (:class:`~alignline.stages.rl.rollout.ResponseRef`)."""
     P, G, mb = cfg.rollout.prompts, cfg.rollout.group_size, cfg.train.batch_size
 
-    def plan(iteration: int) -> list[list[int]]:
+    def plan(iteration: int) -> list[list[ResponseRef]]:
         out = []
         for epoch in range(cfg.loss.epochs):
             order = list(range(P))
             random.Random(cfg.train.seed * 1_000_003 + iteration * 1_009 + epoch).shuffle(order)
-            seqs = [iteration * P * G + p * G + g for p in order for g in range(G)]
-            out += [seqs[s: s + mb] for s in range(0, len(seqs), mb)]
+            refs = [ResponseRef(iteration, p, g) for p in order for g in range(G)]
+            out += [refs[s: s + mb] for s in range(0, len(refs), mb)]
         return out
 
     return plan
 
 
-def collate_rollout(records: list[dict], local: list[int], pad_id: int, aggregation: str, max_new_tokens: int
+def collate_rollout(records: list[RolloutRecord], pad_id: int, aggregation: str, max_new_tokens: int
                     ) -> dict[str, torch.Tensor]:
-    """Tensors of the responses ``local`` (indices into ``records``): consecutive responses of one prompt
-    share a row; per-token fields flattened in the same order as the targets."""
+    """Tensors of ``records``: consecutive responses to one prompt share a row; per-token fields flattened in
+    the same order as the targets."""
     from alignline.train.groups import collate_groups
 
     items: list[dict] = []
-    for i in local:
-        r = records[i]
-        if items and items[-1]["key"] == r["prompt_id"]:
-            items[-1]["responses"].append(r["response"])
+    for r in records:
+        if items and items[-1]["key"] == r.prompt_id:
+            items[-1]["responses"].append(r.response)
         else:
-            items.append({"key": r["prompt_id"], "prompt": r["prompt"], "responses": [r["response"]]})
-    chosen = [records[i] for i in local]
+            items.append({"key": r.prompt_id, "prompt": r.prompt, "responses": [r.response]})
     batch = collate_groups(items, pad_id)
-    lengths = torch.tensor([len(r["response"]) for r in chosen])
+    lengths = torch.tensor([len(r.response) for r in records])
     w, units = token_weights(aggregation, lengths, max_new_tokens)
     batch["weight"] = w.repeat_interleave(lengths)
     batch["units"] = units.sum()
     for key in ("advantages", "old_logps", "ref_logps", "old_values", "returns"):
-        if chosen[0].get(key) is not None:
-            batch[key] = torch.tensor([x for r in chosen for x in r[key]], dtype=torch.float64)
+        if getattr(records[0], key) is not None:
+            batch[key] = torch.tensor([x for r in records for x in getattr(r, key)], dtype=torch.float64)
     return batch
