@@ -49,7 +49,7 @@ def test_packing_examples_do_not_see_each_other(tiny_model, examples, tiny_token
     assert abs(float(ob - o_only) - float(alone)) < 1e-4
 
 
-def _run(model, examples, out_dir, pad, packing=False, resume=False, **kw):
+def _run(model, examples, out_dir, pad, packing=False, resume=False, events=None, **kw):
     # fp32 everywhere (no bf16 autocast on GPUs): these tests compare runs to 1e-6 or bit for bit
     settings = TrainSettings(lr=1e-3, epochs=2, batch_size=kw.pop("batch_size", 2), seed=3, schedule="cosine",
                              warmup_steps=1, mixed_precision="no", **kw)
@@ -66,9 +66,16 @@ def _run(model, examples, out_dir, pad, packing=False, resume=False, **kw):
 
         def collate(ix):
             return collate_padded([examples[i] for i in ix], pad)
+    epoch_start = None
+    if events is not None:  # record the hook's calls among the collates
+        epoch_start, inner = (lambda epoch: events.append(("epoch", epoch))), collate
+
+        def collate(ix):
+            events.append(("batch", None))
+            return inner(ix)
     acc = make_accelerator(settings)
     return train(model, accelerator=acc, settings=settings, out_dir=out_dir, plan=plan, collate=collate,
-                 count_units=count_targets, step_fn=causal_lm_loss, resume=resume)
+                 count_units=count_targets, step_fn=causal_lm_loss, resume=resume, epoch_start=epoch_start)
 
 
 def _losses(path):
@@ -91,6 +98,25 @@ def test_resume_is_exact(tiny_model_dir, examples, tiny_tokenizer, tmp_path):
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
     assert _losses(tmp_path / "full" / "metrics.jsonl") == _losses(tmp_path / "part" / "metrics.jsonl")
+
+
+def test_epoch_start_runs_before_each_epochs_first_step_that_runs(tiny_model, examples, tiny_tokenizer, tmp_path):
+    """12 examples, batch 2, 2 epochs: 6 steps per epoch. The hook runs before the first collate of each epoch;
+    a run stopped after step 6 never starts epoch 1, and its resumption starts there (not at epoch 0); one
+    stopped after step 4 resumes inside epoch 0, so the hook runs for epoch 0 again before its 2 last steps."""
+    pad = tiny_tokenizer.pad_token_id
+    batches = [("batch", None)]
+    whole: list = []
+    _run(tiny_model, examples, tmp_path / "whole", pad, events=whole)
+    assert whole == [("epoch", 0)] + batches * 6 + [("epoch", 1)] + batches * 6
+    cut, rest = [], []
+    _run(tiny_model, examples, tmp_path / "cut6", pad, events=cut, stop_after_step=6)
+    _run(tiny_model, examples, tmp_path / "cut6", pad, events=rest, resume=True)
+    assert cut == [("epoch", 0)] + batches * 6 and rest == [("epoch", 1)] + batches * 6
+    cut, rest = [], []
+    _run(tiny_model, examples, tmp_path / "cut4", pad, events=cut, stop_after_step=4)
+    _run(tiny_model, examples, tmp_path / "cut4", pad, events=rest, resume=True)
+    assert cut == [("epoch", 0)] + batches * 4 and rest == [("epoch", 0)] + batches * 2 + [("epoch", 1)] + batches * 6
 
 
 def test_gradient_accumulation_equals_bigger_batch(tiny_model_dir, examples, tiny_tokenizer, tmp_path):
