@@ -23,7 +23,6 @@ CPU process frees memory and which activations it keeps: :mod:`alignline.train.m
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
@@ -37,7 +36,6 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from alignline.config import Section
-from alignline.data.io import append_bytes, atomic_write_bytes
 from alignline.errors import AlignlineError, TrainingDivergedError
 from alignline.train import telemetry as tm
 from alignline.train.checkpoint import (
@@ -48,6 +46,7 @@ from alignline.train.checkpoint import (
     save_checkpoint,
 )
 from alignline.train.memory import enable_checkpointing, free_memory_policy
+from alignline.train.metrics_log import MetricsLog
 
 
 class TrainSettings(Section):
@@ -130,33 +129,6 @@ class TrainResult:
     tokens: int = 0
     phases: dict[str, Any] = field(default_factory=dict)
     """:meth:`Telemetry.summary` at the end of training (see ``alignline.train.telemetry``)."""
-
-
-# --------------------------------------------------------------------------- metrics
-
-class MetricsLog:
-    """Append-only metrics.jsonl (+ accelerate trackers); on resume, lines past the resumed step are cut."""
-
-    def __init__(self, accelerator, path: Path, resume_step: int | None):
-        self.acc, self.path = accelerator, path
-        if accelerator.is_main_process:
-            if resume_step is None:
-                path.write_text("")
-            elif path.exists():
-                kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-                atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
-        # unbuffered: each line is written whole at once (a full disk cuts it back, append_bytes)
-        self.fh = open(path, "ab", buffering=0) if accelerator.is_main_process else None  # noqa: SIM115
-
-    def log(self, record: dict) -> None:
-        if self.fh is not None:
-            append_bytes(self.fh, (json.dumps(record) + "\n").encode())
-        if self.acc.trackers:
-            self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
-
-    def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
 
 
 # --------------------------------------------------------------------------- the loop
