@@ -8,13 +8,15 @@ of a prompt share one row, :mod:`alignline.train.groups`) -> the estimator turns
 The rollout is a shard on disk (:mod:`alignline.stages.rl.rollout`) written before it is trained on.
 
 The whole run is one call of :func:`alignline.train.loop.train` whose "epochs" are the iterations: the plan of
-iteration k is a fixed number of micro-batches of response indices, and the first micro-batch of iteration k
-asks for its rollout, sampled then with the weights the loop holds at that moment (or read back from its
-shard after a resume). So optimizer state, schedule, checkpoints and exact resume are the loop's own.
+iteration k is a fixed number of micro-batches of :class:`~alignline.stages.rl.rollout.ResponseRef` items, and the
+loop's per-epoch hook (``epoch_start``, :meth:`~alignline.stages.rl.rollout.RolloutSource.start_iteration`) makes
+iteration k's rollout before its first step, sampled then with the weights the loop holds at that moment (or read
+back from its shard after a resume). So optimizer state, schedule, checkpoints and exact resume are the loop's own.
 
-Modules: :mod:`~alignline.stages.rl.config` (the settings), :mod:`~alignline.stages.rl.rollout` (one rollout),
-:mod:`~alignline.stages.rl.step` (the loss step, the plan, the collate), :mod:`~alignline.stages.rl.evaluation`
-(the held-out evaluation) and :mod:`~alignline.stages.rl.stage` (the body, ``run``).
+Modules: :mod:`~alignline.stages.rl.config` (the settings), :mod:`~alignline.stages.rl.sampling` (the engine
+side), :mod:`~alignline.stages.rl.rollout` (one rollout), :mod:`~alignline.stages.rl.step` (the loss step, the
+plan, the collate), :mod:`~alignline.stages.rl.evaluation` (the held-out evaluation) and
+:mod:`~alignline.stages.rl.stage` (the body, ``run``).
 """
 
 from alignline.stages.rl.config import RLConfig
