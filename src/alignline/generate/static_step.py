@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from alignline.generate.decoder import MASKED, _merge, _partial_attention, rank_in_row
+from alignline.generate.layers import MASKED, merge, partial_attention, rank_in_row
 
 
 class StaticStep:
@@ -109,17 +109,17 @@ class StaticStep:
         """The step on the buffers' contents: no host reads, fixed shapes; its logits buffer [S, V]."""
         d, slots = self.decoder, self.slots
         x = d.body.embed_tokens(self.tokens.view(slots, 1))
-        rotary = d._rotary(x, self.positions)
+        rotary = d.rotary(x, self.positions)
         for i, layer in enumerate(d.layers):
-            q, k, v = d._qkv(layer, layer.input_layernorm(x), rotary)
+            q, k, v = d.qkv(layer, layer.input_layernorm(x), rotary)
             d.own_k[i, self.slot_index, :, self.write_at] = k[:, :, 0]
             d.own_v[i, self.slot_index, :, self.write_at] = v[:, :, 0]
             q = q.view(slots, d.kv_heads, d.groups, d.head_dim)
             scale = layer.self_attn.scaling
             prompt_part = self._attend_prompts(i, q, scale)
-            own = _partial_attention(q, d.own_k[i], d.own_v[i], scale, self.own_bias)
-            x = d._finish_layer(layer, x, _merge(prompt_part, own).to(x.dtype).reshape(slots, 1, -1))
-        self.logits.copy_(d._logits(x[:, -1]))
+            own = partial_attention(q, d.own_k[i], d.own_v[i], scale, self.own_bias)
+            x = d.finish_layer(layer, x, merge(prompt_part, own).to(x.dtype).reshape(slots, 1, -1))
+        self.logits.copy_(d.logits(x[:, -1]))
         return self.logits
 
     def _attend_prompts(self, layer: int, q: torch.Tensor, scale: float):
