@@ -19,6 +19,10 @@ head, so grouped-query attention never repeats key/value heads) form one matrix 
 the prompt's keys are read once per step for all of its samples. The two parts are merged exactly with their
 log-sum-exp (the split softmax of flash attention). Its cost is the model's matmuls plus one read of each
 live prompt and each slot's own tokens.
+
+The step runs as one of two strategies over the same layer maths (:func:`alignline.generate.layers.run_step`):
+:class:`LiveStep` (default) builds its inputs for the live part of the caches each step;
+:class:`~alignline.generate.static_step.StaticStep` keeps fixed-shape inputs in buffers (CUDA-graph ready).
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ import torch.nn.functional as F
 from alignline.generate.layers import (
     MASKED,
     DecoderLayers,
+    QueryPacking,
+    StepInputs,
     causal_lm_parts,
-    merge,
-    partial_attention,
     rank_in_row,
+    run_step,
 )
+from alignline.generate.static_step import StaticStep
 
 # Llama-family decoders whose layers are norm -> attention -> residual -> norm -> MLP -> residual.
 SUPPORTED = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -69,7 +75,8 @@ class KVDecoder(DecoderLayers):
         self.row_len = torch.ones(rows, dtype=torch.long)  # 1, not 0: an unused row is junk, never all-masked
         self.slot_row = torch.zeros(slots, dtype=torch.long)
         self.slot_len = torch.zeros(slots, dtype=torch.long)
-        self.static = None
+        self.live = LiveStep(self)
+        self.static: StaticStep | None = None
 
     @property
     def prompt_capacity(self) -> int:
@@ -121,8 +128,6 @@ class KVDecoder(DecoderLayers):
     def use_static_step(self, *, per_row: int, graph: bool) -> None:
         """Decode with :class:`~alignline.generate.static_step.StaticStep` from now on: fixed shapes, at most
         ``per_row`` samples of one prompt at once; ``graph``: replayed as a CUDA graph."""
-        from alignline.generate.static_step import StaticStep
-
         self.static = StaticStep(self, per_row=per_row, graph=graph)
 
     def keep_slots(self, slots: list[int]) -> None:
@@ -133,17 +138,6 @@ class KVDecoder(DecoderLayers):
         self.own_v = self.own_v.index_select(1, index)
         self.slot_row, self.slot_len = self.slot_row[index.cpu()], self.slot_len[index.cpu()]
 
-    def _prefix_layout(self):
-        """Where each slot's queries sit in the per-row query matrices: (rows used, slots per row, flat index or
-        None when slot s already sits at position s)."""
-        rows_used = int(self.slot_row.max()) + 1
-        rank = rank_in_row(self.slot_row)
-        per_row = int(rank.max()) + 1
-        flat = self.slot_row * per_row + rank
-        if len(flat) == rows_used * per_row and bool((flat == torch.arange(len(flat))).all()):
-            return rows_used, per_row, None  # slots already in row-major order (e.g. every prompt's n samples)
-        return rows_used, per_row, flat.to(self.device)
-
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, feed: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` [S] into the slots where ``feed`` [S] (bool) is set; the next logits [S, V] (float32).
@@ -151,61 +145,43 @@ class KVDecoder(DecoderLayers):
         Slots not fed (just assigned, or idle) compute junk that is never stored: their length does not move,
         so their next real token overwrites what they wrote.
         """
-        logits = self._live_step(tokens) if self.static is None else self.static(tokens, feed)
+        logits = (self.static or self.live)(tokens, feed)
         self.slot_len += feed.to(self.slot_len.device).long()
         return logits
 
-    def _live_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """:meth:`step` attending only to the live part of each cache (shapes change from step to step)."""
-        slots = tokens.shape[0]
-        own_len = self.slot_len.clone()
-        positions = (self.row_len[self.slot_row] + own_len).to(self.device).view(slots, 1)
-        rows_used, per_row, flat = self._prefix_layout()
+
+class LiveStep:
+    """The decode step over the live part of each cache only: the fastest on CPU; its shapes grow from step to
+    step and it reads lengths back to the host (the other strategy: :class:`~alignline.generate.static_step.StaticStep`)."""
+
+    def __init__(self, decoder: KVDecoder):
+        self.decoder = decoder
+
+    def packing(self) -> QueryPacking:
+        """The rows in use, the most slots of one row, and each slot's place (None when the slots are already
+        row-major, e.g. every prompt's n samples in order)."""
+        d = self.decoder
+        rows_used = int(d.slot_row.max()) + 1
+        rank = rank_in_row(d.slot_row)
+        per_row = int(rank.max()) + 1
+        flat = d.slot_row * per_row + rank
+        if len(flat) == rows_used * per_row and bool((flat == torch.arange(len(flat))).all()):
+            return QueryPacking(rows_used, per_row, None)
+        return QueryPacking(rows_used, per_row, flat.to(d.device))
+
+    def __call__(self, tokens: torch.Tensor, feed: torch.Tensor) -> torch.Tensor:
+        """The next logits [S, V] (float32); ``feed`` is not read (a slot not fed writes junk never kept)."""
+        d, slots = self.decoder, tokens.shape[0]
+        own_len = d.slot_len.clone()
+        positions = (d.row_len[d.slot_row] + own_len).to(d.device).view(slots, 1)
+        packing = self.packing()
         live_new = int(own_len.max()) + 1
-        live_prompt = int(self.row_len[:rows_used].max())
+        live_prompt = int(d.row_len[:packing.rows].max())
         own_bias = torch.where(torch.arange(live_new) <= own_len.view(-1, 1), 0.0, MASKED)
-        prefix_bias = torch.where(torch.arange(live_prompt) < self.row_len[:rows_used].view(-1, 1), 0.0, MASKED)
-        own_bias = own_bias.to(self.device).view(slots, 1, 1, live_new)
-        prefix_bias = prefix_bias.to(self.device).view(rows_used, 1, 1, live_prompt)
-        write_at = own_len.to(self.device)
-        slot_index = torch.arange(slots, device=self.device)
-
-        x = self.body.embed_tokens(tokens.to(self.device).view(slots, 1))
-        rotary = self.rotary(x, positions)
-        for i, layer in enumerate(self.layers):
-            q, k, v = self.qkv(layer, layer.input_layernorm(x), rotary)
-            self.own_k[i, slot_index, :, write_at] = k[:, :, 0]
-            self.own_v[i, slot_index, :, write_at] = v[:, :, 0]
-            q = q.view(slots, self.kv_heads, self.groups, self.head_dim)
-            prefix = self._attend_prefix(i, q, layer.self_attn.scaling, rows_used, per_row, flat, live_prompt,
-                                         prefix_bias)
-            own = partial_attention(q, self.own_k[i, :, :, :live_new], self.own_v[i, :, :, :live_new],
-                                     layer.self_attn.scaling, own_bias)
-            x = self.finish_layer(layer, x, merge(prefix, own).to(x.dtype).reshape(slots, 1, -1))
-        return self.logits(x[:, -1])
-
-    def _attend_prefix(self, layer: int, q: torch.Tensor, scale: float, rows_used: int, per_row: int,
-                       flat: torch.Tensor | None, live_prompt: int, bias: torch.Tensor):
-        """Partial attention of every slot's queries [S, kvH, g, d] to its prompt row: (out, max, sum) per slot."""
-        slots, kv, g, d = q.shape
-        if flat is not None:
-            packed = q.new_zeros(rows_used * per_row, kv, g, d)
-            packed[flat] = q
-            q = packed
-        merged = self.attend_rows(layer, q, rows_used, per_row, live_prompt, scale, bias)
-        if flat is not None:
-            merged = merged[flat]
-        return merged[..., :d], merged[..., d: d + 1], merged[..., d + 1:]
-
-    def attend_rows(self, layer: int, packed: torch.Tensor, rows: int, per_row: int, keys: int, scale: float,
-                    bias: torch.Tensor) -> torch.Tensor:
-        """Partial attention of packed queries [rows x per_row, kvH, g, d] (``per_row`` query slots per prompt
-        row, row-major) to the first ``keys`` keys of prompt rows 0..rows-1: (out | max | sum) concatenated on
-        the last dimension, [rows x per_row, kvH, g, d + 2]. All slots and query heads of a row form one matrix
-        per key/value head, so a row's keys are read once for all its samples."""
-        _, kv, g, d = packed.shape
-        q = packed.view(rows, per_row, kv, g, d).transpose(1, 2).reshape(rows, kv, per_row * g, d)
-        out, top, total = partial_attention(q, self.prefix_k[layer, :rows, :, :keys],
-                                             self.prefix_v[layer, :rows, :, :keys], scale, bias)
-        merged = torch.cat([out, top, total], dim=-1).view(rows, kv, per_row, g, d + 2).transpose(1, 2)
-        return merged.reshape(rows * per_row, kv, g, d + 2)
+        prefix_bias = torch.where(torch.arange(live_prompt) < d.row_len[:packing.rows].view(-1, 1), 0.0, MASKED)
+        return run_step(d, StepInputs(
+            tokens=tokens.to(d.device), positions=positions, write_at=own_len.to(d.device),
+            slot_index=torch.arange(slots, device=d.device),
+            own_keys=live_new, own_bias=own_bias.to(d.device).view(slots, 1, 1, live_new),
+            prompt_keys=live_prompt, prompt_bias=prefix_bias.to(d.device).view(packing.rows, 1, 1, live_prompt),
+            packing=packing))
