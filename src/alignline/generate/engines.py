@@ -35,11 +35,16 @@ class EngineSettings(Section):
     """hf: live (default), static or graph (CUDA graphs, GPU only; see ``alignline.generate.base.DecodeStep``)."""
 
 
-def build_engine(settings: EngineSettings, device=None) -> Engine:
-    """The engine ``settings`` describe (hf loads the model now; openai checks its settings now)."""
+def build_engine(settings: EngineSettings, device=None, *, loaded: tuple | None = None) -> Engine:
+    """The engine ``settings`` describe (hf loads the model now; openai checks its settings now). ``loaded``:
+    hf only, a (model, tokenizer) already in memory to sample from instead of loading ``settings.model`` (the
+    policy being trained: its live weights)."""
     if settings.engine == "hf":
         from alignline.generate.hf import HFEngine
 
+        if loaded is not None:
+            model, tokenizer = loaded
+            return HFEngine(model, tokenizer, max_batch=settings.max_batch, decode_step=settings.decode_step)
         return HFEngine.from_path(settings.model, dtype=settings.dtype, device=device, max_batch=settings.max_batch,
                                   trust_remote_code=settings.trust_remote_code, decode_step=settings.decode_step)
     from alignline.generate.openai_engine import OpenAIEngine, OpenAISettings
