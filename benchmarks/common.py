@@ -563,7 +563,7 @@ def run_in_child(script: str | Path, name: str, spec: dict, args, work: Path, en
 
 def child_main(args, sides: dict[str, Any]) -> int:
     """The child side of :func:`run_in_child`: ``sides[name](spec)`` -> result JSON written to spec["result"]."""
-    from alignline.train.telemetry import peak_rss_bytes
+    from alignline.telemetry import peak_rss_bytes
 
     spec = json.loads(Path(args.spec).read_text())
     result = sides[args.child](spec)
@@ -675,7 +675,7 @@ def drop_work_dir(args, work: Path) -> None:
 def read_run(out_dir: str | Path) -> dict[str, Any]:
     """A finished alignline training run's own figures: per optimizer step (``metrics.jsonl``: seconds, tokens,
     logit positions, useful FLOPs, forward/backward/optimizer seconds, peak memory, loss, units, ...) and the
-    manifest's ``phases`` (see ``alignline.train.telemetry``)."""
+    manifest's ``phases`` (see ``alignline.telemetry``)."""
     out_dir = Path(out_dir)
     steps = []
     for line in (out_dir / "metrics.jsonl").read_text().splitlines():

@@ -48,7 +48,7 @@ What it does:
    Per-step times (forward+backward+optimizer, batch collation excluded) are recorded on both sides too.
    Peak RSS is the child's own high-water mark (VmHWM: whole process, everything included); per-phase peaks
    come from the stage's phases (alignline) or a thread sampling ``/proc/self/statm`` every 10 ms (TRL).
-4. Share of the limit: useful FLOPs per second (``alignline.train.telemetry.useful_flops``: 6 x body
+4. Share of the limit: useful FLOPs per second (``alignline.telemetry.useful_flops``: 6 x body
    parameters x real tokens + 6 x head parameters x positions whose logits are computed; 2 x for the reference
    pass; alignline computes logits at response positions only, TRL at every position) over the fp32 matmul
    throughput the parent measures in the same run on the model's own layer shapes
@@ -377,7 +377,7 @@ def child_trl(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from alignline.train.telemetry import param_counts, useful_flops
+    from alignline.telemetry import param_counts, useful_flops
 
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
     dataset = Dataset.from_list(rows)

@@ -105,7 +105,7 @@ def trl_side(spec: dict) -> dict:
     from alignline.data.io import read_prompts
     from alignline.judges.verifiable import verify
     from alignline.models import load_causal_lm, load_tokenizer
-    from alignline.train.telemetry import param_counts, useful_flops
+    from alignline.telemetry import param_counts, useful_flops
 
     P, G = spec["prompts_per_iteration"], spec["group_size"]
     prompts = read_prompts(spec["prompts"])

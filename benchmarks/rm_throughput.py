@@ -43,7 +43,7 @@ What it does:
    (imports, model load, tokenisation, training, alignline's final evaluation and model save) is reported
    too. Peak RSS is the child's own high-water mark (VmHWM, whole process); per-phase peaks come from the
    stage's phases (alignline) or a thread sampling ``/proc/self/statm`` (TRL).
-4. Share of the limit: useful FLOPs (``alignline.train.telemetry.useful_flops``, 6 x body parameters x real
+4. Share of the limit: useful FLOPs (``alignline.telemetry.useful_flops``, 6 x body parameters x real
    tokens; the scalar head is negligible) per second of the timed steps, over the fp32 matmul throughput the
    parent measures in the same run on the model's own layer shapes (``benchmarks/common.py: matmul_limit``).
    After training the TRL child also scores its first batch with alignline's prefix-shared path and with
@@ -254,7 +254,7 @@ def child_trl(spec: dict) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from alignline.train.telemetry import param_counts, useful_flops
+    from alignline.telemetry import param_counts, useful_flops
 
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
     dataset = Dataset.from_list(rows)

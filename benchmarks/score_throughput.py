@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from alignline.judges.reward import score_plain, score_responses
     from alignline.models import load_reward_model
-    from alignline.train.telemetry import param_counts, useful_flops
+    from alignline.telemetry import param_counts, useful_flops
 
     work = new_work_dir(a, "alignline-score-bench-")
     model_dir = model_path(a, work)

@@ -30,7 +30,7 @@ What it does:
    loading, collation, logging and checkpointing are outside the window. Real tokens are non-pad tokens;
    tokens/s = real tokens in the window / time in the window. Peak RSS is each child's ``ru_maxrss`` (whole
    process: data preparation, model, optimizer, training).
-4. Share of the limit: useful FLOPs (``alignline.train.telemetry.useful_flops``: 6 x body parameters x real
+4. Share of the limit: useful FLOPs (``alignline.telemetry.useful_flops``: 6 x body parameters x real
    tokens + 6 x head parameters x positions whose logits are computed: alignline's trained positions, as its
    loop records them; every real position for TRL, which computes logits everywhere) per second of the timed
    steps, over the fp32 matmul throughput measured by the parent in the same run on the model's own layer
@@ -218,7 +218,7 @@ def child_trl(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from alignline.train.telemetry import param_counts, useful_flops
+    from alignline.telemetry import param_counts, useful_flops
 
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
     dataset = Dataset.from_list(rows)

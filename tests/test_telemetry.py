@@ -11,9 +11,7 @@ import torch
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from alignline.models import tiny_causal_lm_config
-from alignline.train.batching import collate_packed, collate_padded
-from alignline.train.pairs import TokenisedPair, collate_pairs
-from alignline.train.telemetry import (
+from alignline.telemetry import (
     GB,
     Telemetry,
     logit_positions,
@@ -21,6 +19,8 @@ from alignline.train.telemetry import (
     real_tokens,
     useful_flops,
 )
+from alignline.train.batching import collate_packed, collate_padded
+from alignline.train.pairs import TokenisedPair, collate_pairs
 
 # the tiny model of the useful_flops docstring: hidden 64, 2 layers, MLP 128, vocabulary 300
 BODY = 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64

@@ -33,7 +33,7 @@ from alignline.judges.evaluator import (
 
 if TYPE_CHECKING:
     from alignline.stages.score import ScoreConfig
-    from alignline.train.telemetry import Telemetry
+    from alignline.telemetry import Telemetry
 
 Todo = list[tuple[Prompt, list[Response]]]
 """The prompts of one shard with their usable responses."""

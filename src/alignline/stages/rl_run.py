@@ -304,10 +304,10 @@ def rl_cards(cfg: RLConfig, counts: Counter, result, change: dict | None):
 def run(cfg: RLConfig) -> Path:
     from alignline.models.loading import load_causal_lm, load_reward_model, resolve_model
     from alignline.stages.common import stage_tokenizer
+    from alignline.telemetry import Telemetry
     from alignline.train.accelerator import make_accelerator
     from alignline.train.checkpoint import save_trained_model
     from alignline.train.loop import train
-    from alignline.train.telemetry import Telemetry
 
     rd = RunDir("rl", cfg, cfg.output_dir, {
         "model": cfg.model, "prompts": cfg.prompts, "eval": cfg.eval.prompts,

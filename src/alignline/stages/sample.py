@@ -41,7 +41,7 @@ from alignline.generate.endpoint import OpenAIConnection
 from alignline.generate.engines import EngineSettings, build_engine
 from alignline.matrix import MatrixMember, human_responses, load_matrix
 from alignline.stages.common import RunDir, console, prompts_located
-from alignline.train.telemetry import Telemetry
+from alignline.telemetry import Telemetry
 
 
 class SampleConfig(Section):

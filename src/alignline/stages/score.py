@@ -41,7 +41,7 @@ from alignline.generate.engines import EngineSettings
 from alignline.judges.evaluator import DEFAULT_CRITERIA, distinct_criteria
 from alignline.judges.scorers import Scorer, make_scorer
 from alignline.stages.common import RunDir, console, iter_usable
-from alignline.train.telemetry import Telemetry
+from alignline.telemetry import Telemetry
 
 
 class ScoreConfig(Section):
