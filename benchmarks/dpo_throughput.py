@@ -74,25 +74,27 @@ from benchmarks.common import (
     GB,
     RssSampler,
     add_common_args,
-    child_env,
-    child_main,
     config_names,
-    drop_work_dir,
-    failure_of,
     finish_args,
     machine_info,
     markdown_table,
     measure_limit,
-    measure_rows,
     model_path,
-    new_work_dir,
     percent,
     read_run,
-    run_in_child,
     share_of_limit,
     step_split,
     timed_trl_trainer,
     trl_step_timer,
+)
+from benchmarks.harness import (
+    child_env,
+    child_main,
+    drop_work_dir,
+    failure_of,
+    measure_rows,
+    new_work_dir,
+    run_in_child,
     write_json,
 )
 
@@ -316,7 +318,7 @@ def child_alignline(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from alignline.stages.dpo import DPOConfig, run
 
-    out_dir = Path(spec["run_dir"])  # fresh for every attempt (common.measure_rows)
+    out_dir = Path(spec["run_dir"])  # fresh for every attempt (harness.measure_rows)
     cfg = DPOConfig(
         model=spec["model_path"], reference=None, output_dir=str(out_dir), dtype="float32", resume=False,
         pair_layout=spec["layout"], ref_batch_size=spec["ref_batch_size"],

@@ -42,16 +42,18 @@ if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): m
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (
     add_common_args,
-    child_env,
-    child_main,
-    drop_work_dir,
-    failure_of,
     finish_args,
     layer_shapes,
     machine_info,
     markdown_table,
     model_config,
     model_path,
+)
+from benchmarks.harness import (
+    child_env,
+    child_main,
+    drop_work_dir,
+    failure_of,
     new_work_dir,
     run_in_child,
     write_json,

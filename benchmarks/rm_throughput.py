@@ -67,28 +67,30 @@ if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): m
 from benchmarks.common import (
     RssSampler,
     add_common_args,
-    child_env,
-    child_main,
     config_names,
-    drop_work_dir,
-    failure_of,
     finish_args,
     machine_info,
     markdown_table,
     measure_limit,
-    measure_rows,
-    new_work_dir,
     percent,
-    quiet_gate,
     read_run,
-    run_in_child,
     share_of_limit,
     step_split,
     timed_trl_trainer,
     trl_step_timer,
-    write_json,
 )
 from benchmarks.dpo_throughput import build_data
+from benchmarks.harness import (
+    child_env,
+    child_main,
+    drop_work_dir,
+    failure_of,
+    measure_rows,
+    new_work_dir,
+    quiet_gate,
+    run_in_child,
+    write_json,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "rm_throughput.json"
@@ -211,7 +213,7 @@ def child_alignline(spec: dict) -> dict:
     info = {"head": head_digest(probe), "attn_implementation": getattr(probe.config, "_attn_implementation", None)}
     del probe
     torch.manual_seed(spec["seed"])  # the RM stage seeds only inside train(), after the head is built
-    out_dir = Path(spec["run_dir"])  # fresh for every attempt (common.measure_rows)
+    out_dir = Path(spec["run_dir"])  # fresh for every attempt (harness.measure_rows)
     cfg = RMConfig(
         model=spec["model_path"], output_dir=str(out_dir), dtype="float32", resume=False,
         pair_layout=spec["layout"], eval_batch_size=spec["batch_size"],

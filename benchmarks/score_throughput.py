@@ -28,16 +28,18 @@ if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): m
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (
     add_common_args,
-    drop_work_dir,
     finish_args,
     machine_info,
     markdown_table,
     measure_limit,
     model_path,
-    new_work_dir,
     percent,
-    quiet_gate,
     share_of_limit,
+)
+from benchmarks.harness import (
+    drop_work_dir,
+    new_work_dir,
+    quiet_gate,
     write_json,
 )
 

@@ -53,22 +53,24 @@ if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): m
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (
     add_common_args,
-    child_env,
-    child_main,
     config_names,
-    drop_work_dir,
-    failure_of,
     finish_args,
     machine_info,
     markdown_table,
     measure_limit,
-    measure_rows,
     model_path,
-    new_work_dir,
     percent,
     read_run,
-    run_in_child,
     share_of_limit,
+)
+from benchmarks.harness import (
+    child_env,
+    child_main,
+    drop_work_dir,
+    failure_of,
+    measure_rows,
+    new_work_dir,
+    run_in_child,
     write_json,
 )
 
@@ -189,7 +191,7 @@ def child_alignline(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from alignline.stages.sft import SFTConfig, run
 
-    out_dir = Path(spec["run_dir"])  # fresh for every attempt (common.measure_rows)
+    out_dir = Path(spec["run_dir"])  # fresh for every attempt (harness.measure_rows)
     cfg = SFTConfig(
         model=spec["model_path"], output_dir=str(out_dir), dtype="float32", resume=False,
         data={"train": spec["data"], "max_length": spec["max_length"], "packing": spec["packing"],
