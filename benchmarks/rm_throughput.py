@@ -7,7 +7,7 @@
 What it does:
 
 1. Builds ``--pairs`` preference pairs from the ShareGPT asset with the DPO benchmark's pair builder
-   (``benchmarks/dpo_throughput.py: build_data``, seeded, deterministic; prompt lengths spread evenly
+   (``benchmarks/preference_data.py: build_data``, seeded, deterministic; prompt lengths spread evenly
    over [256/512, 416/512] x max_length, mean ~336 tokens at 512; chosen = the turn's own answer, rejected =
    another conversation's answer, both cut at token boundaries). The builder is called with
    ``max_length - 1`` because a reward model keeps the template's tail after the end token (ChatML's
@@ -79,7 +79,6 @@ from benchmarks.common import (
     timed_trl_trainer,
     trl_step_timer,
 )
-from benchmarks.dpo_throughput import build_data
 from benchmarks.harness import (
     child_env,
     child_main,
@@ -91,6 +90,7 @@ from benchmarks.harness import (
     run_in_child,
     write_json,
 )
+from benchmarks.preference_data import build_data
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "rm_throughput.json"
@@ -178,7 +178,7 @@ def build_rm_data(args, work: Path) -> dict[str, Any]:
     info = {
         **{k: built["info"][k] for k in ("source", "selection", "conversations_scanned", "candidates")},
         "path": str(al_path), "trl_path": str(trl_path),
-        "builder": f"benchmarks/dpo_throughput.py build_data at max_length {L - 1} (the RM keeps 1 tail token)",
+        "builder": f"benchmarks/preference_data.py build_data at max_length {L - 1} (the RM keeps 1 tail token)",
         "pairs": len(examples), "steps": n_steps, "pairs_trained": n_trained,
         "tokens": {"prompt": stats(P), "chosen": stats(C), "rejected": stats(R),
                    "prompt_plus_longer_response": stats([p + max(c, r) for p, c, r in zip(P, C, R)]),
