@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,88 +59,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
     body = ["| " + " | ".join(fmt(r.get(k), s) for k, _, s in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
-
-
-class RssSampler(threading.Thread):
-    """Peak resident set size per named phase, sampled from /proc/self/statm every ``interval_s``."""
-
-    def __init__(self, interval_s: float = 0.01):
-        super().__init__(daemon=True)
-        self.interval, self.phase, self.peaks = interval_s, "start", {}
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.timeline: list[tuple[float, str, float]] = []
-        self.hwm: dict[str, float] = {}
-        self._halt = threading.Event()
-        self.t0 = time.perf_counter()
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def set_phase(self, name: str) -> None:
-        self.hwm[f"before {name}"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 3)
-        self.sample()
-        self.phase = name
-        self.sample()
-
-    def sample(self) -> None:
-        r = self.rss()
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), r)
-        t = time.perf_counter() - self.t0
-        if not self.timeline or t - self.timeline[-1][0] >= 1.0 or self.timeline[-1][1] != self.phase:
-            self.timeline.append((round(t, 2), self.phase, round(r / GB, 3)))
-
-    def run(self) -> None:
-        while not self._halt.wait(self.interval):
-            self.sample()
-
-    def stop(self) -> dict:
-        self._halt.set()
-        self.join(timeout=2)
-        self.set_phase("end")
-        return {"peaks_gb": {k: round(v / GB, 3) for k, v in self.peaks.items()}, "ru_maxrss_gb_at": self.hwm,
-                "timeline": self.timeline}
-
-
-def timed_trl_trainer(trainer_cls: type, sampler: RssSampler, train_batches: list[dict]) -> type:
-    """``trainer_cls`` whose training ``compute_loss`` records, per micro-batch, its shape, real tokens, loss,
-    forward seconds and RSS after the forward pass into ``train_batches``."""
-
-    class Timed(trainer_cls):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            t0 = time.perf_counter()
-            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if model.training:
-                fwd = time.perf_counter() - t0
-                loss = out[0] if isinstance(out, tuple) else out
-                ids, mask = inputs["input_ids"], inputs["attention_mask"]
-                train_batches.append({"shape": list(ids.shape), "real_tokens": int(mask.sum()),
-                                      "loss": float(loss.detach()), "fwd_s": fwd,
-                                      "rss_after_fwd_gb": round(sampler.rss() / GB, 3)})
-            return out
-
-    return Timed
-
-
-def trl_step_timer(sampler: RssSampler, timeline: list[dict]):
-    """A TrainerCallback appending {t0, t_fb (before the optimizer step), t1} per optimizer step to ``timeline``
-    and switching ``sampler`` to the "train" phase."""
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            sampler.set_phase("train")
-
-        def on_step_begin(self, args, state, control, **kw):
-            timeline.append({"t0": time.perf_counter()})
-
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            timeline[-1]["t_fb"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            timeline[-1]["t1"] = time.perf_counter()
-
-    return StepTimer()
 
 
 # --------------------------------------------------------------------------- the shared argument set
@@ -265,20 +181,16 @@ def model_path(args, work: Path, alias: str = "smollm2-135m-instruct") -> str:
 
 # --------------------------------------------------------------------------- what alignline's runs record
 
-def read_run(out_dir: str | Path) -> dict[str, Any]:
-    """A finished alignline training run's own figures: per optimizer step (``metrics.jsonl``: seconds, tokens,
-    logit positions, useful FLOPs, forward/backward/optimizer seconds, peak memory, loss, units, ...) and the
-    manifest's ``phases`` (see ``alignline.telemetry``)."""
-    out_dir = Path(out_dir)
-    steps = []
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
-        if "tokens_per_s" in rec:
-            steps.append({**rec, "seconds": rec["time/step_s"], "fwd_s": rec["time/forward_s"],
+def stage_steps(out_dir: str | Path) -> dict[str, Any]:
+    """:func:`alignline.telemetry.read_run` of a finished alignline run, each step record also under the names
+    the benchmarks report (``seconds``, ``fwd_s``, ``bwd_s``, ``clip_opt_s``, ``pairs``)."""
+    from alignline.telemetry import read_run
+
+    recorded = read_run(out_dir)
+    recorded["steps"] = [{**rec, "seconds": rec["time/step_s"], "fwd_s": rec["time/forward_s"],
                           "bwd_s": rec["time/backward_s"], "clip_opt_s": rec["time/optimizer_s"],
-                          "pairs": int(rec["units"])})
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    return {"steps": steps, "phases": manifest.get("phases", {}), "counts": manifest.get("counts")}
+                          "pairs": int(rec["units"])} for rec in recorded["steps"]]
+    return recorded
 
 
 def step_split(steps: Sequence[dict]) -> dict[str, float]:
@@ -290,35 +202,25 @@ def step_split(steps: Sequence[dict]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- the hardware limit
 
-def layer_shapes(config: dict[str, Any], tokens: int) -> dict[str, tuple[int, int, int, float]]:
-    """The matmuls of one forward pass of a decoder (Llama-style) over ``tokens`` tokens, as
-    name -> (M, K, N, how many per decoder layer); the LM head once per model (1 / layers per layer)."""
-    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
-    q = config["num_attention_heads"] * head_dim
-    return {"q": (tokens, h, q, 1), "k/v": (tokens, h, kv, 2), "o": (tokens, q, h, 1),
-            "gate/up": (tokens, h, i, 2), "down": (tokens, i, h, 1),
-            "lm head": (tokens, h, config["vocab_size"], 1 / layers)}
-
-
 TRIALS = 5
 
 
 def matmul_limit(config: dict[str, Any], tokens: int, *, device: str = "cpu", threads: int | None = None,
                  seconds: float = 2.0) -> dict[str, Any]:
-    """fp32 matmul throughput on the model's own layer shapes (:func:`layer_shapes`), measured now: each shape is
-    run for about ``seconds / shapes`` seconds after one warm-up, in ``TRIALS`` trials of which the fastest counts;
-    the limit is the whole pass's matmul FLOPs over
-    its time at the measured rates (each shape weighted by how often a pass runs it). This is the ceiling for
-    the useful-FLOP throughput a training row reports (``share of limit`` = row's / this)."""
+    """fp32 matmul throughput on the model's own layer shapes (``alignline.telemetry.matmul_shapes``), measured
+    now: each shape is run for about ``seconds / shapes`` seconds after one warm-up, in ``TRIALS`` trials of which
+    the fastest counts; the limit is the whole pass's matmul FLOPs over its time at the measured rates (each shape
+    weighted by how often a pass runs it). This is the ceiling for the useful-FLOP throughput a training row
+    reports (``share of limit`` = row's / this)."""
     import torch
+
+    from alignline.telemetry import matmul_shapes
 
     if threads is not None:
         torch.set_num_threads(threads)
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    shapes = layer_shapes(config, tokens)
+    shapes = matmul_shapes(config, tokens)
     by_shape, flops_total, time_total = {}, 0.0, 0.0
     g = torch.Generator(device=dev).manual_seed(0)
     for name, (m, k, n, per_layer) in shapes.items():

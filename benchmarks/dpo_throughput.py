@@ -70,9 +70,9 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
 from benchmarks.common import (
     GB,
-    RssSampler,
     add_common_args,
     config_names,
     finish_args,
@@ -80,21 +80,9 @@ from benchmarks.common import (
     markdown_table,
     measure_limit,
     percent,
-    read_run,
     share_of_limit,
+    stage_steps,
     step_split,
-    timed_trl_trainer,
-    trl_step_timer,
-)
-from benchmarks.harness import (
-    child_env,
-    child_main,
-    drop_work_dir,
-    failure_of,
-    measure_rows,
-    new_work_dir,
-    run_in_child,
-    write_json,
 )
 from benchmarks.preference_data import MODEL, build_data, log
 
@@ -153,7 +141,7 @@ def child_alignline(spec: dict) -> dict:
     t0 = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t0
-    recorded = read_run(out_dir)
+    recorded = stage_steps(out_dir)
     ph = recorded["phases"]
     checkpoint_s = ph.get("checkpoint", {}).get("seconds", 0.0)  # none unless the run keeps or resumes one
     steps = [{"step": r["step"], "seconds": r["seconds"], "loss": r["loss"], "tokens": r["tokens"],
@@ -192,6 +180,8 @@ def child_trl(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from benchmarks.peer_clock import RssSampler, TrlClock, step_times
+
     sampler = RssSampler()
     sampler.start()
     sampler.set_phase("load")
@@ -211,10 +201,9 @@ def child_trl(spec: dict) -> dict:
     times: dict[str, float] = {"reference": 0.0}
     ref_batches: list[list[int]] = []
     ref_tokens: list[int] = []
-    train_batches: list[dict] = []
-    timeline: list[dict] = []
+    clock = TrlClock(sampler)
 
-    class Timed(timed_trl_trainer(DPOTrainer, sampler, train_batches)):
+    class Timed(clock.trainer(DPOTrainer)):
         def _precompute_ref_logps(self, dataset, name, batch_size):
             sampler.set_phase("reference")
             t0 = time.perf_counter()
@@ -241,7 +230,7 @@ def child_trl(spec: dict) -> dict:
     sampler.set_phase("prepare")
     t0 = time.perf_counter()
     trainer = Timed(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                    callbacks=[trl_step_timer(sampler, timeline)])
+                    callbacks=[clock.callback()])
     init_s = time.perf_counter() - t0
     ds = trainer.train_dataset
     expected = spec["expected"]
@@ -256,10 +245,9 @@ def child_trl(spec: dict) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     params = param_counts(model)  # TRL computes logits at every position: useful at every real one
     steps = []
-    for i, (t, b) in enumerate(zip(timeline, train_batches)):
-        steps.append({"step": i + 1, "seconds": t["t1"] - t["t0"], "fwd_s": b["fwd_s"],
-                      "bwd_clip_s": t["t_fb"] - t["t0"] - b["fwd_s"], "opt_s": t["t1"] - t["t_fb"],
-                      "loss": b["loss"], "logged_loss": losses[i] if i < len(losses) else None,
+    for i, (t, b) in enumerate(zip(clock.steps, clock.batches)):
+        steps.append({"step": i + 1, **step_times(t), "loss": b["loss"],
+                      "logged_loss": losses[i] if i < len(losses) else None,
                       "shape": b["shape"], "real_tokens": b["real_tokens"], "rss_after_fwd_gb": b["rss_after_fwd_gb"],
                       "flops": useful_flops(*params, b["real_tokens"], b["real_tokens"], grad=True)})
     return {
@@ -312,9 +300,9 @@ def run_config(name: str, run_dir: Path, args, data: dict, work: Path, env: dict
     else:
         spec.update(data=d["trl_path"], expected=data["expected_trl"], trl_ref_model=args.trl_ref_model)
     log(f"\n[{name}] waiting for a quiet machine ...")
-    child, res, quiet = run_in_child(__file__, name, spec, args, work, env, log=log)
+    child, res, quiet = harness.run_in_child(__file__, name, spec, args, work, env, log=log)
     if child is None:
-        return None, failure_of(res)
+        return None, harness.failure_of(res)
     row = summarise(name, child, res.peak_rss_gb, res.wall_s, d["pairs"], limit)
     row["quiet_before"], row["contention"] = quiet, res.contention
     row["details"] = {k: v for k, v in child.items() if k not in ("steps", "ref_logps")}
@@ -447,7 +435,7 @@ def report(rows: list[dict], failures: dict, args, argv: list[str], settings: di
         "machine": machine_info(), "limit": limit, "data": data_info, "results": rows, "ratios": ratios, "goal": goal,
         "checks": PARITY, "failures": failures, "table_markdown": table, "complete": final,
     }
-    write_json(args.out, result)
+    harness.write_json(args.out, result)
     if final:
         log(f"\nwrote {args.out}\ncommand: {cmd}")
     return 1 if failures else 0
@@ -457,10 +445,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child:
-        return child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
-                                 for n, c in CONFIGS.items()})
+        return harness.child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
+                                         for n, c in CONFIGS.items()})
     names = config_names(args, CONFIGS, DEFAULT_CONFIGS)
-    work = new_work_dir(args, "alignline-dpo-bench-")
+    work = harness.new_work_dir(args, "alignline-dpo-bench-")
     log(f"dpo throughput: pairs={args.pairs} batch={args.batch_size} max_length={args.max_length} "
         f"ref_batch={args.ref_batch_size} lr={args.lr} threads={args.threads}; configs {names}; work dir {work}")
     data = build_data(args, work)
@@ -479,16 +467,16 @@ def main(argv=None) -> int:
     # the limit on the shapes of a typical row (a shared-layout pair: prompt + chosen + rejected)
     limit = measure_limit(args, data["model_path"], round(t["shared_row"]["mean"]), device=args.device, log=log)
 
-    env = child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
+    env = harness.child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
 
     def report_so_far(done: list[dict], failures: dict) -> None:
         report(rows + done, failures, args, argv, settings, d, limit, final=False)
 
-    measured, failures = measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
+    measured, failures = harness.measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
                                       args, work=work, log=log, after_row=report_so_far,
                                       stage_steps=lambda n: expected_steps(n, args, d["pairs"]))
     code = report(rows + measured, failures, args, argv, settings, d, limit, final=True)
-    drop_work_dir(args, work)
+    harness.drop_work_dir(args, work)
     return code
 
 

