@@ -152,7 +152,8 @@ class KVDecoder(DecoderLayers):
 
 class LiveStep:
     """The decode step over the live part of each cache only: the fastest on CPU; its shapes grow from step to
-    step and it reads lengths back to the host (the other strategy: :class:`~alignline.generate.static_step.StaticStep`)."""
+    step and it reads lengths back to the host (the other strategy:
+    :class:`~alignline.generate.static_step.StaticStep`)."""
 
     def __init__(self, decoder: KVDecoder):
         self.decoder = decoder
