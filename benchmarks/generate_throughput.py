@@ -40,21 +40,14 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
 from benchmarks.common import (
     add_common_args,
-    child_env,
-    child_main,
-    drop_work_dir,
-    failure_of,
     finish_args,
-    layer_shapes,
     machine_info,
     markdown_table,
     model_config,
     model_path,
-    new_work_dir,
-    run_in_child,
-    write_json,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -289,23 +282,18 @@ def _row(workload: str, side: str, shape: tuple, child: dict, res, roofline: flo
     return row
 
 
-def _per_token_flops(config: dict, context: int) -> tuple[float, float]:
-    """(linear, attention) FLOPs of one decoded token at ``context``: 2 x weights (LM head included) and
-    4 x layers x heads x head_dim x context (scores and weighted values)."""
-    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    weights = layers * sum(k * n * per_layer for _, k, n, per_layer in layer_shapes(config, 1).values())
-    return 2.0 * weights, 4.0 * layers * heads * head_dim * context
-
-
 def _decode_floor(config: dict, shape: tuple) -> float:
     """The best share of the matmul roofline a decode can reach when its attention FLOPs run at the matmul
     rate: linear / (linear + attention) at the mean decode context (prompt + half the new tokens)."""
-    linear, attention = _per_token_flops(config, shape[3] + shape[2] // 2)
+    from alignline.telemetry import decode_flops
+
+    linear, attention = decode_flops(config, shape[3] + shape[2] // 2)
     return linear / (linear + attention)
 
 
 def _verdict(rows: list[dict], config: dict, shapes: dict) -> list[str]:
+    from alignline.telemetry import decode_flops
+
     by = {(r["workload"], r["side"]): r for r in rows}
     lines = []
     for workload, goal in (("a", 2.0), ("b", 3.0)):
@@ -323,7 +311,7 @@ def _verdict(rows: list[dict], config: dict, shapes: dict) -> list[str]:
                          f"{100 * _decode_floor(config, shapes[r['workload']]):.0f}%)")
     if ("c", "engine") in by and ("c128", "engine") in by:
         x = by["c", "engine"]["decode_ms_per_token"] / by["c128", "engine"]["decode_ms_per_token"]
-        floor = sum(_per_token_flops(config, 2048 + 32)) / sum(_per_token_flops(config, 128 + 32))
+        floor = sum(decode_flops(config, 2048 + 32)) / sum(decode_flops(config, 128 + 32))
         lines.append(f"per-token decode cost at 2048 context / at 128: {x:.2f}x (goal <= 1.3x; the attention "
                      f"FLOPs alone put the floor at {floor:.2f}x for this model)")
     return lines
@@ -348,10 +336,10 @@ def main(argv=None) -> int:
         llama_cpp_child(json.loads(a.llama_cpp_child))
         return 0
     if a.child:  # named "<workload>-<side>"
-        return child_main(a, {a.child: SIDE_FUNCTIONS[a.child.split("-", 1)[1]]})
+        return harness.child_main(a, {a.child: SIDE_FUNCTIONS[a.child.split("-", 1)[1]]})
     if a.quick:
         WORKLOADS["a"] = (8, 4, 48, 128)
-    work = new_work_dir(a, "alignline-generate-bench-")
+    work = harness.new_work_dir(a, "alignline-generate-bench-")
     model = model_path(a, work)
     from alignline.models import load_tokenizer
 
@@ -374,10 +362,10 @@ def main(argv=None) -> int:
             spec = {"model": model, "prompts": prompts, "n": shape[1], "new_tokens": shape[2], "threads": a.threads,
                     "max_batch": a.max_batch, "baseline_rev": a.baseline_rev, "python": a.llama_python,
                     "gguf": str(_gguf()), "device": a.device, "dtype": a.dtype, "roofline_passes": 3 if a.smoke else 11}
-            child, res, _ = run_in_child(__file__, f"{workload}-{side}", spec, a, work,
-                                         child_env(a.threads))
+            child, res, _ = harness.run_in_child(__file__, f"{workload}-{side}", spec, a, work,
+                                         harness.child_env(a.threads))
             if child is None:
-                failures[f"{workload}-{side}"] = failure_of(res)
+                failures[f"{workload}-{side}"] = harness.failure_of(res)
                 continue
             rows.append(_row(workload, side, shape, child, res, roofline))
             print({k: v for k, v in rows[-1].items() if k != "contention"}, flush=True)
@@ -389,11 +377,11 @@ def main(argv=None) -> int:
     shapes = {**WORKLOADS, "smoke": SMOKE_WORKLOAD}
     verdict = _verdict(rows, model_config(model), shapes)
     print("\n".join(verdict))
-    write_json(a.out, {"command": " ".join([".venv/bin/python", "benchmarks/generate_throughput.py",
+    harness.write_json(a.out, {"command": " ".join([".venv/bin/python", "benchmarks/generate_throughput.py",
                                             *(argv or sys.argv[1:])]),
                        "settings": {k: v for k, v in vars(a).items() if k not in ("child", "spec")},
                        "machine": machine_info(), "rows": rows, "verdict": verdict, "failures": failures})
-    drop_work_dir(a, work)
+    harness.drop_work_dir(a, work)
     return 1 if failures else 0
 
 

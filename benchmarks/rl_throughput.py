@@ -7,7 +7,7 @@ Both rows: the same model, the same prompts (verifiable instructions attached; t
 instructions followed is the reward on both sides), G = 8 responses per prompt, the same max new tokens, the
 same number of optimizer steps (one per rollout), TRL's ``loss_type="grpo"`` (alignline's estimator grpo with
 aggregation seq_mean_token_mean), beta 0 (no reference model on either side), no vLLM, fp32. Each row runs in
-its own child process (``benchmarks/common.py``) and reports rollout tokens/s, training tokens/s, seconds per
+its own child process (``benchmarks/harness.py``) and reports rollout tokens/s, training tokens/s, seconds per
 iteration and peak RSS. The goal of issue 16: >= 2x TRL's iterations/s at <= 1/2 of its peak RSS.
 
 Rows (``--configs``): every alignline row takes one optimizer step per rollout, as TRL does; they differ in how
@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import harness  # noqa: E402
 
 CONFIGS = {
     "alignline": {"micro_batch": "group", "gc": False},
@@ -105,7 +106,8 @@ def trl_side(spec: dict) -> dict:
     from alignline.data.io import read_prompts
     from alignline.judges.verifiable import verify
     from alignline.models import load_causal_lm, load_tokenizer
-    from alignline.train.telemetry import param_counts, useful_flops
+    from alignline.telemetry import param_counts, useful_flops
+    from peer_clock import TrlClock
 
     P, G = spec["prompts_per_iteration"], spec["group_size"]
     prompts = read_prompts(spec["prompts"])
@@ -139,21 +141,21 @@ def trl_side(spec: dict) -> dict:
             return super()._compute_loss(model, inputs)
 
     model = load_causal_lm(spec["model"], dtype="float32")
-    timeline: list[dict] = []
+    clock = TrlClock()
     trainer = Timed(model=model, reward_funcs=verifier, args=args, train_dataset=data,
                     processing_class=load_tokenizer(spec["model"]),
-                    callbacks=[common.trl_step_timer(common.RssSampler(), timeline)])
+                    callbacks=[clock.callback()])
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "reward" in h]
     lengths = [h.get("completions/mean_length", 0) for h in logs]
-    assert len(generation_s) == len(timeline), "one generation per optimizer step (generation batch = rollout)"
+    assert len(generation_s) == len(clock.steps), "one generation per optimizer step (generation batch = rollout)"
     params = param_counts(model)
     return {"wall_s": wall, "s_per_iteration": wall / spec["iterations"],
             "rollout_tokens": sum(n * P * G for n in lengths), "reward_mean": [h["reward"] for h in logs],
-            "train_step_s": sum(t["t1"] - t["t0"] for t in timeline) - sum(generation_s),
-            "generation_s": sum(generation_s), "train_steps": len(timeline),
+            "train_step_s": sum(t["time/step_s"] for t in clock.steps) - sum(generation_s),
+            "generation_s": sum(generation_s), "train_steps": len(clock.steps),
             "train_flops": sum(useful_flops(*params, b["tokens"], b["logit_positions"], grad=True) for b in batches)}
 
 
@@ -173,20 +175,20 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        return common.child_main(args, SIDES)
-    work = common.new_work_dir(args, "rl-bench-")
+        return harness.child_main(args, SIDES)
+    work = harness.new_work_dir(args, "rl-bench-")
     prompts = args.prompts or make_prompts(work / "prompts.jsonl", args.prompts_per_iteration * args.iterations)
     base = {"model": common.model_path(args, work), "prompts": str(prompts),
             **{k: getattr(args, k) for k in FULL}}
-    env = common.child_env(args.threads)
+    env = harness.child_env(args.threads)
     # a typical training row: one prompt's group (prompt + G responses of about max_new_tokens)
     limit = common.measure_limit(args, base["model"], 64 + args.group_size * args.max_new_tokens)
 
     def run_config(name, run_dir):
         spec = {**base, **CONFIGS[name], "out": str(run_dir)}
-        child, res, quiet = common.run_in_child(__file__, name, spec, args, work, env)
+        child, res, quiet = harness.run_in_child(__file__, name, spec, args, work, env)
         if child is None:
-            return None, common.failure_of(res)
+            return None, harness.failure_of(res)
         share = common.share_of_limit(child["train_flops"], child["train_step_s"], limit)
         return {"config": name, **child, "peak_rss_gb": res.peak_rss_bytes / common.GB,
                 "train_useful_gflops_s": child["train_flops"] / child["train_step_s"] / 1e9,
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
                 "contention": getattr(res, "contention", None)}, None
 
     # one optimizer step per rollout on every alignline row (TRL rows run no alignline stage: nothing to check)
-    rows, failures = common.measure_rows(
+    rows, failures = harness.measure_rows(
         common.config_names(args, CONFIGS, DEFAULT_CONFIGS), run_config, args, work=work,
         stage_steps=lambda name: None if name.startswith("trl") else args.iterations)
     result = {"settings": base, "machine": common.machine_info(), "limit": limit, "rows": rows, "failures": failures}
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
         if "trl" in by and r["config"] != "trl":
             r["speedup_vs_trl"] = by["trl"]["s_per_iteration"] / r["s_per_iteration"]
             r["rss_vs_trl"] = r["peak_rss_gb"] / by["trl"]["peak_rss_gb"]
-    common.write_json(args.out, result)
+    harness.write_json(args.out, result)
     print(common.markdown_table(rows, [
         ("config", "config", ""), ("s_per_iteration", "s / iteration", ".2f"),
         ("rollout_tokens_per_s", "rollout tok/s", ".1f"), ("train_tokens_per_s", "train tok/s", ".1f"),
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
         ("share_pct", "share of limit (%)", ".1f"), ("peak_rss_gb", "peak RSS GB", ".2f"),
         ("speedup_vs_trl", "iterations/s vs TRL", ".2f"), ("rss_vs_trl", "peak RSS vs TRL", ".2f")]))
     print(f"results: {args.out}")
-    common.drop_work_dir(args, work)
+    harness.drop_work_dir(args, work)
     return 1 if failures else 0
 
 

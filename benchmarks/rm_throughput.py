@@ -7,7 +7,7 @@
 What it does:
 
 1. Builds ``--pairs`` preference pairs from the ShareGPT asset with the DPO benchmark's pair builder
-   (``benchmarks/dpo_throughput.py: build_data``, seeded, deterministic; prompt lengths spread evenly
+   (``benchmarks/preference_data.py: build_data``, seeded, deterministic; prompt lengths spread evenly
    over [256/512, 416/512] x max_length, mean ~336 tokens at 512; chosen = the turn's own answer, rejected =
    another conversation's answer, both cut at token boundaries). The builder is called with
    ``max_length - 1`` because a reward model keeps the template's tail after the end token (ChatML's
@@ -43,7 +43,7 @@ What it does:
    (imports, model load, tokenisation, training, alignline's final evaluation and model save) is reported
    too. Peak RSS is the child's own high-water mark (VmHWM, whole process); per-phase peaks come from the
    stage's phases (alignline) or a thread sampling ``/proc/self/statm`` (TRL).
-4. Share of the limit: useful FLOPs (``alignline.train.telemetry.useful_flops``, 6 x body parameters x real
+4. Share of the limit: useful FLOPs (``alignline.telemetry.useful_flops``, 6 x body parameters x real
    tokens; the scalar head is negligible) per second of the timed steps, over the fp32 matmul throughput the
    parent measures in the same run on the model's own layer shapes (``benchmarks/common.py: matmul_limit``).
    After training the TRL child also scores its first batch with alignline's prefix-shared path and with
@@ -64,31 +64,20 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
 from benchmarks.common import (
-    RssSampler,
     add_common_args,
-    child_env,
-    child_main,
     config_names,
-    drop_work_dir,
-    failure_of,
     finish_args,
     machine_info,
     markdown_table,
     measure_limit,
-    measure_rows,
-    new_work_dir,
     percent,
-    quiet_gate,
-    read_run,
-    run_in_child,
     share_of_limit,
+    stage_steps,
     step_split,
-    timed_trl_trainer,
-    trl_step_timer,
-    write_json,
 )
-from benchmarks.dpo_throughput import build_data
+from benchmarks.preference_data import build_data, length_summary, pair_lengths
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "rm_throughput.json"
@@ -159,14 +148,8 @@ def build_rm_data(args, work: Path) -> dict[str, Any]:
     trl_path = work / "pairs_trl_rm.jsonl"
     write_records(trl_path, trl_rows)
 
-    P = [len(e.prompt_ids) for e in examples]
-    C = [len(e.chosen_ids) for e in examples]
-    R = [len(e.rejected_ids) for e in examples]
-
-    def stats(xs):
-        return {"mean": round(sum(xs) / len(xs), 1), "min": min(xs), "max": max(xs)}
-
-    shared = [p + c + r for p, c, r in zip(P, C, R)]
+    P, C, R, shared = pair_lengths(examples)
+    lengths = length_summary(P, C, R, shared)
     # tokens each side feeds the model per step, padding included (alignline shared: B rows of the widest
     # shared row; alignline separate / TRL: 2B rows of the widest prompt + response)
     trained = plan[:n_steps]
@@ -176,14 +159,10 @@ def build_rm_data(args, work: Path) -> dict[str, Any]:
     info = {
         **{k: built["info"][k] for k in ("source", "selection", "conversations_scanned", "candidates")},
         "path": str(al_path), "trl_path": str(trl_path),
-        "builder": f"benchmarks/dpo_throughput.py build_data at max_length {L - 1} (the RM keeps 1 tail token)",
+        "builder": f"benchmarks/preference_data.py build_data at max_length {L - 1} (the RM keeps 1 tail token)",
         "pairs": len(examples), "steps": n_steps, "pairs_trained": n_trained,
-        "tokens": {"prompt": stats(P), "chosen": stats(C), "rejected": stats(R),
-                   "prompt_plus_longer_response": stats([p + max(c, r) for p, c, r in zip(P, C, R)]),
-                   "shared_row": stats(shared)},
-        "truncated": tok_counts.get("responses_truncated", 0),
-        "tokens_per_pair": {"shared_layout": round(sum(shared) / len(shared), 1),
-                            "two_rows": round(sum(2 * p + c + r for p, c, r in zip(P, C, R)) / len(P), 1)},
+        "tokens": lengths["tokens"], "truncated": tok_counts.get("responses_truncated", 0),
+        "tokens_per_pair": lengths["tokens_per_pair"],
         "computed_tokens_per_pair_with_padding": {"shared_layout": round(sum(computed_shared) / n_trained, 1),
                                                   "two_rows": round(sum(computed_two) / n_trained, 1)},
         "seconds": round(built["info"]["seconds"] + time.perf_counter() - t0, 1),
@@ -211,7 +190,7 @@ def child_alignline(spec: dict) -> dict:
     info = {"head": head_digest(probe), "attn_implementation": getattr(probe.config, "_attn_implementation", None)}
     del probe
     torch.manual_seed(spec["seed"])  # the RM stage seeds only inside train(), after the head is built
-    out_dir = Path(spec["run_dir"])  # fresh for every attempt (common.measure_rows)
+    out_dir = Path(spec["run_dir"])  # fresh for every attempt (harness.measure_rows)
     cfg = RMConfig(
         model=spec["model_path"], output_dir=str(out_dir), dtype="float32", resume=False,
         pair_layout=spec["layout"], eval_batch_size=spec["batch_size"],
@@ -224,7 +203,7 @@ def child_alignline(spec: dict) -> dict:
     t0 = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t0
-    recorded = read_run(out_dir)
+    recorded = stage_steps(out_dir)
     ph = recorded["phases"]
     checkpoint_s = ph.get("checkpoint", {}).get("seconds", 0.0)  # none unless the run keeps or resumes one
     steps = [{"step": r["step"], "seconds": r["seconds"], "loss": r["loss"], "tokens_computed": r["tokens"],
@@ -247,6 +226,8 @@ def child_trl(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from benchmarks.peer_clock import RssSampler, TrlClock, step_times
+
     sampler = RssSampler()
     sampler.start()
     sampler.set_phase("load")
@@ -254,7 +235,7 @@ def child_trl(spec: dict) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from alignline.train.telemetry import param_counts, useful_flops
+    from alignline.telemetry import param_counts, useful_flops
 
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
     dataset = Dataset.from_list(rows)
@@ -265,10 +246,8 @@ def child_trl(spec: dict) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(spec["model_path"], num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     head = head_digest(model)
-    train_batches: list[dict] = []
-    timeline: list[dict] = []
-
-    Timed = timed_trl_trainer(RewardTrainer, sampler, train_batches)
+    clock = TrlClock(sampler)
+    Timed = clock.trainer(RewardTrainer)
 
     args = RewardConfig(
         output_dir=spec["run_dir"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
@@ -281,7 +260,7 @@ def child_trl(spec: dict) -> dict:
     sampler.set_phase("prepare")
     t0 = time.perf_counter()
     trainer = Timed(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                    callbacks=[trl_step_timer(sampler, timeline)])
+                    callbacks=[clock.callback()])
     init_s = time.perf_counter() - t0
     ds = trainer.train_dataset
     expected = spec["expected"]
@@ -297,10 +276,9 @@ def child_trl(spec: dict) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     params = param_counts(model)  # the scalar head runs at every position
     steps = []
-    for i, (t, b) in enumerate(zip(timeline, train_batches)):
-        steps.append({"step": i + 1, "seconds": t["t1"] - t["t0"], "fwd_s": b["fwd_s"],
-                      "bwd_clip_s": t["t_fb"] - t["t0"] - b["fwd_s"], "opt_s": t["t1"] - t["t_fb"],
-                      "loss": b["loss"], "logged_loss": losses[i] if i < len(losses) else None,
+    for i, (t, b) in enumerate(zip(clock.steps, clock.batches)):
+        steps.append({"step": i + 1, **step_times(t), "loss": b["loss"],
+                      "logged_loss": losses[i] if i < len(losses) else None,
                       "pairs": b["shape"][0] // 2, "shape": b["shape"], "real_tokens": b["real_tokens"],
                       "tokens_computed": b["shape"][0] * b["shape"][1], "rss_after_fwd_gb": b["rss_after_fwd_gb"],
                       "flops": useful_flops(*params, b["real_tokens"], b["real_tokens"], grad=True)})
@@ -371,9 +349,9 @@ def run_config(name: str, run_dir: Path, args, data: dict, work: Path, env: dict
     else:
         spec.update(data=d["trl_path"], expected=data["expected_trl"], shared_examples=data["shared_examples"])
     log(f"\n[{name}] waiting for a quiet machine ...")
-    child, res, quiet = run_in_child(__file__, name, spec, args, work, env, log=log)
+    child, res, quiet = harness.run_in_child(__file__, name, spec, args, work, env, log=log)
     if child is None:
-        return None, failure_of(res)
+        return None, harness.failure_of(res)
     row = summarise(name, child, res.peak_rss_gb, res.wall_s, limit)
     row["quiet_before"], row["contention"] = quiet, res.contention
     row["details"] = {k: v for k, v in child.items() if k != "steps"}
@@ -435,14 +413,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child:
-        return child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
-                                 for n, c in CONFIGS.items()})
+        return harness.child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
+                                         for n, c in CONFIGS.items()})
     names = config_names(args, CONFIGS, DEFAULT_CONFIGS)
-    work = new_work_dir(args, "alignline-rm-bench-")
+    work = harness.new_work_dir(args, "alignline-rm-bench-")
     log(f"rm throughput: pairs={args.pairs} batch={args.batch_size} max_length={args.max_length} "
         f"max_steps={args.max_steps} lr={args.lr} threads={args.threads}; work dir {work}")
     log("waiting for a quiet machine before building the data ...")
-    quiet_gate(args.max_wait, log=log)
+    harness.quiet_gate(args.max_wait, log=log)
     data = build_rm_data(args, work)
     d = data["info"]
     t = d["tokens"]
@@ -451,9 +429,9 @@ def main(argv=None) -> int:
         f"response max {t['prompt_plus_longer_response']['max']}; tokens/pair {d['tokens_per_pair']}; computed "
         f"with padding {d['computed_tokens_per_pair_with_padding']}; {d['truncated']} truncated ({d['seconds']}s)")
 
-    env = child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
+    env = harness.child_env(args.threads, {"TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(work / "hf-datasets")})
     limit = measure_limit(args, data["model_path"], round(t["shared_row"]["mean"]), log=log)
-    rows, failures = measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
+    rows, failures = harness.measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
                                   args, work=work, log=log,
                                   stage_steps=lambda n: d["steps"] if CONFIGS[n]["side"] == "alignline" else None)
 
@@ -510,9 +488,9 @@ def main(argv=None) -> int:
         "machine": machine_info(), "limit": limit, "data": d, "results": rows, "ratios": ratios, "checks": checks,
         "failures": failures, "table_markdown": table,
     }
-    write_json(args.out, result)
+    harness.write_json(args.out, result)
     log(f"\nwrote {args.out}\ncommand: {cmd}")
-    drop_work_dir(args, work)
+    harness.drop_work_dir(args, work)
     return 1 if failures else 0
 
 

@@ -26,19 +26,16 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
 from benchmarks.common import (
     add_common_args,
-    drop_work_dir,
     finish_args,
     machine_info,
     markdown_table,
     measure_limit,
     model_path,
-    new_work_dir,
     percent,
-    quiet_gate,
     share_of_limit,
-    write_json,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,9 +61,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from alignline.judges.reward import score_plain, score_responses
     from alignline.models import load_reward_model
-    from alignline.train.telemetry import param_counts, useful_flops
+    from alignline.telemetry import param_counts, useful_flops
 
-    work = new_work_dir(a, "alignline-score-bench-")
+    work = harness.new_work_dir(a, "alignline-score-bench-")
     model_dir = model_path(a, work)
     model = load_reward_model(model_dir, dtype="float32").eval()
     params = param_counts(model)
@@ -76,7 +73,7 @@ def main(argv=None) -> int:
     rows = []
     for plen in map(int, a.prompts.split(",")):
         for n in map(int, a.ns.split(",")):
-            quiet = quiet_gate(a.max_wait)
+            quiet = harness.quiet_gate(a.max_wait)
             prompt = torch.randint(10, vocab, (plen,), generator=g).tolist()
             resps = [torch.randint(10, vocab, (a.response_tokens,), generator=g).tolist() for _ in range(n)]
             t0 = time.perf_counter()
@@ -102,10 +99,10 @@ def main(argv=None) -> int:
                                   ("plain_share_pct", "plain share of limit (%)", ".1f"),
                                   ("max_abs_diff", "max |diff|", ".1e")])
     print(table)
-    write_json(a.out, {
+    harness.write_json(a.out, {
         "command": " ".join([".venv/bin/python", "benchmarks/score_throughput.py", *(argv or sys.argv[1:])]),
         "settings": vars(a), "machine": machine_info(), "matmul_limit": limit, "rows": rows})
-    drop_work_dir(a, work)
+    harness.drop_work_dir(a, work)
     return 0 if all(r["max_abs_diff"] < 1e-4 for r in rows) else 1
 
 

@@ -30,7 +30,7 @@ What it does:
    loading, collation, logging and checkpointing are outside the window. Real tokens are non-pad tokens;
    tokens/s = real tokens in the window / time in the window. Peak RSS is each child's ``ru_maxrss`` (whole
    process: data preparation, model, optimizer, training).
-4. Share of the limit: useful FLOPs (``alignline.train.telemetry.useful_flops``: 6 x body parameters x real
+4. Share of the limit: useful FLOPs (``alignline.telemetry.useful_flops``: 6 x body parameters x real
    tokens + 6 x head parameters x positions whose logits are computed: alignline's trained positions, as its
    loop records them; every real position for TRL, which computes logits everywhere) per second of the timed
    steps, over the fp32 matmul throughput measured by the parent in the same run on the model's own layer
@@ -51,25 +51,18 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script (benchmarks/ is sys.path[0]): make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import harness
 from benchmarks.common import (
     add_common_args,
-    child_env,
-    child_main,
     config_names,
-    drop_work_dir,
-    failure_of,
     finish_args,
     machine_info,
     markdown_table,
     measure_limit,
-    measure_rows,
     model_path,
-    new_work_dir,
     percent,
-    read_run,
-    run_in_child,
     share_of_limit,
-    write_json,
+    stage_steps,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,7 +182,7 @@ def child_alignline(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from alignline.stages.sft import SFTConfig, run
 
-    out_dir = Path(spec["run_dir"])  # fresh for every attempt (common.measure_rows)
+    out_dir = Path(spec["run_dir"])  # fresh for every attempt (harness.measure_rows)
     cfg = SFTConfig(
         model=spec["model_path"], output_dir=str(out_dir), dtype="float32", resume=False,
         data={"train": spec["data"], "max_length": spec["max_length"], "packing": spec["packing"],
@@ -201,7 +194,7 @@ def child_alignline(spec: dict) -> dict:
     t0 = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t0
-    recorded = read_run(out_dir)  # the loop's own per-step figures and the stage's phases
+    recorded = stage_steps(out_dir)  # the loop's own per-step figures and the stage's phases
     steps = [{"step": r["step"], "seconds": r["seconds"], "reported_tokens": r["tokens"],
               "reported_trained": int(r["units"]), "flops": r["flops"], "loss": r["loss"],
               **{k: r[k] for k in ("fwd_s", "bwd_s", "clip_opt_s", "mem/peak_rss_gb")}} for r in recorded["steps"]]
@@ -214,11 +207,12 @@ def child_trl(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from benchmarks.peer_clock import TrlClock
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from alignline.train.telemetry import param_counts, useful_flops
+    from alignline.telemetry import param_counts, useful_flops
 
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines() if x.strip()]
     dataset = Dataset.from_list(rows)
@@ -228,15 +222,7 @@ def child_trl(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_path"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32,
                                                  attn_implementation="sdpa")
-    timeline: list[dict] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            timeline.append({"t0": time.perf_counter()})
-
-        def on_step_end(self, args, state, control, **kw):
-            timeline[-1]["t1"] = time.perf_counter()
-
+    clock = TrlClock()
     batches: list[dict] = []
 
     class Recording(SFTTrainer):
@@ -257,16 +243,16 @@ def child_trl(spec: dict) -> dict:
     )
     t0 = time.perf_counter()
     trainer = Recording(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                        callbacks=[StepTimer()])
+                        callbacks=[clock.callback()])
     prep = time.perf_counter() - t0
     t0 = time.perf_counter()
     out = trainer.train()
     wall = time.perf_counter() - t0
     ds = trainer.train_dataset
     params = param_counts(model)  # TRL computes logits at every position: useful at every real one
-    steps = [{"step": i + 1, "seconds": t["t1"] - t["t0"], **b,
+    steps = [{"step": i + 1, "seconds": t["time/step_s"], **b,
               "flops": useful_flops(*params, b["real_tokens"], b["real_tokens"], grad=True)}
-             for i, (t, b) in enumerate(zip(timeline, batches))]
+             for i, (t, b) in enumerate(zip(clock.steps, batches))]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     for s, loss in zip(steps, losses):
         s["loss"] = loss
@@ -309,9 +295,9 @@ def run_config(name: str, run_dir: Path, args, data: dict, work: Path, env: dict
             "threads": args.threads, "packing": cfg["packing"], "run_dir": str(run_dir),
             "padded_order": data["plans"]["padded_order"]}
     log(f"\n[{name}] waiting for a quiet machine ...")
-    child, res, quiet = run_in_child(__file__, name, spec, args, work, env, log=log)
+    child, res, quiet = harness.run_in_child(__file__, name, spec, args, work, env, log=log)
     if child is None:
-        return None, failure_of(res)
+        return None, harness.failure_of(res)
     row = summarise(name, child, data["plans"].get(name), res.peak_rss_gb, res.wall_s, limit)
     row["quiet_before"], row["contention"] = quiet, res.contention
     row["details"] = {k: v for k, v in child.items() if k != "steps"}
@@ -348,11 +334,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.child:
-        return child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
-                                 for n, c in CONFIGS.items()})
+        return harness.child_main(args, {n: child_alignline if c["side"] == "alignline" else child_trl
+                                         for n, c in CONFIGS.items()})
     defaults = [n for n in CONFIGS if n != "trl-packing" or args.trl_packing or args.quick]
     names = config_names(args, CONFIGS, defaults)
-    work = new_work_dir(args, "alignline-sft-bench-")
+    work = harness.new_work_dir(args, "alignline-sft-bench-")
     log(f"sft throughput: steps={args.steps} batch={args.batch_size} max_length={args.max_length} "
         f"conversations={args.conversations} threads={args.threads}; work dir {work}")
     data = build_data(args, work)
@@ -362,8 +348,8 @@ def main(argv=None) -> int:
         f"{args.max_length}; {d['tokens_after_truncation']['total']} tokens after truncation ({d['seconds']}s)")
     limit = measure_limit(args, data["model_path"], args.batch_size * args.max_length, log=log)
 
-    env = child_env(args.threads)
-    rows, failures = measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
+    env = harness.child_env(args.threads)
+    rows, failures = harness.measure_rows(names, lambda n, run_dir: run_config(n, run_dir, args, data, work, env, limit),
                                   args, work=work, log=log,
                                   stage_steps=lambda n: args.steps if CONFIGS[n]["side"] == "alignline" else None)
     by = {r["config"]: r for r in rows}
@@ -414,9 +400,9 @@ def main(argv=None) -> int:
         "machine": machine_info(), "limit": limit, "data": d, "results": rows, "ratios": ratios, "checks": checks,
         "failures": failures, "table_markdown": table,
     }
-    write_json(args.out, result)
+    harness.write_json(args.out, result)
     log(f"\nwrote {args.out}\ncommand: {cmd}")
-    drop_work_dir(args, work)
+    harness.drop_work_dir(args, work)
     return 1 if failures else 0
 
 

@@ -90,12 +90,12 @@ def test_a_retried_row_is_a_fresh_run_of_its_stage(tmp_path):
 
 
 def test_stage_refusal_tells_a_skipped_or_short_run(tmp_path):
-    """The manifest a stage leaves, as :func:`benchmarks.common.stage_refusal` reads it: none, still running,
+    """The manifest a stage leaves, as :func:`benchmarks.harness.stage_refusal` reads it: none, still running,
     written before the attempt started (the stage skipped itself: an earlier run's manifest), fewer steps than
     configured, and a run that did the work (written in the attempt's own second, 3 steps of 3)."""
     import time
 
-    from benchmarks.common import stage_refusal
+    from benchmarks.harness import stage_refusal
 
     def manifest(**fields):
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(fields.pop("at")))

@@ -16,7 +16,8 @@ from alignline.data.io import read_manifest
 from alignline.errors import AlignlineError, ConfigError, DataError
 from alignline.evaluate import mtbench
 from alignline.evaluate.mtbench import parse_rating, rating_failure
-from alignline.generate.base import EngineSettings, SamplingParams
+from alignline.generate.base import SamplingParams
+from alignline.generate.engines import EngineSettings
 from alignline.stages.eval_mtbench import MTBenchConfig, run
 
 QUESTIONS = mtbench.load_questions()

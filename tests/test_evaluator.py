@@ -227,7 +227,7 @@ def rule(answer, criterion):
 
 
 def fake_engine(monkeypatch, engine):
-    import alignline.generate.base as engines
+    import alignline.generate.engines as engines
 
     monkeypatch.setattr(engines, "build_engine", lambda settings, device=None: engine)
 

@@ -11,16 +11,22 @@ import torch
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from alignline.models import tiny_causal_lm_config
-from alignline.train.batching import collate_packed, collate_padded
-from alignline.train.pairs import TokenisedPair, collate_pairs
-from alignline.train.telemetry import (
+from alignline.telemetry import (
     GB,
+    EngineStats,
+    RssWatch,
     Telemetry,
+    decode_flops,
     logit_positions,
+    matmul_shapes,
     param_counts,
+    read_run,
     real_tokens,
+    step_split,
     useful_flops,
 )
+from alignline.train.batching import collate_packed, collate_padded
+from alignline.train.pairs import TokenisedPair, collate_pairs
 
 # the tiny model of the useful_flops docstring: hidden 64, 2 layers, MLP 128, vocabulary 300
 BODY = 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64
@@ -31,6 +37,63 @@ def test_useful_flops_matches_the_docstring_example():
     assert BODY == 82_240 and HEAD == 19_200
     assert useful_flops(BODY, HEAD, 100, 40, grad=True) == 53_952_000
     assert useful_flops(BODY, HEAD, 100, 40, grad=False) == 17_984_000
+
+
+def test_matmul_shapes_are_the_useful_flop_model_by_shape():
+    """The tiny model at 10 tokens: per layer q, k, v, o 64 x 64 each (4 heads x 16 = 64 wide, kv as wide),
+    gate and up 64 x 128, down 128 x 64, the head 64 x 300 once: 2 x (4 x 4,096 + 3 x 8,192) + 19,200 = 101,120
+    weights, which are BODY less its 2 x 2 x 64 + 64 = 320 norm weights, plus HEAD. A forward over 10 tokens is
+    2 x 10 x 101,120 = 2,022,400 FLOPs by shape, and useful_flops(BODY - 320, HEAD, 10, 10) says the same."""
+    config = tiny_causal_lm_config(vocab_size=300).to_dict()
+    shapes = matmul_shapes(config, 10)
+    assert shapes["q"] == (10, 64, 64, 1) and shapes["k/v"] == (10, 64, 64, 2) and shapes["down"] == (10, 128, 64, 1)
+    by_shape = sum(2 * m * k * n * per_layer * 2 for m, k, n, per_layer in shapes.values())
+    assert by_shape == 2_022_400 == useful_flops(BODY - 320, HEAD, 10, 10, grad=False)
+
+
+def test_decode_flops_by_hand():
+    """One token at context 100: linear 2 x 101,120 = 202,240 (see above); attention 4 x 2 layers x 4 heads x 16
+    x 100 = 51,200; with grouped-query attention (2 kv heads) the weights shrink by 2 layers x 2 x 64 x 32 =
+    8,192 (k and v 32 wide instead of 64): linear 2 x 92,928 = 185,856, attention unchanged."""
+    assert decode_flops(tiny_causal_lm_config(vocab_size=300).to_dict(), 100) == (202_240.0, 51_200.0)
+    gqa = tiny_causal_lm_config(vocab_size=300, num_key_value_heads=2).to_dict()
+    assert decode_flops(gqa, 100) == (185_856.0, 51_200.0)
+
+
+def test_read_run_keeps_step_records_and_the_manifest_phases(tmp_path):
+    """metrics.jsonl holds an evaluation line (no tokens_per_s), two step records and a blank line: the steps
+    come back in order; step_split sums their laps (forward 0.5 + 1.5 = 2, backward 1 + 2 = 3, optimizer 0.25 +
+    0.25 = 0.5)."""
+    steps = [{"step": 1, "tokens_per_s": 10.0, "time/forward_s": 0.5, "time/backward_s": 1.0,
+              "time/optimizer_s": 0.25}, {"step": 2, "tokens_per_s": 12.0, "time/forward_s": 1.5,
+                                          "time/backward_s": 2.0, "time/optimizer_s": 0.25}]
+    lines = [json.dumps({"step": 0, "eval/loss": 1.0}), json.dumps(steps[0]), "", json.dumps(steps[1])]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    phases = {"train": {"seconds": 4.0, "calls": 1}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"phases": phases, "counts": {"pairs": 3}}))
+    run = read_run(tmp_path)
+    assert run == {"steps": steps, "phases": phases, "counts": {"pairs": 3}}
+    assert step_split(run["steps"]) == {"forward": 2.0, "backward": 3.0, "optimizer": 0.5}
+
+
+def test_rss_watch_calls_a_subclass_sample_and_engine_stats_add_up():
+    class Counting(RssWatch):
+        def __init__(self):
+            super().__init__(interval_s=0.001)
+            self.calls = 0
+
+        def sample(self):
+            self.calls += 1
+            super().sample()
+
+    watch = Counting()
+    watch.sample()
+    peak = watch.take()  # samples once more, through the subclass
+    assert watch.calls == 2 and peak > 0
+    stats = EngineStats()
+    stats.add(decode_s=0.5, decode_steps=1)
+    stats.add(decode_s=0.25, decode_steps=1, prefill_tokens=7)
+    assert stats == {"decode_s": 0.75, "decode_steps": 2, "prefill_tokens": 7}
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -29,7 +29,7 @@ from alignline.config import Section, load_config
 from alignline.data.io import read_manifest, read_records
 from alignline.data.records import Prompt, Response
 from alignline.errors import ConfigError, DataError
-from alignline.generate.base import EngineSettings
+from alignline.generate.engines import EngineSettings
 
 HUMAN = "human"
 """The reserved member name of the prompts' reference answers."""

@@ -27,7 +27,8 @@ from pydantic import Field, model_validator
 from alignline.config import Section
 from alignline.data.records import Prompt
 from alignline.errors import ConfigError, DataError, RewardFunctionError
-from alignline.generate.base import EngineSettings, SamplingParams
+from alignline.generate.base import SamplingParams
+from alignline.generate.engines import EngineSettings
 
 RewardFn = Callable[[Sequence[Prompt], Sequence[Sequence[str]]], list[list[float]]]
 
@@ -109,7 +110,7 @@ def rm_reward(path: str, device=None) -> RewardFn:
 
 
 def judge_reward(spec: RewardSpec, cache_path: Path, counts: dict) -> RewardFn:
-    from alignline.generate.base import LazyEngine
+    from alignline.generate.engines import LazyEngine
     from alignline.judges.cache import JudgeCache, ask_judge
     from alignline.judges.evaluator import EVALUATOR_VERSION, evaluator_prompt, parse_evaluation
 

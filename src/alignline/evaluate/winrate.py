@@ -40,7 +40,7 @@ can judge the same data with its own annotators.
 
 Systems. A compared system (and the model of ``eval verifiable``) is either a file of Response records
 (from ``alignline sample``; per prompt the first response by ``sample_idx`` whose status is ok, else the
-first one) or an engine (:class:`~alignline.generate.base.EngineSettings`) that answers now; generated
+first one) or an engine (:class:`~alignline.generate.engines.EngineSettings`) that answers now; generated
 responses are saved with a fingerprint of (engine settings, model files, sampling, prompts) and reused
 by a rerun with the same fingerprint, unless some of them failed at the engine (then a rerun generates
 them again).
@@ -61,7 +61,8 @@ from pydantic import Field
 from alignline.data.io import atomic_write_text, fingerprint, read_records, write_records
 from alignline.data.records import Prompt, Response
 from alignline.errors import ConfigError, DataError
-from alignline.generate.base import EngineSettings, SamplingParams
+from alignline.generate.base import SamplingParams
+from alignline.generate.engines import EngineSettings
 from alignline.judges.pairwise import PairwiseVerdict, render_conversation
 
 #: Votes of one judged order.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import Field
@@ -17,7 +17,6 @@ from pydantic import Field
 from alignline.config import Section
 from alignline.data.records import Prompt, Response
 from alignline.errors import ConfigError
-from alignline.generate.endpoint import OpenAIConnection
 
 
 class SamplingParams(Section):
@@ -72,58 +71,3 @@ DecodeStep = Literal["live", "static", "graph"]
 fixed-shape step (:mod:`alignline.generate.static_step`), eager. ``graph``: that step captured once and replayed
 as a CUDA graph (GPU only), which removes the per-kernel launch cost that bounds small models on a GPU; it has
 not been timed on a GPU yet, hence opt-in. Samples are the same under all three, up to float rounding."""
-
-
-class EngineSettings(Section):
-    """Which engine answers (a policy being sampled or evaluated, or an LLM judge)."""
-
-    engine: Literal["hf", "openai"] = "hf"
-    """hf: transformers in this process; openai: an OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, llama.cpp)."""
-    model: str
-    """hf: a local HF checkpoint dir, .gguf file or alias; openai: the model name as the server knows it."""
-    openai: OpenAIConnection = Field(default_factory=OpenAIConnection)
-    """openai engine settings (base_url, api_key_env, api_key, max_concurrency, max_retries, timeout_s, ...);
-    a key (api_key, or credentials in base_url) is used but never written to a file."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """hf: weights dtype (auto: bf16 on GPUs that support it, fp32 on CPU)."""
-    max_batch: int = Field(64, gt=0)
-    """hf: sequences decoded together."""
-    trust_remote_code: bool = False
-    """hf: allow model code from the checkpoint directory (off unless you trust it)."""
-    decode_step: DecodeStep = "live"
-    """hf: live (default), static or graph (CUDA graphs, GPU only; see ``alignline.generate.base.DecodeStep``)."""
-
-
-def build_engine(settings: EngineSettings, device=None) -> Engine:
-    """The engine ``settings`` describe (hf loads the model now; openai checks its settings now)."""
-    if settings.engine == "hf":
-        from alignline.generate.hf import HFEngine
-
-        return HFEngine.from_path(settings.model, dtype=settings.dtype, device=device, max_batch=settings.max_batch,
-                                  trust_remote_code=settings.trust_remote_code, decode_step=settings.decode_step)
-    from alignline.generate.openai_engine import OpenAIEngine, OpenAISettings
-
-    return OpenAIEngine(OpenAISettings.of(settings.model, settings.openai))
-
-
-class LazyEngine:
-    """Builds the engine on the first call, so a rerun served from the cache loads no model."""
-
-    def __init__(self, settings: EngineSettings, device=None, build: Callable[..., Engine] | None = None):
-        """``build``: the engine factory (default :func:`build_engine`; stages pass their own so tests can
-        substitute a scripted engine)."""
-        self.settings, self.device, self.engine = settings, device, None
-        self.build = build or build_engine
-
-    def generate(self, prompts, n, sampling):
-        if self.engine is None:
-            device = self.device
-            if device is None and self.settings.engine == "hf":
-                import torch
-
-                device = "cuda" if torch.cuda.is_available() else None
-            self.engine = self.build(self.settings, device=device)
-        return self.engine.generate(prompts, n, sampling)
-
-    def close(self) -> None:
-        getattr(self.engine, "close", lambda: None)()

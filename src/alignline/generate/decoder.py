@@ -19,6 +19,10 @@ head, so grouped-query attention never repeats key/value heads) form one matrix 
 the prompt's keys are read once per step for all of its samples. The two parts are merged exactly with their
 log-sum-exp (the split softmax of flash attention). Its cost is the model's matmuls plus one read of each
 live prompt and each slot's own tokens.
+
+The step runs as one of two strategies over the same layer maths (:func:`alignline.generate.layers.run_step`):
+:class:`LiveStep` (default) builds its inputs for the live part of the caches each step;
+:class:`~alignline.generate.static_step.StaticStep` keeps fixed-shape inputs in buffers (CUDA-graph ready).
 """
 
 from __future__ import annotations
@@ -26,17 +30,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from alignline.generate.layers import (
+    MASKED,
+    DecoderLayers,
+    QueryPacking,
+    StepInputs,
+    causal_lm_parts,
+    rank_in_row,
+    run_step,
+)
+from alignline.generate.static_step import StaticStep
+
 # Llama-family decoders whose layers are norm -> attention -> residual -> norm -> MLP -> residual.
 SUPPORTED = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-MASKED = -1e30
-"""The attention bias of a masked key (float32 scores; finite: a fully masked junk row gives junk, never NaN)."""
-
-
-def causal_lm_parts(model):
-    """The transformers causal LM inside ``model`` (a PEFT wrapper is looked through; its layers stay)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
 
 
 def unsupported_reason(model) -> str | None:
@@ -54,28 +60,13 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class KVDecoder:
+class KVDecoder(DecoderLayers):
     """Prefill into prompt rows and decode slots of a Llama-family model (see the module docstring)."""
 
     def __init__(self, model, *, slots: int, rows: int, prompt_capacity: int, new_capacity: int):
         """``slots`` samples decode at once from ``rows`` prompt rows of up to ``prompt_capacity`` tokens, each
         sample up to ``new_capacity`` new tokens; :meth:`use_static_step` switches to fixed-shape steps."""
-        lm = causal_lm_parts(model)
-        self.body, self.head = lm.model, lm.lm_head
-        self.layers = list(self.body.layers)
-        attn = self.layers[0].self_attn
-        config = lm.config
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // self.heads
-        self.groups = self.heads // self.kv_heads
-        weight = self.body.embed_tokens.weight
-        self.device, self.dtype = weight.device, weight.dtype
+        super().__init__(model)
         kv = dict(device=self.device, dtype=self.dtype)
         self.prefix_k = torch.zeros(len(self.layers), rows, self.kv_heads, prompt_capacity, self.head_dim, **kv)
         self.prefix_v = torch.zeros_like(self.prefix_k)
@@ -84,7 +75,8 @@ class KVDecoder:
         self.row_len = torch.ones(rows, dtype=torch.long)  # 1, not 0: an unused row is junk, never all-masked
         self.slot_row = torch.zeros(slots, dtype=torch.long)
         self.slot_len = torch.zeros(slots, dtype=torch.long)
-        self.static = None
+        self.live = LiveStep(self)
+        self.static: StaticStep | None = None
 
     @property
     def prompt_capacity(self) -> int:
@@ -93,33 +85,6 @@ class KVDecoder:
     @property
     def new_capacity(self) -> int:
         return self.own_k.shape[3]
-
-    # ------------------------------------------------------------------------------------------ pieces
-
-    def _rotary(self, x: torch.Tensor, positions: torch.Tensor):
-        """The rotary tables (cos, sin) [B, 1, T, d] for ``positions`` [B, T], computed once per pass."""
-        cos, sin = self.body.rotary_emb(x, positions)
-        return cos.unsqueeze(1), sin.unsqueeze(1)
-
-    def _qkv(self, layer, x: torch.Tensor, rotary):
-        """Queries [B, H, T, d] and keys/values [B, kvH, T, d] of ``x`` [B, T, hidden], rotary applied."""
-        attn = layer.self_attn
-        batch, length = x.shape[:2]
-        q = attn.q_proj(x).view(batch, length, self.heads, self.head_dim)
-        k = attn.k_proj(x).view(batch, length, self.kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(batch, length, self.kv_heads, self.head_dim)
-        if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotation
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = rotary
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
-
-    def _finish_layer(self, layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = x + layer.self_attn.o_proj(attended)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body.norm(x)).float()
 
     # ------------------------------------------------------------------------------------------ prefill
 
@@ -136,10 +101,10 @@ class KVDecoder:
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device).view(1, -1)
         positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device).view(1, -1)
         x = self.body.embed_tokens(ids)
-        rotary = self._rotary(x, positions)
+        rotary = self.rotary(x, positions)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
+            q, k, v = self.qkv(layer, layer.input_layernorm(x), rotary)
             out = []
             for row, start, n in zip(rows, starts, lengths, strict=True):
                 span = slice(start, start + n)
@@ -148,10 +113,10 @@ class KVDecoder:
                 out.append(F.scaled_dot_product_attention(q[:, :, span], k[:, :, span], v[:, :, span],
                                                           is_causal=True, scale=attn.scaling,
                                                           enable_gqa=self.groups > 1))
-            x = self._finish_layer(layer, x, torch.cat(out, dim=2).transpose(1, 2).reshape(1, ids.shape[1], -1))
+            x = self.finish_layer(layer, x, torch.cat(out, dim=2).transpose(1, 2).reshape(1, ids.shape[1], -1))
         self.row_len[rows] = torch.tensor(lengths)
         last = torch.tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)], device=self.device)
-        return self._logits(x[0, last])
+        return self.logits(x[0, last])
 
     # ------------------------------------------------------------------------------------------- decode
 
@@ -163,8 +128,6 @@ class KVDecoder:
     def use_static_step(self, *, per_row: int, graph: bool) -> None:
         """Decode with :class:`~alignline.generate.static_step.StaticStep` from now on: fixed shapes, at most
         ``per_row`` samples of one prompt at once; ``graph``: replayed as a CUDA graph."""
-        from alignline.generate.static_step import StaticStep
-
         self.static = StaticStep(self, per_row=per_row, graph=graph)
 
     def keep_slots(self, slots: list[int]) -> None:
@@ -175,17 +138,6 @@ class KVDecoder:
         self.own_v = self.own_v.index_select(1, index)
         self.slot_row, self.slot_len = self.slot_row[index.cpu()], self.slot_len[index.cpu()]
 
-    def _prefix_layout(self):
-        """Where each slot's queries sit in the per-row query matrices: (rows used, slots per row, flat index or
-        None when slot s already sits at position s)."""
-        rows_used = int(self.slot_row.max()) + 1
-        rank = rank_in_row(self.slot_row)
-        per_row = int(rank.max()) + 1
-        flat = self.slot_row * per_row + rank
-        if len(flat) == rows_used * per_row and bool((flat == torch.arange(len(flat))).all()):
-            return rows_used, per_row, None  # slots already in row-major order (e.g. every prompt's n samples)
-        return rows_used, per_row, flat.to(self.device)
-
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, feed: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` [S] into the slots where ``feed`` [S] (bool) is set; the next logits [S, V] (float32).
@@ -193,91 +145,44 @@ class KVDecoder:
         Slots not fed (just assigned, or idle) compute junk that is never stored: their length does not move,
         so their next real token overwrites what they wrote.
         """
-        logits = self._live_step(tokens) if self.static is None else self.static(tokens, feed)
+        logits = (self.static or self.live)(tokens, feed)
         self.slot_len += feed.to(self.slot_len.device).long()
         return logits
 
-    def _live_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """:meth:`step` attending only to the live part of each cache (shapes change from step to step)."""
-        slots = tokens.shape[0]
-        own_len = self.slot_len.clone()
-        positions = (self.row_len[self.slot_row] + own_len).to(self.device).view(slots, 1)
-        rows_used, per_row, flat = self._prefix_layout()
+
+class LiveStep:
+    """The decode step over the live part of each cache only: the fastest on CPU; its shapes grow from step to
+    step and it reads lengths back to the host (the other strategy:
+    :class:`~alignline.generate.static_step.StaticStep`)."""
+
+    def __init__(self, decoder: KVDecoder):
+        self.decoder = decoder
+
+    def packing(self) -> QueryPacking:
+        """The rows in use, the most slots of one row, and each slot's place (None when the slots are already
+        row-major, e.g. every prompt's n samples in order)."""
+        d = self.decoder
+        rows_used = int(d.slot_row.max()) + 1
+        rank = rank_in_row(d.slot_row)
+        per_row = int(rank.max()) + 1
+        flat = d.slot_row * per_row + rank
+        if len(flat) == rows_used * per_row and bool((flat == torch.arange(len(flat))).all()):
+            return QueryPacking(rows_used, per_row, None)
+        return QueryPacking(rows_used, per_row, flat.to(d.device))
+
+    def __call__(self, tokens: torch.Tensor, feed: torch.Tensor) -> torch.Tensor:
+        """The next logits [S, V] (float32); ``feed`` is not read (a slot not fed writes junk never kept)."""
+        d, slots = self.decoder, tokens.shape[0]
+        own_len = d.slot_len.clone()
+        positions = (d.row_len[d.slot_row] + own_len).to(d.device).view(slots, 1)
+        packing = self.packing()
         live_new = int(own_len.max()) + 1
-        live_prompt = int(self.row_len[:rows_used].max())
+        live_prompt = int(d.row_len[:packing.rows].max())
         own_bias = torch.where(torch.arange(live_new) <= own_len.view(-1, 1), 0.0, MASKED)
-        prefix_bias = torch.where(torch.arange(live_prompt) < self.row_len[:rows_used].view(-1, 1), 0.0, MASKED)
-        own_bias = own_bias.to(self.device).view(slots, 1, 1, live_new)
-        prefix_bias = prefix_bias.to(self.device).view(rows_used, 1, 1, live_prompt)
-        write_at = own_len.to(self.device)
-        slot_index = torch.arange(slots, device=self.device)
-
-        x = self.body.embed_tokens(tokens.to(self.device).view(slots, 1))
-        rotary = self._rotary(x, positions)
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(x), rotary)
-            self.own_k[i, slot_index, :, write_at] = k[:, :, 0]
-            self.own_v[i, slot_index, :, write_at] = v[:, :, 0]
-            q = q.view(slots, self.kv_heads, self.groups, self.head_dim)
-            prefix = self._attend_prefix(i, q, layer.self_attn.scaling, rows_used, per_row, flat, live_prompt,
-                                         prefix_bias)
-            own = _partial_attention(q, self.own_k[i, :, :, :live_new], self.own_v[i, :, :, :live_new],
-                                     layer.self_attn.scaling, own_bias)
-            x = self._finish_layer(layer, x, _merge(prefix, own).to(x.dtype).reshape(slots, 1, -1))
-        return self._logits(x[:, -1])
-
-    def _attend_prefix(self, layer: int, q: torch.Tensor, scale: float, rows_used: int, per_row: int,
-                       flat: torch.Tensor | None, live_prompt: int, bias: torch.Tensor):
-        """Partial attention of every slot's queries [S, kvH, g, d] to its prompt row: (out, max, sum) per slot."""
-        slots, kv, g, d = q.shape
-        if flat is not None:
-            packed = q.new_zeros(rows_used * per_row, kv, g, d)
-            packed[flat] = q
-            q = packed
-        merged = self.attend_rows(layer, q, rows_used, per_row, live_prompt, scale, bias)
-        if flat is not None:
-            merged = merged[flat]
-        return merged[..., :d], merged[..., d: d + 1], merged[..., d + 1:]
-
-    def attend_rows(self, layer: int, packed: torch.Tensor, rows: int, per_row: int, keys: int, scale: float,
-                    bias: torch.Tensor) -> torch.Tensor:
-        """Partial attention of packed queries [rows x per_row, kvH, g, d] (``per_row`` query slots per prompt
-        row, row-major) to the first ``keys`` keys of prompt rows 0..rows-1: (out | max | sum) concatenated on
-        the last dimension, [rows x per_row, kvH, g, d + 2]. All slots and query heads of a row form one matrix
-        per key/value head, so a row's keys are read once for all its samples."""
-        _, kv, g, d = packed.shape
-        q = packed.view(rows, per_row, kv, g, d).transpose(1, 2).reshape(rows, kv, per_row * g, d)
-        out, top, total = _partial_attention(q, self.prefix_k[layer, :rows, :, :keys],
-                                             self.prefix_v[layer, :rows, :, :keys], scale, bias)
-        merged = torch.cat([out, top, total], dim=-1).view(rows, kv, per_row, g, d + 2).transpose(1, 2)
-        return merged.reshape(rows * per_row, kv, g, d + 2)
-
-
-def rank_in_row(slot_row: torch.Tensor) -> torch.Tensor:
-    """Each slot's rank [S] among the slots of the same row, in slot order (rows [0, 0, 2, 0] -> [0, 1, 0, 2])."""
-    order = torch.argsort(slot_row, stable=True)
-    sorted_rows = slot_row[order]
-    first = torch.searchsorted(sorted_rows, sorted_rows, right=False)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order), device=slot_row.device) - first
-    return rank
-
-
-def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor):
-    """Softmax attention of ``q`` [N, kvH, M, d] to ``k``/``v`` [N, kvH, L, d] split for merging.
-
-    Returns (unnormalised output [N, kvH, M, d], row max [N, kvH, M, 1], sum of exp [N, kvH, M, 1]), all
-    float32 (half-precision weights keep their matmuls, not their softmax, in half precision).
-    """
-    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).add_(bias)
-    top = scores.amax(dim=-1, keepdim=True)
-    weights = scores.sub_(top).exp_()
-    return torch.matmul(weights.to(v.dtype), v).float(), top, weights.sum(dim=-1, keepdim=True)
-
-
-def _merge(a, b) -> torch.Tensor:
-    """One softmax over the keys of two partial attentions (out, max, sum): the exact combined output."""
-    (out_a, top_a, sum_a), (out_b, top_b, sum_b) = a, b
-    top = torch.maximum(top_a, top_b)
-    scale_a, scale_b = torch.exp(top_a - top), torch.exp(top_b - top)
-    return (out_a * scale_a + out_b * scale_b) / (sum_a * scale_a + sum_b * scale_b)
+        prefix_bias = torch.where(torch.arange(live_prompt) < d.row_len[:packing.rows].view(-1, 1), 0.0, MASKED)
+        return run_step(d, StepInputs(
+            tokens=tokens.to(d.device), positions=positions, write_at=own_len.to(d.device),
+            slot_index=torch.arange(slots, device=d.device),
+            own_keys=live_new, own_bias=own_bias.to(d.device).view(slots, 1, 1, live_new),
+            prompt_keys=live_prompt, prompt_bias=prefix_bias.to(d.device).view(packing.rows, 1, 1, live_prompt),
+            packing=packing))

@@ -32,6 +32,7 @@ from alignline.errors import ConfigError, PromptTooLongError
 from alignline.generate.base import DecodeStep, Engine, SamplingParams, check_n, sample_seed
 from alignline.generate.decoder import unsupported_reason
 from alignline.generate.sampling import draw, filter_logits, pick_tokens, stop_candidates
+from alignline.telemetry import EngineStats
 
 __all__ = ["HFEngine", "Sample", "cut_at_stop", "draw", "filter_logits", "generate_reference", "pick_tokens"]
 
@@ -54,14 +55,6 @@ class Sample:
     finish_reason: FinishReason
     end_token: int | None = None
     logprobs: list[float] | None = None
-
-
-class EngineStats(dict):
-    """Running totals of an engine's work: prefill and decode seconds, tokens, steps and rows."""
-
-    def add(self, **values) -> None:
-        for key, value in values.items():
-            self[key] = self.get(key, 0) + value
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from alignline.generate.decoder import MASKED, _merge, _partial_attention, rank_in_row
+from alignline.generate.layers import MASKED, QueryPacking, StepInputs, rank_in_row, run_step
 
 
 class StaticStep:
@@ -51,6 +51,8 @@ class StaticStep:
         self.prefix_bias = torch.zeros(rows, 1, 1, decoder.prompt_capacity, dtype=torch.float32, **new)
         self.packed_at = torch.zeros(slots, dtype=torch.long, **new)
         self.slot_index = torch.arange(slots, device=device)
+        # fed slots at row x per_row + rank, the others at a spare position of their own (see :meth:`packing`)
+        self.query_packing = QueryPacking(rows, per_row, self.packed_at, spare=slots)
         self.logits = torch.empty(slots, decoder.head.out_features, dtype=torch.float32, device=device)
 
     # ------------------------------------------------------------------------------------------- host side
@@ -107,31 +109,9 @@ class StaticStep:
     @torch.inference_mode()
     def run(self) -> torch.Tensor:
         """The step on the buffers' contents: no host reads, fixed shapes; its logits buffer [S, V]."""
-        d, slots = self.decoder, self.slots
-        x = d.body.embed_tokens(self.tokens.view(slots, 1))
-        rotary = d._rotary(x, self.positions)
-        for i, layer in enumerate(d.layers):
-            q, k, v = d._qkv(layer, layer.input_layernorm(x), rotary)
-            d.own_k[i, self.slot_index, :, self.write_at] = k[:, :, 0]
-            d.own_v[i, self.slot_index, :, self.write_at] = v[:, :, 0]
-            q = q.view(slots, d.kv_heads, d.groups, d.head_dim)
-            scale = layer.self_attn.scaling
-            prompt_part = self._attend_prompts(i, q, scale)
-            own = _partial_attention(q, d.own_k[i], d.own_v[i], scale, self.own_bias)
-            x = d._finish_layer(layer, x, _merge(prompt_part, own).to(x.dtype).reshape(slots, 1, -1))
-        self.logits.copy_(d._logits(x[:, -1]))
-        return self.logits
-
-    def _attend_prompts(self, layer: int, q: torch.Tensor, scale: float):
-        """Each slot's partial attention (out, max, sum) to its prompt row over the whole prompt capacity."""
         d = self.decoder
-        slots, kv, g, hd = q.shape
-        packed_rows = self.rows * self.per_row
-        packed = q.new_zeros(packed_rows + slots, kv, g, hd)
-        packed[self.packed_at] = q
-        merged = d.attend_rows(layer, packed[:packed_rows], self.rows, self.per_row, d.prompt_capacity, scale,
-                               self.prefix_bias)
-        spare = merged.new_zeros(slots, kv, g, hd + 2)
-        spare[..., hd + 1] = 1.0  # a spare slot's prompt part: nothing attended, total mass 1 (never 0 / 0)
-        merged = torch.cat([merged, spare])[self.packed_at]
-        return merged[..., :hd], merged[..., hd: hd + 1], merged[..., hd + 1:]
+        self.logits.copy_(run_step(d, StepInputs(
+            tokens=self.tokens, positions=self.positions, write_at=self.write_at, slot_index=self.slot_index,
+            own_keys=d.new_capacity, own_bias=self.own_bias, prompt_keys=d.prompt_capacity,
+            prompt_bias=self.prefix_bias, packing=self.query_packing)))
+        return self.logits

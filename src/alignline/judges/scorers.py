@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from alignline.data.io import write_records
 from alignline.data.records import Prompt, Response, Scored
 from alignline.errors import AlignlineError, DataError
-from alignline.generate.base import LazyEngine
+from alignline.generate.engines import LazyEngine
 from alignline.judges.cache import JudgeCache, ask_judge
 from alignline.judges.evaluator import (
     EVALUATOR_VERSION,
@@ -33,7 +33,7 @@ from alignline.judges.evaluator import (
 
 if TYPE_CHECKING:
     from alignline.stages.score import ScoreConfig
-    from alignline.train.telemetry import Telemetry
+    from alignline.telemetry import Telemetry
 
 Todo = list[tuple[Prompt, list[Response]]]
 """The prompts of one shard with their usable responses."""

@@ -29,6 +29,7 @@ from alignline.stages.common import (
     stage_tokenizer,
     training_dtype,
 )
+from alignline.telemetry import Telemetry
 from alignline.train.accelerator import make_accelerator
 from alignline.train.checkpoint import save_trained_model
 from alignline.train.loop import TrainResult, TrainSettings, train
@@ -44,7 +45,6 @@ from alignline.train.preference import (
     pair_step_fn,
     reference_logps,
 )
-from alignline.train.telemetry import Telemetry
 
 
 def default_dpo_train() -> TrainSettings:

@@ -32,8 +32,9 @@ from alignline.data.io import (
 from alignline.data.records import Response
 from alignline.errors import DataError
 from alignline.evaluate.injection import CASE_NAMES, CASES, JudgeItem, run_suite
-from alignline.generate.base import EngineSettings, SamplingParams, build_engine
+from alignline.generate.base import SamplingParams
 from alignline.generate.endpoint import display_url
+from alignline.generate.engines import EngineSettings, build_engine
 from alignline.judges.cache import JudgeCache
 from alignline.judges.pairwise import PAIRWISE_VERSION
 from alignline.stages.common import RunDir, console, usable_responses

@@ -32,7 +32,8 @@ from alignline.config import Section
 from alignline.data.io import atomic_write_json, fingerprint, write_records
 from alignline.errors import AlignlineError, ConfigError
 from alignline.evaluate import mtbench
-from alignline.generate.base import EngineSettings, SamplingParams, build_engine
+from alignline.generate.base import SamplingParams
+from alignline.generate.engines import EngineSettings, build_engine
 from alignline.judges.cache import JudgeCache
 from alignline.stages.common import RunDir, console
 

@@ -29,7 +29,7 @@ from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import atomic_write_bytes, atomic_write_json, jsonl_bytes, read_prompts
 from alignline.errors import DataError
 from alignline.evaluate import winrate as wr
-from alignline.generate.base import build_engine
+from alignline.generate.engines import build_engine
 from alignline.judges.verifiable import aggregate, verify
 from alignline.stages.common import RunDir, console, prompts_located
 

@@ -26,7 +26,8 @@ from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import atomic_write_json, read_prompts, write_records
 from alignline.data.records import Prompt, Rating, Response
 from alignline.evaluate import winrate as wr
-from alignline.generate.base import EngineSettings, LazyEngine, SamplingParams, build_engine
+from alignline.generate.base import SamplingParams
+from alignline.generate.engines import EngineSettings, LazyEngine, build_engine
 from alignline.judges.cache import JudgeCache, ask_judge
 from alignline.judges.pairwise import PAIRWISE_VERSION, diagnose_pairwise, pairwise_prompt, parse_pairwise
 from alignline.stages.common import RunDir, check_failures, console, prompts_located

@@ -29,7 +29,8 @@ from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import read_prompts, read_records, write_records
 from alignline.data.records import Prompt, Response
 from alignline.errors import AlignlineError, ConfigError, DataError
-from alignline.generate.base import EngineSettings, LazyEngine, SamplingParams
+from alignline.generate.base import SamplingParams
+from alignline.generate.engines import EngineSettings, LazyEngine
 from alignline.judges.cache import JudgeCache, ask_judge
 from alignline.judges.evaluator import (
     DEFAULT_CRITERIA,

@@ -34,7 +34,8 @@ from alignline.data.io import (
 )
 from alignline.data.records import Conversation
 from alignline.errors import ConfigError
-from alignline.generate.base import EngineSettings, LazyEngine, SamplingParams
+from alignline.generate.base import SamplingParams
+from alignline.generate.engines import EngineSettings, LazyEngine
 from alignline.judges.cache import JudgeCache, ask_judge
 from alignline.judges.evaluator import (
     EVALUATOR_VERSION,

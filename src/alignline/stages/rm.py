@@ -33,12 +33,12 @@ from alignline.stages.common import (
     stage_tokenizer,
     training_dtype,
 )
+from alignline.telemetry import Telemetry
 from alignline.train.accelerator import make_accelerator
 from alignline.train.checkpoint import save_trained_model
 from alignline.train.loop import TrainSettings, train
 from alignline.train.pairs import TokenisedPair, collate_pairs
 from alignline.train.preference import PairData, load_pairs_for, make_plan
-from alignline.train.telemetry import Telemetry
 
 RM_METRICS = ("accuracy", "rewards/chosen", "rewards/rejected", "rewards/margin")
 

@@ -36,11 +36,12 @@ from alignline.data.io import (
 )
 from alignline.data.records import Response
 from alignline.errors import DataError
-from alignline.generate.base import DecodeStep, EngineSettings, SamplingParams, build_engine
+from alignline.generate.base import DecodeStep, SamplingParams
 from alignline.generate.endpoint import OpenAIConnection
+from alignline.generate.engines import EngineSettings, build_engine
 from alignline.matrix import MatrixMember, human_responses, load_matrix
 from alignline.stages.common import RunDir, console, prompts_located
-from alignline.train.telemetry import Telemetry
+from alignline.telemetry import Telemetry
 
 
 class SampleConfig(Section):

@@ -36,11 +36,12 @@ from alignline.config import Section, ShardSetting
 from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import ShardedWriter, iter_jsonl, read_prompts, read_records
 from alignline.data.records import Prompt, RankedSet, Response
-from alignline.generate.base import EngineSettings, SamplingParams
+from alignline.generate.base import SamplingParams
+from alignline.generate.engines import EngineSettings
 from alignline.judges.evaluator import DEFAULT_CRITERIA, distinct_criteria
 from alignline.judges.scorers import Scorer, make_scorer
 from alignline.stages.common import RunDir, console, iter_usable
-from alignline.train.telemetry import Telemetry
+from alignline.telemetry import Telemetry
 
 
 class ScoreConfig(Section):

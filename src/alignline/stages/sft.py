@@ -24,12 +24,12 @@ from alignline.models.loading import (
 )
 from alignline.stages.cards import stage_card, training_evaluation
 from alignline.stages.common import RunDir, TrainingDtype, console, record_drops, training_dtype
+from alignline.telemetry import Telemetry
 from alignline.train.accelerator import make_accelerator
 from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded
 from alignline.train.checkpoint import save_trained_model
 from alignline.train.lm import causal_lm_loss
 from alignline.train.loop import TrainResult, TrainSettings, train
-from alignline.train.telemetry import Telemetry
 
 
 class SFTData(Section):

@@ -35,9 +35,9 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from alignline import telemetry as tm
 from alignline.config import Section
 from alignline.errors import AlignlineError, TrainingDivergedError
-from alignline.train import telemetry as tm
 from alignline.train.checkpoint import (
     complete_checkpoints,
     is_sharded,
@@ -128,7 +128,7 @@ class TrainResult:
     seconds: float = 0.0
     tokens: int = 0
     phases: dict[str, Any] = field(default_factory=dict)
-    """:meth:`Telemetry.summary` at the end of training (see ``alignline.train.telemetry``)."""
+    """:meth:`Telemetry.summary` at the end of training (see ``alignline.telemetry``)."""
 
 
 # --------------------------------------------------------------------------- the loop
@@ -458,7 +458,7 @@ def train(
     ``metric_keys`` are reported as per-unit means over the optimizer step. ``telemetry`` (the stage's, so
     that its other phases land in the same summary) records the "train", "eval" and "checkpoint" phases and
     per-step times, memory and useful FLOPs; ``count_logits(batch)`` is the number of positions whose head
-    output a batch computes (default :func:`alignline.train.telemetry.logit_positions`). The last step is
+    output a batch computes (default :func:`alignline.telemetry.logit_positions`). The last step is
     checkpointed only with ``settings.keep_checkpoints_when_done`` or ``final_checkpoint`` (a stage that resumes
     a later part from it, as tso's mini-batches do): writing the weights and both AdamW moments for a stage that
     deletes them once ``model/`` is saved costs seconds and disk for nothing. ``epoch_start(epoch)`` runs before

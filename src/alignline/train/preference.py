@@ -24,6 +24,7 @@ from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import atomic_write_json, read_pairs
 from alignline.errors import DataError
 from alignline.stages.common import record_drops
+from alignline.telemetry import Telemetry
 from alignline.train.loop import TrainSettings
 from alignline.train.pairs import (
     TokenisedPair,
@@ -33,7 +34,6 @@ from alignline.train.pairs import (
     plan_bucketed,
     tokenise_pairs,
 )
-from alignline.train.telemetry import Telemetry
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
                 "logps/chosen", "logps/rejected")

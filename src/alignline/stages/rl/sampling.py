@@ -72,15 +72,13 @@ def sample_openai(engine, prompts: Sequence[Prompt], tokenizer, G: int, sampling
 
 
 def make_rollout_engine(cfg: RLConfig, policy, tokenizer):
-    if cfg.engine == "hf":
-        from alignline.generate.hf import HFEngine
+    from alignline.generate.engines import EngineSettings, build_engine
 
-        return HFEngine(policy, tokenizer, max_batch=cfg.rollout.max_batch, decode_step=cfg.rollout.decode_step)
-    from alignline.generate.endpoint import OpenAISettings
-    from alignline.generate.openai_engine import OpenAIEngine
-
-    engine = OpenAIEngine(OpenAISettings.of(cfg.model, cfg.openai))
-    engine.check_connection()  # an unreachable server is an error now, before any training
+    settings = EngineSettings(engine=cfg.engine, model=cfg.model, openai=cfg.openai,
+                              max_batch=cfg.rollout.max_batch, decode_step=cfg.rollout.decode_step)
+    engine = build_engine(settings, loaded=(policy, tokenizer))
+    if cfg.engine == "openai":
+        engine.check_connection()  # an unreachable server is an error now, before any training
     return engine
 
 

@@ -157,7 +157,7 @@ def train_iterations(cfg: RLConfig, rd: RunDir, accelerator, models: RolloutMode
 def run(cfg: RLConfig) -> Path:
     from alignline.stages.common import stage_tokenizer
     from alignline.train.accelerator import make_accelerator
-    from alignline.train.telemetry import Telemetry
+    from alignline.telemetry import Telemetry
 
     rd = run_dir(cfg)
     if rd.skip_if_done():

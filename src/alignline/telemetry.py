@@ -20,18 +20,24 @@ Useful FLOPs (:func:`useful_flops`) count the matmuls the objective needs: ``6 x
 with gradients (2 forward, 4 backward), ``2 x N`` without, where ``N`` is the parameters outside the input
 embedding (a lookup) and the output head; the head counts ``k x head parameters`` only at the positions
 whose logits are computed. Attention-score matmuls, padding and the recompute of activation checkpointing
-are not counted: they are work, not useful work.
+are not counted: they are work, not useful work. :func:`matmul_shapes` lists the same matmuls by shape (what a
+benchmark measures its hardware limit on) and :func:`decode_flops` prices one decoded token with them.
+
+A generation engine keeps its running totals in an :class:`EngineStats`; :func:`read_run` reads a finished
+run's step records and phases back (what the benchmarks report), :func:`step_split` sums its step clock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +59,29 @@ def useful_flops(body_params: int, head_params: int, tokens: int, logit_position
     6 x 8,992,000 = 53,952,000 FLOPs; the same batch without gradients: 17,984,000.
     """
     return (6 if grad else 2) * (body_params * tokens + head_params * logit_positions)
+
+
+def matmul_shapes(config: dict[str, Any], tokens: int) -> dict[str, tuple[int, int, int, float]]:
+    """The weight matmuls of one forward pass of a Llama-style decoder (its ``config.json`` as a dict) over
+    ``tokens`` tokens, as name -> (M, K, N, how many per decoder layer); the LM head once per model (1 / layers
+    per layer). Their FLOPs, 2 x M x K x N each, are :func:`useful_flops` without gradients (norms aside): the
+    shapes a benchmark's matmul limit is measured on."""
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or h // config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    q = config["num_attention_heads"] * head_dim
+    return {"q": (tokens, h, q, 1), "k/v": (tokens, h, kv, 2), "o": (tokens, q, h, 1),
+            "gate/up": (tokens, h, i, 2), "down": (tokens, i, h, 1),
+            "lm head": (tokens, h, config["vocab_size"], 1 / layers)}
+
+
+def decode_flops(config: dict[str, Any], context: int) -> tuple[float, float]:
+    """(linear, attention) FLOPs of one decoded token at ``context``: 2 x weights (:func:`matmul_shapes`, LM head
+    included) and 4 x layers x heads x head_dim x context (scores and weighted values; not useful FLOPs)."""
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    weights = layers * sum(k * n * per_layer for _, k, n, per_layer in matmul_shapes(config, 1).values())
+    return 2.0 * weights, 4.0 * layers * heads * head_dim * context
 
 
 def param_counts(model) -> tuple[int, int]:
@@ -91,7 +120,8 @@ def logit_positions(batch: dict[str, torch.Tensor]) -> int:
 
 # --------------------------------------------------------------------------- memory
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux: /proc/self/statm; elsewhere the lifetime peak)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * _PAGE
@@ -113,20 +143,22 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # KiB on Linux, bytes on macOS
 
 
-class _RssWatch(threading.Thread):
-    """Samples the RSS every ``SAMPLE_INTERVAL_S`` into ``peak`` (the maximum since the last :meth:`take`)."""
+class RssWatch(threading.Thread):
+    """Samples the RSS every ``interval_s`` into ``peak`` (the maximum since the last :meth:`take`); a subclass
+    overrides :meth:`sample` to keep more (e.g. a benchmark's per-phase peaks)."""
 
-    def __init__(self):
+    def __init__(self, interval_s: float = SAMPLE_INTERVAL_S):
         super().__init__(daemon=True, name="alignline-rss")
+        self.interval_s = interval_s
         self.lock, self.halt = threading.Lock(), threading.Event()
-        self.peak = _rss_bytes()
+        self.peak = rss_bytes()
 
     def run(self) -> None:
-        while not self.halt.wait(SAMPLE_INTERVAL_S):
+        while not self.halt.wait(self.interval_s):
             self.sample()
 
     def sample(self) -> None:
-        r = _rss_bytes()
+        r = rss_bytes()
         with self.lock:
             self.peak = max(self.peak, r)
 
@@ -134,7 +166,7 @@ class _RssWatch(threading.Thread):
         """The peak since the last call; the next window starts at the current RSS."""
         self.sample()
         with self.lock:
-            peak, self.peak = self.peak, _rss_bytes()
+            peak, self.peak = self.peak, rss_bytes()
         return peak
 
 
@@ -150,13 +182,13 @@ class Telemetry:
         self.lifetime: dict[str, float] = {}
         self._open: list[str] = []
         self._t0: dict[str, float] = {}
-        self._watch: _RssWatch | None = None
+        self._watch: RssWatch | None = None
         self._params: dict[int, tuple[int, int]] = {}
 
     # memory windows ----------------------------------------------------------
     def _take_peaks(self) -> dict[str, float]:
         """Peaks since the previous call, folded into every open phase and the lifetime peaks."""
-        peaks = {"peak_rss_gb": (self._watch.take() if self._watch else _rss_bytes()) / GB}
+        peaks = {"peak_rss_gb": (self._watch.take() if self._watch else rss_bytes()) / GB}
         if self.cuda:
             peaks["peak_allocated_gb"] = torch.cuda.max_memory_allocated(self.device) / GB
             peaks["peak_reserved_gb"] = torch.cuda.max_memory_reserved(self.device) / GB
@@ -175,7 +207,7 @@ class Telemetry:
     def open(self, name: str) -> dict[str, Any]:
         """Start (or resume: times add up) phase ``name``; returns its record."""
         if self._watch is None:
-            self._watch = _RssWatch()
+            self._watch = RssWatch()
             self._watch.start()
         self.sync()
         self._take_peaks()  # the enclosing phases keep what came before; this one starts now
@@ -275,3 +307,32 @@ class StepClock:
 
 def _rounded(record: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+
+
+class EngineStats(dict):
+    """Running totals of a generation engine's work: prefill and decode seconds, tokens, steps and rows."""
+
+    def add(self, **values) -> None:
+        for key, value in values.items():
+            self[key] = self.get(key, 0) + value
+
+
+# --------------------------------------------------------------------------- reading a run back
+
+def read_run(out_dir: str | Path) -> dict[str, Any]:
+    """A finished training run's own figures: ``steps``, the per-optimizer-step records of its
+    ``metrics.jsonl`` (seconds, tokens, logit positions, useful FLOPs, forward / backward / optimizer seconds,
+    peak memory, loss, units, ...), and its manifest's ``phases`` (:meth:`Telemetry.summary`) and ``counts``."""
+    out_dir = Path(out_dir)
+    steps = []
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if "tokens_per_s" in record:  # a step's record (evaluations and the final line carry none)
+            steps.append(record)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    return {"steps": steps, "phases": manifest.get("phases", {}), "counts": manifest.get("counts")}
+
+
+def step_split(steps: list[dict[str, Any]]) -> dict[str, float]:
+    """Forward / backward / optimizer seconds summed over step records (:meth:`StepClock.record`)."""
+    return {lap: sum(s.get(f"time/{lap}_s", 0.0) for s in steps) for lap in ("forward", "backward", "optimizer")}
