@@ -156,8 +156,8 @@ def train_iterations(cfg: RLConfig, rd: RunDir, accelerator, models: RolloutMode
 
 def run(cfg: RLConfig) -> Path:
     from alignline.stages.common import stage_tokenizer
-    from alignline.train.accelerator import make_accelerator
     from alignline.telemetry import Telemetry
+    from alignline.train.accelerator import make_accelerator
 
     rd = run_dir(cfg)
     if rd.skip_if_done():
