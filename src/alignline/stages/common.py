@@ -14,6 +14,7 @@ from rich.console import Console
 
 from alignline.config import save_resolved
 from alignline.data.datasets_source import hub_dataset_commit, parse_hf_source
+from alignline.data.drops import record_drops  # noqa: F401 (stages/rl_run.py imports it from here)
 from alignline.data.io import fingerprint, read_manifest, write_manifest
 from alignline.data.records import Response
 from alignline.errors import AlignlineError, DataError, ModelError, PromptTooLongError, TooManyFailuresError
@@ -226,16 +227,6 @@ def check_failures(stage: str, failed: int, total: int, limit: float, what: str,
             f"{stage}: {failed} of {total} {what} failed ({failed / total:.0%}), more than max_failure_fraction="
             f"{limit:g}; {where} says why. Fix the cause (the judge's endpoint, model or template) and rerun the same "
             "command: it retries the failed ones only (or raise max_failure_fraction to accept the result)")
-
-
-def record_drops(counts: Counter, key: str, lines: list[str], what: str) -> None:
-    """Count records dropped when read (``counts[key]``), keep where they were (``dropped_lines``: "file:line:
-    reason", the first 100, in the manifest's counts) and say so."""
-    if not lines:
-        return
-    counts[key] += len(lines)
-    counts["dropped_lines"] = [*counts.get("dropped_lines", []), *lines][:100]
-    console.print(f"dropped {len(lines)} {what}: {', '.join(lines[:5])}" + (" ..." if len(lines) > 5 else ""))
 
 
 def seeded_digest(seed: int | str, key: str) -> bytes:
