@@ -21,30 +21,20 @@ import torch
 
 from alignline.data.chat import tokenise_prompt_response
 from alignline.generate.hf_generic import cache_keyword, cache_of
+from alignline.models.heads import backbone_of, score_head
 from alignline.train.pairs import model_inputs, padded_width
 
 if TYPE_CHECKING:
     from alignline.train.telemetry import Telemetry
 
 
-def _backbone(model):
-    return model.base_model if hasattr(model, "base_model") else model.model
-
-
-def _head(model):
-    head = getattr(model, "score", None)
-    if head is None:
-        raise TypeError(f"{type(model).__name__} has no 'score' head; load it with load_reward_model")
-    return head
-
-
 def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen [B], r_rejected [B]) for a batch from ``collate_pairs`` (either layout)."""
-    hidden = _backbone(model)(**model_inputs(model, padded_width(batch)), use_cache=False).last_hidden_state
+    hidden = backbone_of(model)(**model_inputs(model, padded_width(batch)), use_cache=False).last_hidden_state
     ends = batch["ends"]
     h_c = hidden[ends[:, 0], ends[:, 1]]
     h_r = hidden[ends[:, 2], ends[:, 3]]
-    head = _head(model)
+    head = score_head(model)
     return head(h_c).squeeze(-1).float(), head(h_r).squeeze(-1).float()
 
 
@@ -53,7 +43,7 @@ def score_responses(model, prompt_ids: Sequence[int], responses: Sequence[Sequen
                     chunk: int = 16) -> list[float]:
     """Scores of ``prompt + response`` for every response, the prompt's forward pass done once."""
     device = next(model.parameters()).device
-    backbone, head = _backbone(model), _head(model)
+    backbone, head = backbone_of(model), score_head(model)
     P = len(prompt_ids)
     prompt = torch.tensor([list(prompt_ids)], device=device)
     keyword = cache_keyword(backbone)
@@ -83,7 +73,7 @@ def score_plain(model, prompt_ids: Sequence[int], responses: Sequence[Sequence[i
                 batch_size: int = 8) -> list[float]:
     """The reference path: every ``prompt + response`` as its own right-padded row (prompt recomputed)."""
     device = next(model.parameters()).device
-    backbone, head = _backbone(model), _head(model)
+    backbone, head = backbone_of(model), score_head(model)
     seqs = [list(prompt_ids) + list(r) for r in responses]
     out: list[float] = []
     for s in range(0, len(seqs), batch_size):
