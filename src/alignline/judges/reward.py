@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from alignline.data.chat import tokenise_prompt_response
+from alignline.data.chat import ensure_chat_template, tokenise_prompt_response
 from alignline.generate.hf_generic import cache_keyword, cache_of
 from alignline.models.heads import backbone_of, score_head
 from alignline.train.pairs import model_inputs, padded_width
@@ -108,7 +108,6 @@ class RewardModelJudge:
              chunk: int = 16) -> RewardModelJudge:
         """The reward model at ``path`` on ``device``; ``dtype`` "auto" is the device's own
         (:func:`alignline.models.device.pick_dtype`)."""
-        from alignline.data.chat import ensure_chat_template
         from alignline.models.loading import load_reward_model, load_tokenizer, resolve_model
 
         resolved = resolve_model(path)
