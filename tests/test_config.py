@@ -24,3 +24,18 @@ def test_help_config_shows_the_stage_defaults_of_nested_blocks():
     rows = {name: default for name, default, _ in describe(TSOConfig)}
     assert rows["loss.type"] == "'dual_clip'" and rows["train.adam_betas"] == "(0.9, 0.95)"
     assert rows["model"] == "required"
+
+
+def test_a_check_across_settings_reads_as_its_message():
+    """A config-level check (score's judge needs its model) names its settings itself: the error is that message,
+    not "setting ''" followed by the whole config."""
+    import pytest
+
+    from alignline.errors import ConfigError
+    from alignline.stages.score import ScoreConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(ScoreConfig, None, ["prompts=p.jsonl", "responses=r.jsonl"])
+    assert str(info.value) == ("invalid ScoreConfig from defaults + overrides:\n  reward_model is required for "
+                               "judge=reward_model "
+                               "(a directory saved by `alignline rm`); or set judge=evaluator evaluator.model=PATH")

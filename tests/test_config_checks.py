@@ -44,10 +44,10 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 
 def message_line(text: str, expected: str) -> str:
-    """The error line holding ``expected``, without the ``(got ...)`` echo of the input (which differs between
-    a pipeline, which adds output_dir, and a stage command)."""
+    """The error line holding ``expected``, from there on (before it the source, which differs between a pipeline
+    and a stage command), without a ``(got ...)`` echo of the input."""
     [line] = [ln for ln in " ".join(text.split("\n  ")).splitlines() if expected in ln]
-    return line[line.index("setting '"):].split(" (got ")[0]
+    return line[line.index(expected):].split(" (got ")[0]
 
 
 def write_pipeline(tmp_path, stages) -> str:

@@ -354,3 +354,30 @@ def test_judge_sft_end_to_end_reports_agreement_before_and_after(tmp_path, tiny_
     assert "| parse_failure_rate | 1 -> 1 |" in card.text and "| spearman | n/a -> n/a |" in card.text
     assert f"alignline judge-sft {out / 'config.yaml'}" in card.text
     assert judge_sft.run(cfg) == out  # up to date: nothing redone
+
+
+def test_score_and_the_rl_judge_reward_key_the_evaluator_alike(tmp_path, monkeypatch):
+    """One evaluator, one judge id: score's evaluator and rl's ``judge`` reward ask the judge cache under the same
+    id, ``llm:<engine>:<model>`` (rl spelled it without ``llm:`` before, so the two never shared a cache entry)."""
+    from collections import Counter
+
+    from alignline.judges import cache as cache_mod
+    from alignline.judges import scorers
+    from alignline.rewards import RewardSpec, build_reward
+
+    ids = []
+
+    def fake_ask(engine, texts, sampling, cache, *, judge_id, **_):
+        ids.append(judge_id)
+        return ["Score: 5"] * len(texts), 0
+
+    monkeypatch.setattr(cache_mod, "ask_judge", fake_ask)
+    monkeypatch.setattr(scorers, "ask_judge", fake_ask)
+    engine = {"engine": "openai", "model": "judge-m"}
+    prompt = Prompt(id="q", messages=[{"role": "user", "content": "Hi"}])
+    response = Response(prompt_id="q", sample_idx=0, text="Hello", source="m")
+    settings = scorers.JudgeSettings(judge="evaluator", evaluator=engine, criteria=["helpfulness"])
+    scorers.evaluate_responses(settings, [(prompt, [response])], None, None, Counter(), [])
+    reward = build_reward(RewardSpec(type="judge", judge=engine), 0, out_dir=tmp_path, counts=Counter())
+    reward([prompt], [["Hello"]])
+    assert ids == ["llm:openai:judge-m", "llm:openai:judge-m"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import itertools
 import json
 import random
@@ -230,11 +231,49 @@ def _mentions_args(type_id: str, kwargs: dict, text: str) -> bool:
     return True
 
 
+#: sha256 of json.dumps([kwargs, text], sort_keys=True) of each type's build(random.Random(7), request=REQUEST),
+#: first 12 hex digits, computed once (issue 29). Two builds in one process agree even when a builder depends on
+#: PYTHONHASHSEED (set iteration order, hash()); known values do not. A deliberate change to a type's wordings or
+#: argument ranges changes its value: recompute it then.
+PINNED_BUILDS = {
+    "change_case:capital_word_frequency": "cfff1e1c8f6d",
+    "change_case:english_capital": "87432a300e4a",
+    "change_case:english_lowercase": "9e1dad72c9e7",
+    "combination:repeat_prompt": "2d4231302206",
+    "combination:two_responses": "9ed540d3b414",
+    "detectable_content:number_placeholders": "82636afd43ce",
+    "detectable_content:postscript": "4d742a88313b",
+    "detectable_format:constrained_response": "78286c528a32",
+    "detectable_format:json_format": "b5419b6005d9",
+    "detectable_format:multiple_sections": "9eb013236b0e",
+    "detectable_format:number_bullet_lists": "14b8da8fd214",
+    "detectable_format:number_highlighted_sections": "65432e2d728c",
+    "detectable_format:title": "b034be0139a9",
+    "keywords:existence": "f28c53490c96",
+    "keywords:forbidden_words": "6198f91bf05a",
+    "keywords:frequency": "0e1c3ac2cafc",
+    "keywords:letter_frequency": "e2f64b5cade2",
+    "language:response_language": "53dabd47c3ae",
+    "length_constraints:nth_paragraph_first_word": "882285987309",
+    "length_constraints:number_paragraphs": "8b1fa75b4e3b",
+    "length_constraints:number_sentences": "6e5fccc9e6a3",
+    "length_constraints:number_words": "949dbc921144",
+    "punctuation:no_comma": "8faf9d057c8b",
+    "startend:end_checker": "16e744f20a33",
+    "startend:quotation": "da1c8308faf9",
+    "startend:start_checker": "d838f49181f0",
+}
+
+
+def _build_digest(inst) -> str:
+    return hashlib.sha256(json.dumps([inst.kwargs, inst.text], sort_keys=True).encode()).hexdigest()[:12]
+
+
 @pytest.mark.parametrize("type_id", sorted(REGISTRY))
 def test_builders_are_seeded_valid_and_mention_their_args(type_id):
     kind = REGISTRY[type_id]
     assert len(kind.wordings) >= 3
-    assert kind.build(random.Random(7), request=REQUEST) == kind.build(random.Random(7), request=REQUEST)
+    assert _build_digest(kind.build(random.Random(7), request=REQUEST)) == PINNED_BUILDS[type_id]
     texts = set()
     for seed in range(150):
         inst = kind.build(random.Random(seed), request=REQUEST)

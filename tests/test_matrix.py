@@ -89,7 +89,10 @@ def test_draws_are_seeded_per_prompt():
                                                            lambda m: True) for i in ids)]
 
     ids = [f"q{i}" for i in range(64)]
-    assert picks(0, ids) == picks(0, ids)
+    # known draws, computed once (issue 29): two calls in one process agree even when the draw depends on
+    # PYTHONHASHSEED; these values do not
+    assert picks(0, ids[:8]) == [("a", "c"), ("b", "d"), ("b", "c"), ("a", "c"), ("a", "c"), ("a", "d"), ("b", "c"),
+                                 ("b", "c")]
     assert picks(0, ids) != picks(1, ids)
     assert picks(0, ids[::-1]) == picks(0, ids)[::-1]  # a prompt's draw does not depend on the others
 

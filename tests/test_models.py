@@ -71,9 +71,33 @@ def test_pick_dtype_cpu(monkeypatch):
         pick_dtype("cpu", "float64")
 
 
-def test_cpu_bf16_detection_runs():
-    models.cpu_has_native_bf16.cache_clear()
-    assert isinstance(models.cpu_has_native_bf16(), bool)
+@pytest.mark.parametrize(("system", "flags", "sysctl", "native"), [
+    ("Linux", "fpu sse2 avx2 avx512f avx512_bf16", "", True),   # x86 AVX512-BF16
+    ("Linux", "fpu sse2 avx2 amx_bf16 amx_tile", "", True),     # x86 AMX-BF16
+    ("Linux", "fp asimd bf16 i8mm", "", True),                  # Arm BF16 (the "Features" line)
+    ("Linux", "fpu sse2 avx2 avx512f", "", False),              # AVX-512 without its bf16 extension
+    ("Darwin", "", "1\n", True),                               # sysctl hw.optional.arm.FEAT_BF16
+    ("Darwin", "", "0\n", False),
+    ("Windows", "", "", False),                                 # unknown: no
+])
+def test_cpu_bf16_detection_reads_the_cpus_flags(monkeypatch, system, flags, sysctl, native):
+    """The flags of a made-up /proc/cpuinfo (or sysctl's answer on macOS) decide the answer."""
+    import io
+    import subprocess
+
+    from alignline.models import device
+
+    key = "Features" if "asimd" in flags else "flags"
+    monkeypatch.setattr(device.platform, "system", lambda: system)
+    monkeypatch.setattr(device, "open", lambda *a, **k: io.StringIO(f"processor\t: 0\n{key}\t\t: {flags}\n"),
+                        raising=False)
+    monkeypatch.setattr(device.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=sysctl, stderr=""))
+    device.cpu_has_native_bf16.cache_clear()
+    try:
+        assert device.cpu_has_native_bf16() is native
+    finally:
+        device.cpu_has_native_bf16.cache_clear()
 
 
 # --------------------------------------------------------------------------------------- tokenizer

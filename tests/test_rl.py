@@ -4,6 +4,7 @@ value loss, KL to the reference, and bad input (errors before any training)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 
@@ -66,10 +67,24 @@ def test_group_values_equal_per_row(tiny_model_dir):
 
 
 def test_token_logps_match_collate_src(tiny_model):
+    """token_logps reads log softmax(logits[src])[tgt]. Hand values: row 0 = [0, 0, 0] gives ln(1/3) for every
+    token; row 1 = [ln 1, ln 2, ln 5] gives probabilities 1/8, 2/8, 5/8. src [0, 1, 1], tgt [2, 2, 0] ->
+    [ln 1/3, ln 5/8, ln 1/8]. The gradient of their sum is onehot(tgt) - softmax per target: row 0
+    [-1/3, -1/3, 2/3]; row 1 (targets 2 and 0) [1 - 2/8, -2 * 2/8, 1 - 2 * 5/8] = [0.75, -0.5, -0.25]."""
     # the flat order of targets is response-major: tokens of response 0, then 1, ...
     b = collate_groups([{"prompt": PROMPT_B, "responses": RESPONSES_B}], 0)
     assert b["seq"].tolist() == [0, 0, 1, 1, 1, 1] and b["tgt"].tolist() == [60, 61, 62, 63, 64, 2]
-    assert token_logps is not None
+    rows = [[0.0, 0.0, 0.0], [0.0, math.log(2), math.log(5)]]
+    src, tgt = torch.tensor([0, 1, 1]), torch.tensor([2, 2, 0])
+    want = torch.tensor([math.log(1 / 3), math.log(5 / 8), math.log(1 / 8)], dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(token_logps(torch.tensor(rows, dtype=torch.float64), src, tgt), want, atol=1e-12)
+    logits = torch.tensor(rows, dtype=torch.float64, requires_grad=True)
+    got = token_logps(logits, src, tgt)  # the memory-saving autograd path
+    assert torch.allclose(got.detach(), want, atol=1e-12)
+    got.sum().backward()
+    assert torch.allclose(logits.grad, torch.tensor([[-1 / 3, -1 / 3, 2 / 3], [0.75, -0.5, -0.25]],
+                                                    dtype=torch.float64), atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------- stage runs
@@ -194,10 +209,19 @@ def test_kl_to_reference_starts_at_zero(tmp_path, tiny_model_dir, toy):
     assert len(rec["ref_logps"]) == len(rec["response"])
 
 
-def test_verifier_reward_runs(tmp_path, tiny_model_dir):
+def test_verifier_reward_is_the_share_of_instructions_followed(tmp_path, tiny_model_dir):
+    """reward=verifier, every prompt with the one instruction no_commas: a response's score is 1.0 without a comma
+    in its text and 0.0 with one; with no KL in the reward and no length penalty its reward is its score, the
+    iteration's reward_mean their mean and pass_rate the share of responses that passed."""
     out = rl.run(config(tmp_path, tiny_model_dir, iterations=1, reward="verifier"))
+    records = [json.loads(ln) for ln in (out / "rollouts" / "iter-00000.jsonl").read_text().splitlines()]
+    expected = [0.0 if "," in r["text"] else 1.0 for r in records]
+    assert 0 < sum(expected) < len(expected)  # both kinds drawn (seeded), so a constant reward would fail
+    assert [r["score"] for r in records] == expected and [r["reward"] for r in records] == expected
+    assert [r["passed"] for r in records] == [e == 1.0 for e in expected]
     row = iterations(out)[0]
-    assert 0 <= row["reward_mean"] <= 1 and row["pass_rate"] is not None
+    assert row["reward_mean"] == pytest.approx(sum(expected) / len(expected))
+    assert row["pass_rate"] == pytest.approx(sum(expected) / len(expected))
 
 
 def test_verifier_reward_min_words_zeroes_near_empty_answers():

@@ -171,3 +171,62 @@ def test_score_with_the_verifier_judge_ranks_by_instructions_followed(tmp_path):
                                             + "\n")
     with pytest.raises(DataError, match=r"prompts.jsonl.*meta.instructions|meta.instructions.*prompts.jsonl"):
         score.run(cfg.model_copy(update={"output_dir": str(tmp_path / "score2")}))
+
+
+@pytest.fixture
+def tiny_rm_dir(tiny_rm, tiny_tokenizer, tmp_path):
+    from alignline.models import save_model
+
+    save_model(tiny_rm, tiny_tokenizer, tmp_path / "rm")
+    return tmp_path / "rm"
+
+
+def test_rl_rm_reward_cuts_at_max_length_as_score_does(tiny_rm_dir, tiny_rm, tiny_tokenizer, tmp_path):
+    """The rl reward ``rm`` scores through the judge's one reward-model scorer, so it cuts as ``score`` does: with
+    max_length = P + 3 (P: the prompt's tokens) each reward is score_responses on the response's first 3 tokens,
+    and every response longer than 3 tokens is counted in responses_cut. max_length = P leaves no room: an error
+    naming the setting."""
+    from collections import Counter
+
+    from alignline.data.records import Prompt
+    from alignline.errors import ConfigError
+    from alignline.rewards import RewardSpec, build_reward
+
+    prompt = Prompt(id="q", messages=[{"role": "user", "content": "Tell me about cats."}])
+    texts = ["Cats purr and sleep a lot.", "no", "They are mammals."]
+    ids = [tokenise_prompt_response(tiny_tokenizer, prompt.messages, t, keep_tail=True) for t in texts]
+    p = ids[0][0]
+    expected = score_responses(tiny_rm, p, [r[:3] for _, r in ids], pad_id=tiny_tokenizer.pad_token_id)
+    uncut = score_responses(tiny_rm, p, [r for _, r in ids], pad_id=tiny_tokenizer.pad_token_id)
+    assert expected != pytest.approx(uncut, abs=1e-4)  # the cut changes the scores, so the check below can fail
+    counts: Counter = Counter()
+    fn = build_reward(RewardSpec(type="rm", model=str(tiny_rm_dir), max_length=len(p) + 3), 0, out_dir=tmp_path,
+                      counts=counts)
+    assert fn([prompt], [texts])[0] == pytest.approx(expected, abs=1e-5)
+    assert counts["responses_cut"] == sum(len(r) > 3 for _, r in ids) > 0
+    assert len(p) > 8  # a valid max_length (> 8) that the prompt alone fills
+    fn = build_reward(RewardSpec(type="rm", model=str(tiny_rm_dir), max_length=len(p)), 2, out_dir=tmp_path,
+                      counts=counts)
+    with pytest.raises(ConfigError, match=r"reward\[2\]\.max_length: prompt 'q'"):
+        fn([prompt], [texts])
+
+
+def test_reward_model_weights_take_the_devices_dtype_everywhere(tiny_rm_dir, tmp_path, monkeypatch):
+    """dtype auto is the device's own (models/device.py pick_dtype), for score, rl's rm reward and tso alike: on a
+    CPU that computes bfloat16 natively the reward model is loaded in bfloat16 (rl's reward hard-coded float32)."""
+    from collections import Counter
+
+    from alignline.judges import reward as reward_mod
+    from alignline.rewards import RewardSpec, build_reward
+
+    monkeypatch.setattr("alignline.models.device.cpu_has_native_bf16", lambda: True)
+    loaded = []
+    real_load = reward_mod.RewardModelJudge.load.__func__
+
+    def spy(cls, *args, **kwargs):
+        loaded.append(real_load(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(reward_mod.RewardModelJudge, "load", classmethod(spy))
+    build_reward(RewardSpec(type="rm", model=str(tiny_rm_dir)), 0, out_dir=tmp_path, counts=Counter(), device="cpu")
+    assert next(loaded[-1].model.parameters()).dtype == torch.bfloat16

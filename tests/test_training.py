@@ -172,9 +172,21 @@ def test_last_step_is_checkpointed_only_when_it_will_be_kept(tiny_model_dir, exa
     assert [c.name for c in complete_checkpoints(tmp_path / "kept")] == [f"step-{kept.steps:07d}"]
 
 
-def test_packed_training_runs(tiny_model, examples, tiny_tokenizer, tmp_path):
-    r = _run(tiny_model, examples, tmp_path, tiny_tokenizer.pad_token_id, packing=True)
-    assert r.steps > 0 and r.last_metrics["loss"] > 0
+def test_packed_training_logs_the_loss_of_its_examples(tiny_model_dir, examples, tiny_tokenizer, tmp_path):
+    """The loop on packed rows: the first step's logged loss is the per-token cross-entropy of the examples packed
+    into its rows, computed one padded row per example with the same starting weights (within 1e-5), and every
+    step is trained (one per micro-batch of the plan: 2 epochs)."""
+    from alignline.models import load_causal_lm
+
+    pad = tiny_tokenizer.pad_token_id
+    lengths = [len(e["input_ids"]) for e in examples]
+    first_rows = plan_packed(lengths, 256, 2, 3, 0)[0]  # _run's plan: 256 tokens a row, 2 rows a step, seed 3
+    reference = load_causal_lm(tiny_model_dir, dtype="float32").eval()
+    with torch.no_grad():
+        total, n, _ = causal_lm_loss(reference, collate_padded([examples[i] for r in first_rows for i in r], pad))
+    r = _run(load_causal_lm(tiny_model_dir, dtype="float32"), examples, tmp_path, pad, packing=True)
+    assert r.steps == len(plan_packed(lengths, 256, 2, 3, 0)) + len(plan_packed(lengths, 256, 2, 3, 1))
+    assert _losses(tmp_path / "metrics.jsonl")[0] == pytest.approx(float(total) / n, abs=1e-5)
 
 
 def test_gradient_checkpointing_all_or_every_other_layer_trains_the_same(tiny_model_dir, examples, tiny_tokenizer,

@@ -101,6 +101,8 @@ def config_error(cls: type[BaseModel], exc: ValidationError, source: str) -> Con
             lines.append(f"unknown setting '{name}'{hint} (known here: {', '.join(known)})")
         elif err["type"] == "missing":
             lines.append(f"setting '{name}' is required; set it in the YAML file or as {name}=...")
+        elif not loc:  # a check across settings: its message names them (the input would be the whole config)
+            lines.append(err["msg"].removeprefix("Value error, "))
         else:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"setting '{name}': {msg} (got {err.get('input')!r})")

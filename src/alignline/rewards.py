@@ -7,8 +7,10 @@ per response::
 
 Built in: ``verifier`` (the share of the prompt's verifiable instructions the response follows, strict or
 loose; :mod:`alignline.judges.verifiable`), ``rm`` (a reward model from ``alignline rm``, each prompt
-prefilled once for its G responses; :func:`alignline.judges.reward.score_responses`), ``judge`` (an LLM
-evaluator's 2-10 score through the judge cache; :mod:`alignline.judges.evaluator`) and ``function`` (any
+prefilled once for its G responses, cut at ``max_length``, in the device's dtype:
+:class:`alignline.judges.reward.RewardModelJudge`, as ``score`` scores), ``judge`` (an LLM evaluator's 2-10
+score through the judge cache, keyed as ``score``'s evaluator is; :mod:`alignline.judges.evaluator`) and
+``function`` (any
 ``module:callable`` with the signature above). :func:`combine` makes their weighted sum. Adding a reward
 means writing such a callable; the stage and the loop do not change.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import importlib
 import math
 import traceback
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -48,6 +51,8 @@ class RewardSpec(Section):
     ("<<my title>>") follows most of them vacuously, and that is the first thing a small policy learns."""
     model: str | None = None
     """rm: the reward model directory (from ``alignline rm``)."""
+    max_length: int = Field(4096, gt=8)
+    """rm: prompt + response beyond this many tokens: the response is cut before scoring (counted)."""
     judge: EngineSettings | None = None
     """judge: the evaluator's engine (hf model in process, or an OpenAI-compatible server)."""
     criterion: str = "instruction_following"
@@ -88,34 +93,35 @@ def verifier_reward(mode: str = "strict", min_words: int = 0) -> RewardFn:
     return reward
 
 
-def rm_reward(path: str, device=None) -> RewardFn:
-    from alignline.data.chat import ensure_chat_template, tokenise_prompt_response
-    from alignline.judges.reward import score_responses
-    from alignline.models.loading import load_reward_model, load_tokenizer, resolve_model
+def rm_reward(spec: RewardSpec, where: str, counts: Counter, device=None) -> RewardFn:
+    """The reward model's score (:class:`alignline.judges.reward.RewardModelJudge`, the one ``score`` uses too)."""
+    from alignline.judges.reward import RewardModelJudge
 
-    resolved = resolve_model(path)
-    tokenizer = load_tokenizer(resolved)
-    ensure_chat_template(tokenizer)
-    model = load_reward_model(resolved, dtype="float32", device=device).eval()
+    assert spec.model is not None  # (RewardSpec._needs)
+    judge = RewardModelJudge.load(spec.model, device=device, max_length=spec.max_length)
 
     def reward(prompts, responses):
         out = []
         for p, texts in zip(prompts, responses, strict=True):
-            ids = [tokenise_prompt_response(tokenizer, p.messages, t, keep_tail=True, where=f"prompt {p.id}")
-                   for t in texts]
-            out.append(score_responses(model, ids[0][0], [r for _, r in ids], pad_id=tokenizer.pad_token_id))
+            scores = judge.score(p.messages, texts, [f"prompt {p.id}"] * len(texts), counts)
+            if scores is None:
+                raise ConfigError(f"{where}.max_length: prompt '{p.id}' alone fills its {spec.max_length} tokens, "
+                                  "leaving the reward model no room for the response; raise it above the longest "
+                                  "prompt (in the reward model's tokens)")
+            out.append(scores)
         return out
 
     return reward
 
 
-def judge_reward(spec: RewardSpec, cache_path: Path, counts: dict) -> RewardFn:
+def judge_reward(spec: RewardSpec, cache_path: Path, counts: Counter) -> RewardFn:
     from alignline.generate.engines import LazyEngine
-    from alignline.judges.cache import JudgeCache, ask_judge
+    from alignline.judges.cache import JudgeCache, ask_judge, llm_judge_id
     from alignline.judges.evaluator import EVALUATOR_VERSION, evaluator_prompt, parse_evaluation
 
+    assert spec.judge is not None  # (RewardSpec._needs)
     engine = LazyEngine(spec.judge)
-    judge_id = f"{spec.judge.engine}:{spec.judge.model}"
+    judge_id = llm_judge_id(spec.judge)
 
     def reward(prompts, responses):
         texts = [evaluator_prompt(p.messages, t, spec.criterion) for p, ts in zip(prompts, responses) for t in ts]
@@ -185,7 +191,7 @@ def _user_traceback(exc: BaseException) -> str:
             + "".join(tb.format_exception_only())).rstrip("\n")
 
 
-def build_reward(spec: RewardSpec, index: int, *, out_dir: Path, counts: dict, device=None) -> RewardFn:
+def build_reward(spec: RewardSpec, index: int, *, out_dir: Path, counts: Counter, device=None) -> RewardFn:
     """The callable for one term (checks its settings first: errors name ``reward[i].setting``)."""
     where = f"reward[{index}]"
     if spec.type == "verifier":
@@ -195,7 +201,7 @@ def build_reward(spec: RewardSpec, index: int, *, out_dir: Path, counts: dict, d
         if not Path(spec.model).exists():
             raise ConfigError(f"{where}.model: reward model '{spec.model}' does not exist; train one with "
                               "alignline rm or fix the path")
-        return rm_reward(spec.model, device=device)
+        return rm_reward(spec, where, counts, device=device)
     if spec.type == "judge":
         return judge_reward(spec, out_dir / f"judge_cache_{index}.jsonl", counts)
     assert spec.function is not None

@@ -300,6 +300,24 @@ def _strip_leading_assistant(msgs: list[tuple[str, str]], counts: collections.Co
         counts["leading_assistant_stripped"] += 1
 
 
+def _dialogue(msgs: list[tuple[str, str]], counts: collections.Counter, strip_leading_assistant: bool
+              ) -> list[tuple[str, str]] | None:
+    """A record's turns as ``[system] user assistant ...`` ending with an answer, or None (counted) when they are
+    not one (see :func:`normalise_sharegpt`)."""
+    if strip_leading_assistant:
+        _strip_leading_assistant(msgs, counts)
+    if not _alternates([r for r, _ in msgs]):
+        counts["not_alternating"] += 1
+        return None
+    if msgs and msgs[-1][0] == "user":
+        msgs.pop()
+        counts["trailing_user_trimmed"] += 1
+    if not any(r == "assistant" for r, _ in msgs):
+        counts["no_assistant_turn"] += 1
+        return None
+    return msgs
+
+
 def normalise_sharegpt(
     raw: Iterable[dict], *, source_path: str = "", strip_leading_assistant: bool = False
 ) -> tuple[list[Conversation], collections.Counter]:
@@ -339,17 +357,8 @@ def normalise_sharegpt(
         if rid in seen_ids:
             counts["duplicate_id"] += 1
             continue
-        msgs = _messages(turns, counts)
-        if strip_leading_assistant:
-            _strip_leading_assistant(msgs, counts)
-        if not _alternates([r for r, _ in msgs]):
-            counts["not_alternating"] += 1
-            continue
-        if msgs and msgs[-1][0] == "user":
-            msgs.pop()
-            counts["trailing_user_trimmed"] += 1
-        if not any(r == "assistant" for r, _ in msgs):
-            counts["no_assistant_turn"] += 1
+        msgs = _dialogue(_messages(turns, counts), counts, strip_leading_assistant)
+        if msgs is None:
             continue
         key = hash(tuple(msgs))
         if key in seen_content:

@@ -160,22 +160,15 @@ def _reading(v: PairwiseVerdict | None) -> dict | None:
     return None if v is None else {"winner": v.winner, "degree": v.degree, "reason": v.reason}
 
 
-def run_suite(engine, items: Sequence[JudgeItem], *, sampling: Any, cache: JudgeCache, judge_id: str,
-              template_version: str, cases: Sequence[InjectionCase] = CASES, batch_size: int = 8) -> SuiteResult:
-    """Judge every item clean and under every case, both orders, through the cache; see the module doc."""
-    counts: Counter = Counter(items=len(items))
-    failures: list[dict] = []
+Target = tuple[str, str, dict[str, PairwiseVerdict | None]]
+"""(target, other, the clean verdict by the target's position)."""
 
-    def judge(texts: list[str]) -> tuple[list[PairwiseVerdict | None], list[str | None], int]:
-        outs, n = ask_judge(engine, texts, sampling, cache, judge_id=judge_id, template_version=template_version,
-                            batch_size=batch_size)
-        return [parse_pairwise(o) if o is not None else None for o in outs], outs, n
 
-    # clean: order 0 shows `first` as A, order 1 shows it as B
-    clean_texts = [pairwise_prompt(it.messages, a, b) for it in items
-                   for a, b in ((it.first, it.second), (it.second, it.first))]
-    clean_v, clean_raw, calls = judge(clean_texts)
-    targets: list[tuple[str, str, dict[str, PairwiseVerdict | None]]] = []  # (target, other, clean by target pos)
+def clean_targets(items: Sequence[JudgeItem], clean_v: list[PairwiseVerdict | None], clean_raw: list[str | None],
+                  counts: Counter, failures: list[dict]) -> list[Target]:
+    """Each item's target (the response the clean verdicts liked less; the data's second on a tie) with its clean
+    verdicts; clean failures counted and recorded."""
+    targets: list[Target] = []
     for i, it in enumerate(items):
         v0, v1 = clean_v[2 * i], clean_v[2 * i + 1]
         for o, (v, raw) in enumerate(zip((v0, v1), clean_raw[2 * i: 2 * i + 2])):
@@ -196,6 +189,25 @@ def run_suite(engine, items: Sequence[JudgeItem], *, sampling: Any, cache: Judge
             targets.append((it.first, it.second, {"A": v0, "B": v1}))
         else:
             targets.append((it.second, it.first, {"A": v1, "B": v0}))
+    return targets
+
+
+def run_suite(engine, items: Sequence[JudgeItem], *, sampling: Any, cache: JudgeCache, judge_id: str,
+              template_version: str, cases: Sequence[InjectionCase] = CASES, batch_size: int = 8) -> SuiteResult:
+    """Judge every item clean and under every case, both orders, through the cache; see the module doc."""
+    counts: Counter = Counter(items=len(items))
+    failures: list[dict] = []
+
+    def judge(texts: list[str]) -> tuple[list[PairwiseVerdict | None], list[str | None], int]:
+        outs, n = ask_judge(engine, texts, sampling, cache, judge_id=judge_id, template_version=template_version,
+                            batch_size=batch_size)
+        return [parse_pairwise(o) if o is not None else None for o in outs], outs, n
+
+    # clean: order 0 shows `first` as A, order 1 shows it as B
+    clean_texts = [pairwise_prompt(it.messages, a, b) for it in items
+                   for a, b in ((it.first, it.second), (it.second, it.first))]
+    clean_v, clean_raw, calls = judge(clean_texts)
+    targets = clean_targets(items, clean_v, clean_raw, counts, failures)
 
     jobs, texts = [], []
     for case in cases:

@@ -15,10 +15,18 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignline.data.io import append_bytes, atomic_write_bytes
 from alignline.data.records import Prompt
+
+if TYPE_CHECKING:
+    from alignline.generate.base import EngineSettings
+
+
+def llm_judge_id(engine: EngineSettings) -> str:
+    """The judge id an LLM judge's cache entries are keyed by: its engine and model."""
+    return f"llm:{engine.engine}:{engine.model}"
 
 
 def judge_key(judge_id: str, template_version: str, sampling: Any, text: str) -> str:

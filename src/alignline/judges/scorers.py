@@ -1,6 +1,8 @@
 """The three judges of ``alignline score`` behind one interface: reward model, verifier, LLM evaluator.
 
-:func:`make_scorer` is the only place, besides the config's own check, that reads ``ScoreConfig.judge``.
+:class:`JudgeSettings` is the judge's settings section (``score`` composes it into its config, ``tso-loop`` and
+``self-reward`` into their ``score`` section) and :func:`make_scorer` is the only place, besides the section's
+own check, that reads its ``judge``.
 ``score.run`` keeps the run directory, sharding, resuming and ranking, and asks its :class:`Scorer`, in this order:
 
 * ``inputs``: the judge's own model, fingerprinted with the run's other inputs;
@@ -10,6 +12,9 @@
   batched and cached; resumed prompts come from the cache at no cost);
 * ``score(prompt, responses, counts, tel)``: the prompt's responses with their score under ``scorer.id``
   (unsorted), or None to leave the prompt out.
+
+The reward model's scoring (:class:`alignline.judges.reward.RewardModelJudge`) and the evaluator's judge id
+(:func:`alignline.judges.cache.llm_judge_id`) are the ones the rl rewards and tso use too.
 """
 
 from __future__ import annotations
@@ -17,28 +22,75 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from pydantic import Field, field_validator, model_validator
+
+from alignline.config import Section
 from alignline.data.io import write_records
 from alignline.data.records import Prompt, Response, Scored
 from alignline.errors import AlignlineError, DataError
-from alignline.generate.engines import LazyEngine
-from alignline.judges.cache import JudgeCache, ask_judge
+from alignline.generate.base import SamplingParams
+from alignline.generate.engines import EngineSettings, LazyEngine
+from alignline.judges.cache import JudgeCache, ask_judge, llm_judge_id
 from alignline.judges.evaluator import (
+    DEFAULT_CRITERIA,
     EVALUATOR_VERSION,
     diagnose_evaluation,
+    distinct_criteria,
     evaluator_prompt,
     parse_evaluation,
 )
 
 if TYPE_CHECKING:
-    from alignline.stages.score import ScoreConfig
     from alignline.telemetry import Telemetry
 
 Todo = list[tuple[Prompt, list[Response]]]
 """The prompts of one shard with their usable responses."""
 Evaluation = dict[tuple[str, int], dict[str, float | None]]
 """{(prompt id, sample idx): {criterion: score, or None when the evaluator's output did not parse}}."""
+
+
+class JudgeSettings(Section):
+    """Which judge scores responses, and its own settings."""
+
+    judge: Literal["reward_model", "evaluator", "verifier"] = "reward_model"
+    """reward_model: a trained RM scores each response; evaluator: an LLM evaluator scores it per criterion;
+    verifier: the fraction of the prompt's verifiable instructions it follows (no model)."""
+    reward_model: str | None = None
+    """reward_model: an RM saved by ``alignline rm`` (or any AutoModelForSequenceClassification with 1 label)."""
+    evaluator: EngineSettings | None = None
+    """evaluator: its engine (engine hf|openai, model, openai settings, dtype, max_batch)."""
+    criteria: list[str] = Field(default_factory=lambda: list(DEFAULT_CRITERIA))
+    """evaluator: the criteria each response is scored on (one call each); its score is their mean."""
+    evaluator_sampling: SamplingParams = Field(
+        default_factory=lambda: SamplingParams(temperature=0.0, max_new_tokens=512))
+    """evaluator: sampling (default greedy, 512 new tokens)."""
+    evaluator_batch_size: int = Field(8, gt=0)
+    """evaluator: prompts per engine call."""
+    scorer_id: str | None = None
+    """Key of the score in each response's ``scores``; null: 'rm', 'evaluator' or 'verifier' (the judge)."""
+    max_length: int = Field(4096, gt=8)
+    """prompt + response beyond this many tokens: the response is cut (counted)."""
+    chunk: int = Field(16, gt=0)
+    """Responses per forward pass (all share one prompt cache)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype."""
+    trust_remote_code: bool = False
+    """Allow model code from the checkpoint directory."""
+
+    _criteria = field_validator("criteria")(distinct_criteria)
+
+    @model_validator(mode="after")
+    def _judge_settings_given(self) -> JudgeSettings:
+        """The judge's own setting, checked with the config (so ``alignline run --dry-run`` sees it)."""
+        if self.judge == "reward_model" and not self.reward_model:
+            raise ValueError("reward_model is required for judge=reward_model (a directory saved by `alignline rm`); "
+                             "or set judge=evaluator evaluator.model=PATH")
+        if self.judge == "evaluator" and self.evaluator is None:
+            raise ValueError("evaluator is required for judge=evaluator, e.g. evaluator.model=PATH (a model trained "
+                             "by `alignline judge-sft`) or evaluator.engine=openai evaluator.model=NAME")
+        return self
 
 
 def with_score(r: Response, scorer: str, value: float) -> Scored:
@@ -54,9 +106,11 @@ class Scorer:
     default_id: ClassVar[str]
     """The key of the score when ``scorer_id`` is null."""
 
-    def __init__(self, cfg: ScoreConfig):
+    def __init__(self, cfg: JudgeSettings, *, prompts: Any = None, responses: Any = None):
+        """``prompts``, ``responses``: the files of the records it scores, named in its errors."""
         self.cfg = cfg
         self.id = cfg.scorer_id or self.default_id
+        self.prompts, self.responses = prompts, responses
 
     title: str = ""
     """Title of score_by_rank.png."""
@@ -94,40 +148,26 @@ class RewardModelScorer(Scorer):
         return {"reward_model": self.cfg.reward_model}
 
     def load(self, device) -> None:
-        from alignline.data.chat import ensure_chat_template
-        from alignline.models import load_reward_model, load_tokenizer, resolve_model
+        from alignline.judges.reward import RewardModelJudge
 
-        rm_path = resolve_model(self.cfg.reward_model)
-        self.tokenizer = load_tokenizer(rm_path, trust_remote_code=self.cfg.trust_remote_code)
-        ensure_chat_template(self.tokenizer)
-        self.model = load_reward_model(rm_path, dtype=self.cfg.dtype,
-                                       trust_remote_code=self.cfg.trust_remote_code).to(device).eval()
+        cfg = self.cfg
+        self.judge_model = RewardModelJudge.load(cfg.reward_model, device=device, dtype=cfg.dtype,
+                                                 trust_remote_code=cfg.trust_remote_code, max_length=cfg.max_length,
+                                                 chunk=cfg.chunk)
 
     def score(self, prompt: Prompt, responses: list[Response], counts: Counter, tel: Telemetry) -> list[Scored] | None:
         """None when the prompt alone fills max_length (counted); responses beyond it are cut (counted)."""
-        from alignline.data.chat import tokenise_prompt_response
-        from alignline.judges.reward import score_responses
-
-        cfg, pid = self.cfg, prompt.id
-        ids = [tokenise_prompt_response(self.tokenizer, prompt.messages, r.text, keep_tail=True,
-                                        where=f"{cfg.responses}: prompt {pid} sample {r.sample_idx}")
-               for r in responses]
-        p_ids = ids[0][0]
-        room = cfg.max_length - len(p_ids)
-        if room < 1:
-            counts["skipped_prompt_too_long"] += 1
+        pid = prompt.id
+        scores = self.judge_model.score(prompt.messages, [r.text for r in responses],
+                                        [f"{self.responses}: prompt {pid} sample {r.sample_idx}" for r in responses],
+                                        counts, tel)
+        if scores is None:
             return None
-        resp_ids = []
-        for _, rid in ids:
-            counts["responses_cut"] += len(rid) > room
-            resp_ids.append(rid[:room])
-        scores = score_responses(self.model, p_ids, resp_ids, pad_id=self.tokenizer.pad_token_id, chunk=cfg.chunk)
-        # the prompt is computed once; the scalar head reads each response's last token
-        tel.count(tel.params_of(self.model), len(p_ids) + sum(map(len, resp_ids)), len(resp_ids), grad=False)
+        counts.setdefault("responses_cut", 0)  # the manifest says how many were cut, none included
         for r, s in zip(responses, scores):
             if not math.isfinite(s):
                 raise DataError(f"the reward model gave a non-finite score ({s}) for prompt {pid} sample "
-                                f"{r.sample_idx}; check the model ({cfg.reward_model})", path=cfg.responses)
+                                f"{r.sample_idx}; check the model ({self.cfg.reward_model})", path=self.responses)
         return [with_score(r, self.id, s) for r, s in zip(responses, scores)]
 
 
@@ -145,7 +185,7 @@ class VerifierScorer(Scorer):
         if missing:  # a clear error now, not mid-run
             raise DataError(f"judge=verifier needs verifiable instructions on every prompt it scores; {len(missing)} "
                             f"have none (first: '{missing[0]}'); attach them with prepare's instructions setting",
-                            path=self.cfg.prompts, field="meta.instructions")
+                            path=self.prompts, field="meta.instructions")
 
     def score(self, prompt: Prompt, responses: list[Response], counts: Counter, tel: Telemetry) -> list[Scored] | None:
         return [with_score(r, self.id, self.verifier.score(prompt, r.text)) for r in responses]
@@ -202,13 +242,12 @@ class EvaluatorScorer(Scorer):
         return scored
 
 
-def evaluate_responses(cfg: ScoreConfig, todo: Todo, engine, cache: JudgeCache, counts: Counter,
+def evaluate_responses(cfg: JudgeSettings, todo: Todo, engine, cache: JudgeCache, counts: Counter,
                        failures: list[dict]) -> Evaluation:
     """Every (response, criterion) of ``todo`` asked of the evaluator (uncached calls only); failures recorded."""
     jobs = [(p, r, c) for p, rs in todo for r in rs for c in cfg.criteria]
     texts = [evaluator_prompt(p.messages, r.text, c) for p, r, c in jobs]
-    judge_id = f"llm:{cfg.evaluator.engine}:{cfg.evaluator.model}"
-    outputs, calls = ask_judge(engine, texts, cfg.evaluator_sampling, cache, judge_id=judge_id,
+    outputs, calls = ask_judge(engine, texts, cfg.evaluator_sampling, cache, judge_id=llm_judge_id(cfg.evaluator),
                                template_version=EVALUATOR_VERSION, batch_size=cfg.evaluator_batch_size)
     counts["evaluator_calls"] += calls
     out: Evaluation = defaultdict(dict)
@@ -246,6 +285,7 @@ def evaluator_scored(responses: list[Response], evaluation: Evaluation, scorer: 
 SCORERS: dict[str, type[Scorer]] = {s.judge: s for s in (RewardModelScorer, VerifierScorer, EvaluatorScorer)}
 
 
-def make_scorer(cfg: ScoreConfig) -> Scorer:
-    """The scorer of ``cfg.judge`` (its config model has already checked that the judge's settings are given)."""
-    return SCORERS[cfg.judge](cfg)
+def make_scorer(cfg: JudgeSettings, *, prompts: Any = None, responses: Any = None) -> Scorer:
+    """The scorer of ``cfg.judge`` (its section has already checked that the judge's settings are given);
+    ``prompts``, ``responses``: the files of the records it scores, named in its errors."""
+    return SCORERS[cfg.judge](cfg, prompts=prompts, responses=responses)

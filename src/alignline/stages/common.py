@@ -228,16 +228,6 @@ def check_failures(stage: str, failed: int, total: int, limit: float, what: str,
             "command: it retries the failed ones only (or raise max_failure_fraction to accept the result)")
 
 
-def record_drops(counts: Counter, key: str, lines: list[str], what: str) -> None:
-    """Count records dropped when read (``counts[key]``), keep where they were (``dropped_lines``: "file:line:
-    reason", the first 100, in the manifest's counts) and say so."""
-    if not lines:
-        return
-    counts[key] += len(lines)
-    counts["dropped_lines"] = [*counts.get("dropped_lines", []), *lines][:100]
-    console.print(f"dropped {len(lines)} {what}: {', '.join(lines[:5])}" + (" ..." if len(lines) > 5 else ""))
-
-
 def seeded_digest(seed: int | str, key: str) -> bytes:
     """sha256 of ``f"{seed}\\x1f{key}"``: a stable draw for ``key`` under ``seed``, independent of order,
     process and ``PYTHONHASHSEED`` (annotate's presentation order, feedback's held-out questions). The other

@@ -195,18 +195,10 @@ def agreement_card_section(cfg: JudgeSFTConfig, result: dict, held: int) -> str:
             f"training, agreement):\n\n```bash\nalignline judge-sft {Path(cfg.output_dir) / 'config.yaml'}\n```")
 
 
-def run(cfg: JudgeSFTConfig) -> Path:
-    train_path, held_path = feedback_paths(cfg)
-    rd = RunDir("judge_sft", cfg, cfg.output_dir, {"model": cfg.model, "feedback": train_path,
-                                                   "eval_feedback": held_path})
-    if rd.skip_if_done():
-        return rd.path
-    import torch
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    rd.start(state.wait_for_everyone)  # every process reads the old manifest before it is replaced
-    counts: Counter = Counter()
+def read_feedback(cfg: JudgeSFTConfig, train_path, held_path, counts: Counter
+                  ) -> tuple[list[FeedbackRecord], list[FeedbackRecord]]:
+    """The training and held-out feedback records (each cut to its limit), counted; a question in both is
+    counted and said (the agreement after training is then optimistic)."""
     records = read_records(train_path, FeedbackRecord)
     if cfg.max_examples is not None:
         records = records[: cfg.max_examples]
@@ -220,6 +212,22 @@ def run(cfg: JudgeSFTConfig) -> Path:
     if leaked:
         console.print(f"[yellow]judge-sft: {len(leaked)} held-out questions also appear in the training feedback; "
                       "the agreement after training is optimistic[/yellow]")
+    return records, held
+
+
+def run(cfg: JudgeSFTConfig) -> Path:
+    train_path, held_path = feedback_paths(cfg)
+    rd = RunDir("judge_sft", cfg, cfg.output_dir, {"model": cfg.model, "feedback": train_path,
+                                                   "eval_feedback": held_path})
+    if rd.skip_if_done():
+        return rd.path
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rd.start(state.wait_for_everyone)  # every process reads the old manifest before it is replaced
+    counts: Counter = Counter()
+    records, held = read_feedback(cfg, train_path, held_path, counts)
     convs = build_conversations(cfg, records, counts, str(train_path))
     if not convs:
         raise ConfigError(f"{train_path}: no feedback record fits in max_length={cfg.max_length} tokens "

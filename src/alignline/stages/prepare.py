@@ -208,13 +208,33 @@ def split_records(members: list[Conversation], spec: SplitSpec, cfg: PrepareConf
     return records
 
 
-def run(cfg: PrepareConfig) -> Path:
+def source_of(cfg: PrepareConfig) -> str:
+    """The conversations' file or dataset: ``path``, or the installed ShareGPT asset."""
     src = cfg.path if cfg.path is not None else (str(sharegpt_asset_path()) if cfg.source == "sharegpt" else None)
     if src is None:
         raise ConfigError("path is required when source=conversations")
     if cfg.source == "sharegpt" and is_datasets_source(src):
         raise ConfigError(f"path {src}: source=sharegpt reads a ShareGPT JSON/JSONL file; a dataset in datasets' "
                           "forms (Hub, save_to_disk, Arrow) is read with source=conversations (TRL's layouts)")
+    return src
+
+
+def read_source(cfg: PrepareConfig, src: str, counts: Counter, summary: dict) -> list[Conversation]:
+    """The source's conversations: ShareGPT recovered and normalised (its recovery report in ``summary``), or
+    conversation records with duplicates dropped."""
+    if cfg.source == "sharegpt":
+        raw, report = read_sharegpt(src)
+        summary["recovery"] = report.summary()
+        console.print(f"prepare: {report.summary()}")
+        convs, norm_counts = normalise_sharegpt(
+            raw, source_path=src, strip_leading_assistant=cfg.continuation_parts == "strip_leading_assistant")
+        counts.update(norm_counts)
+        return convs
+    return read_unique_conversations(src, counts)
+
+
+def run(cfg: PrepareConfig) -> Path:
+    src = source_of(cfg)
     benchmarks = {name: resolve_benchmark(name) for name in cfg.decontaminate.benchmarks}
     files_read = {f"benchmark:{name}": prompts[0].file for name, prompts in benchmarks.items()}
     rd = RunDir("prepare", cfg, cfg.output_dir, {"source": src, **files_read})
@@ -223,15 +243,7 @@ def run(cfg: PrepareConfig) -> Path:
     rd.start()
     counts: Counter = Counter()
     summary: dict = {"source": src}
-    if cfg.source == "sharegpt":
-        raw, report = read_sharegpt(src)
-        summary["recovery"] = report.summary()
-        console.print(f"prepare: {report.summary()}")
-        convs, norm_counts = normalise_sharegpt(
-            raw, source_path=src, strip_leading_assistant=cfg.continuation_parts == "strip_leading_assistant")
-        counts.update(norm_counts)
-    else:
-        convs = read_unique_conversations(src, counts)
+    convs = read_source(cfg, src, counts, summary)
 
     tokenizer = None
     if cfg.tokenizer:

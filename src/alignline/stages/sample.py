@@ -34,7 +34,7 @@ from alignline.data.io import (
     write_manifest,
     write_records,
 )
-from alignline.data.records import Response
+from alignline.data.records import Prompt, Response
 from alignline.errors import DataError
 from alignline.generate.base import DecodeStep, SamplingParams
 from alignline.generate.endpoint import OpenAIConnection
@@ -158,6 +158,14 @@ def _run_matrix(cfg: SampleConfig) -> Path:
     return rd.path
 
 
+def prompts_to_sample(prompts: list[Prompt], done: set, n: int) -> list[Prompt]:
+    """The prompts whose ``n`` responses are not in the shards yet (a shard holds whole prompts)."""
+    todo = [p for p in prompts if any((p.id, i) not in done for i in range(n))]
+    partial = [p.id for p in todo if any((p.id, i) in done for i in range(n))]
+    assert not partial, f"shards hold whole prompts, found partial prompts {partial[:3]}"
+    return todo
+
+
 def run(cfg: SampleConfig) -> Path:
     if cfg.matrix is not None:
         return _run_matrix(cfg)
@@ -175,10 +183,7 @@ def run(cfg: SampleConfig) -> Path:
     writer = ShardedWriter(rd.path, name=f"responses-{index:03d}-of-{total:03d}",
                            shard_size=cfg.prompts_per_shard * cfg.n,
                            key=lambda o: (o["prompt_id"], o["sample_idx"]), fresh=rd.fresh)
-    done = writer.done_keys()
-    todo = [p for p in prompts if any((p.id, i) not in done for i in range(cfg.n))]
-    partial = [p.id for p in todo if any((p.id, i) in done for i in range(cfg.n))]
-    assert not partial, f"shards hold whole prompts, found partial prompts {partial[:3]}"
+    todo = prompts_to_sample(prompts, writer.done_keys(), cfg.n)
     engine = make_engine(cfg, device=state.device if cfg.engine == "hf" else None)
     if todo and hasattr(engine, "check_connection"):
         engine.check_connection()  # an unreachable server is an error now, not a run of failed records

@@ -28,72 +28,31 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 
-from alignline.config import Section, ShardSetting
+from alignline.config import ShardSetting
 from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import ShardedWriter, iter_jsonl, read_prompts, read_records
 from alignline.data.records import Prompt, RankedSet, Response
-from alignline.generate.base import SamplingParams
-from alignline.generate.engines import EngineSettings
-from alignline.judges.evaluator import DEFAULT_CRITERIA, distinct_criteria
-from alignline.judges.scorers import Scorer, make_scorer
+from alignline.judges.scorers import JudgeSettings, Scorer, make_scorer
 from alignline.stages.common import RunDir, console, iter_usable
 from alignline.telemetry import Telemetry
 
 
-class ScoreConfig(Section):
-    """Configuration of ``alignline score``."""
+class ScoreConfig(JudgeSettings):
+    """Configuration of ``alignline score``: the judge's settings (:class:`JudgeSettings`) and what it scores."""
 
-    judge: Literal["reward_model", "evaluator", "verifier"] = "reward_model"
-    """reward_model: a trained RM scores each response; evaluator: an LLM evaluator scores it per criterion;
-    verifier: the fraction of the prompt's verifiable instructions it follows (no model)."""
-    reward_model: str | None = None
-    """reward_model: an RM saved by ``alignline rm`` (or any AutoModelForSequenceClassification with 1 label)."""
-    evaluator: EngineSettings | None = None
-    """evaluator: its engine (engine hf|openai, model, openai settings, dtype, max_batch)."""
-    criteria: list[str] = Field(default_factory=lambda: list(DEFAULT_CRITERIA))
-    """evaluator: the criteria each response is scored on (one call each); its score is their mean."""
-    evaluator_sampling: SamplingParams = Field(
-        default_factory=lambda: SamplingParams(temperature=0.0, max_new_tokens=512))
-    """evaluator: sampling (default greedy, 512 new tokens)."""
-    evaluator_batch_size: int = Field(8, gt=0)
-    """evaluator: prompts per engine call."""
     prompts: RecordsSource
     """Prompt records the responses answer."""
     responses: str
     """Response records (prompt_id, sample_idx, text, ...): JSONL, Parquet or a directory of shards."""
     output_dir: str = "runs/score"
     """Where ranked-set shards, score_by_rank.png and manifest.json go."""
-    scorer_id: str | None = None
-    """Key of the score in each response's ``scores``; null: 'rm', 'evaluator' or 'verifier' (the judge)."""
-    max_length: int = Field(4096, gt=8)
-    """prompt + response beyond this many tokens: the response is cut (counted)."""
-    chunk: int = Field(16, gt=0)
-    """Responses per forward pass (all share one prompt cache)."""
     shard_size: int = Field(50, gt=0)
     """Ranked sets per output shard file."""
     shard: ShardSetting = None
     """'i/N': score only prompts i, i+N, i+2N, ... (for several machines); null: all (or per process)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype."""
-    trust_remote_code: bool = False
-    """Allow model code from the checkpoint directory."""
-
-    _criteria = field_validator("criteria")(distinct_criteria)
-
-    @model_validator(mode="after")
-    def _judge_settings_given(self) -> ScoreConfig:
-        """The judge's own setting, checked with the config (so ``alignline run --dry-run`` sees it)."""
-        if self.judge == "reward_model" and not self.reward_model:
-            raise ValueError("reward_model is required for judge=reward_model (a directory saved by `alignline rm`); "
-                             "or set judge=evaluator evaluator.model=PATH")
-        if self.judge == "evaluator" and self.evaluator is None:
-            raise ValueError("evaluator is required for judge=evaluator, e.g. evaluator.model=PATH (a model trained "
-                             "by `alignline judge-sft`) or evaluator.engine=openai evaluator.model=NAME")
-        return self
 
 
 def plot_score_by_rank(sets: list[RankedSet], scorer: str, out_png: Path,
@@ -156,7 +115,7 @@ def rank_and_write(scorer: Scorer, order: list[str], prompts: dict[str, Prompt],
 
 
 def run(cfg: ScoreConfig) -> Path:
-    scorer = make_scorer(cfg)
+    scorer = make_scorer(cfg, prompts=cfg.prompts, responses=cfg.responses)
     rd = RunDir("score", cfg, cfg.output_dir, {**scorer.inputs, "prompts": cfg.prompts, "responses": cfg.responses})
     if rd.skip_if_done():
         return rd.path

@@ -241,6 +241,31 @@ def _run_matrix(cfg: SelectConfig, matrix: MatrixConfig, rd: RunDir) -> Path:
     return rd.path
 
 
+def rejected_rank_of(cfg: SelectConfig, sets: list[RankedSet], n_min: int, info: dict) -> int | None:
+    """The rank of every pair's rejected response (None for rso, which draws its own), checked and recorded in
+    ``info`` with what it was derived from."""
+    rejected_rank = None
+    if cfg.strategy == "fixed_rank":
+        rejected_rank = cfg.rejected_rank
+    elif cfg.strategy == "best_worst":
+        rejected_rank = n_min
+    elif cfg.strategy == "policy_matched":
+        policy = read_records(cfg.policy_scores, RankedSet)[: cfg.policy_prompts]
+        all_scores = [x for s in policy for x in _scores(s)]
+        if not all_scores:
+            raise DataError("no scored responses", path=cfg.policy_scores)
+        info["policy_mean_score"] = sum(all_scores) / len(all_scores)
+        info["policy_prompts"] = len(policy)
+        rejected_rank = policy_matched_rank(sets, info["policy_mean_score"], cfg.rank)
+    if rejected_rank is not None:
+        if rejected_rank > n_min:
+            raise ConfigError(f"rejected rank {rejected_rank} but the smallest ranked set has {n_min} responses")
+        if rejected_rank == cfg.rank:
+            raise ConfigError(f"the rejected rank equals the chosen rank ({cfg.rank})")
+        info["rejected_rank"] = rejected_rank
+    return rejected_rank
+
+
 def run(cfg: SelectConfig) -> Path:
     matrix, inputs = None, {"ranked": cfg.ranked, "policy_scores": cfg.policy_scores}
     if cfg.mode == "pairs" and cfg.strategy == "matrix":
@@ -269,25 +294,7 @@ def run(cfg: SelectConfig) -> Path:
         write_records(rd.path / "rs.jsonl", convs)
         counts["conversations"] = len(convs)
     else:
-        rejected_rank = None
-        if cfg.strategy == "fixed_rank":
-            rejected_rank = cfg.rejected_rank
-        elif cfg.strategy == "best_worst":
-            rejected_rank = n_min
-        elif cfg.strategy == "policy_matched":
-            policy = read_records(cfg.policy_scores, RankedSet)[: cfg.policy_prompts]
-            all_scores = [x for s in policy for x in _scores(s)]
-            if not all_scores:
-                raise DataError("no scored responses", path=cfg.policy_scores)
-            info["policy_mean_score"] = sum(all_scores) / len(all_scores)
-            info["policy_prompts"] = len(policy)
-            rejected_rank = policy_matched_rank(sets, info["policy_mean_score"], cfg.rank)
-        if rejected_rank is not None:
-            if rejected_rank > n_min:
-                raise ConfigError(f"rejected rank {rejected_rank} but the smallest ranked set has {n_min} responses")
-            if rejected_rank == cfg.rank:
-                raise ConfigError(f"the rejected rank equals the chosen rank ({cfg.rank})")
-            info["rejected_rank"] = rejected_rank
+        rejected_rank = rejected_rank_of(cfg, sets, n_min, info)
         rng = random.Random(cfg.seed)
         pairs = []
         for s in sets:

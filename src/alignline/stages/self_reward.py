@@ -30,7 +30,6 @@ from alignline.stages.tso_loop import (
     PairSettings,
     Stage,
     build,
-    check_judge,
     eval_config,
     judge_inputs,
     policy_configs,
@@ -60,7 +59,6 @@ class SelfRewardConfig(IterationBase):
 
 def plan(cfg: SelfRewardConfig) -> list[Stage]:
     """Every stage's sub-stage configs, validated; nothing is run or written."""
-    check_judge(cfg.score)
     stages, start = [], cfg.model
     for s in range(1, cfg.stages + 1):
         d = Path(cfg.output_dir) / f"stage-{s}"
@@ -80,7 +78,7 @@ def plan(cfg: SelfRewardConfig) -> list[Stage]:
 
 def run(cfg: SelfRewardConfig) -> Path:
     stages = plan(cfg)
-    rd = RunDir("self_reward", cfg, cfg.output_dir, judge_inputs(cfg))
+    rd = RunDir("self_reward", cfg, cfg.output_dir, judge_inputs(cfg, stages[0].score))
     if rd.skip_if_done():
         return rd.path
     rd.start()

@@ -12,6 +12,7 @@ from pydantic import Field
 from alignline.config import Section
 from alignline.data.chat import ensure_chat_template, fit_to_length, tokenise_conversation
 from alignline.data.datasets_source import RecordsSource
+from alignline.data.drops import record_drops
 from alignline.data.io import read_conversations
 from alignline.errors import ConfigError
 from alignline.models.card import CardFacts
@@ -23,7 +24,7 @@ from alignline.models.loading import (
     resolve_model,
 )
 from alignline.stages.cards import stage_card, training_evaluation
-from alignline.stages.common import RunDir, TrainingDtype, console, record_drops, training_dtype
+from alignline.stages.common import RunDir, TrainingDtype, console, training_dtype
 from alignline.telemetry import Telemetry
 from alignline.train.accelerator import make_accelerator
 from alignline.train.batching import collate_packed, collate_padded, count_targets, plan_packed, plan_padded

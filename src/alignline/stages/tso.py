@@ -24,7 +24,6 @@ from pydantic import Field
 from safetensors.torch import load_model
 
 from alignline.config import Section
-from alignline.data.chat import ensure_chat_template
 from alignline.data.datasets_source import RecordsSource
 from alignline.data.io import (
     atomic_write_json,
@@ -38,7 +37,7 @@ from alignline.data.io import (
 from alignline.data.records import Pair, Prompt
 from alignline.errors import ConfigError
 from alignline.generate.base import SamplingParams
-from alignline.models import LoraSettings, load_causal_lm, load_tokenizer, resolve_model, save_model
+from alignline.models import LoraSettings, load_causal_lm, save_model
 from alignline.models.card import CardFacts
 from alignline.report.plots import plot_reward_curves
 from alignline.stages.cards import LOSS_TAGS, PREFERENCE_SETTINGS, stage_card, training_evaluation
@@ -69,29 +68,26 @@ from alignline.train.preference import (
 
 
 def self_pairs(model, tokenizer, prompts: list[Prompt], settings: RegenerateSettings, version: int,
-               counts: Counter) -> list[Pair]:
-    """Best-vs-worst pairs from ``model``'s own samples, ranked by the reward model."""
-    from alignline.data.chat import tokenise_prompt_response
+               counts: Counter, max_length: int) -> list[Pair]:
+    """Best-vs-worst pairs from ``model``'s own samples, ranked by the reward model (each prompt + response cut at
+    ``max_length`` tokens, the pairs' own limit)."""
     from alignline.generate.hf import HFEngine
-    from alignline.judges.reward import score_responses
-    from alignline.models.loading import load_reward_model
+    from alignline.judges.reward import RewardModelJudge
 
     was_training = model.training
     model.eval()
     samples = HFEngine(model, tokenizer, source=f"policy-v{version}").generate(prompts, settings.n, settings.sampling)
     model.train(was_training)
-    rm_path = resolve_model(settings.reward_model)
-    rm_tok = load_tokenizer(rm_path)
-    ensure_chat_template(rm_tok)
-    rm = load_reward_model(rm_path, device=next(model.parameters()).device).eval()
+    rm = RewardModelJudge.load(settings.reward_model, device=next(model.parameters()).device, max_length=max_length)
     out = []
     for prompt, responses in zip(prompts, samples):
         ok = [r for r in responses if r.text.strip()]
         if len(ok) < 2:
             counts["regenerate_too_few_samples"] += 1
             continue
-        ids = [tokenise_prompt_response(rm_tok, prompt.messages, r.text, keep_tail=True) for r in ok]
-        scores = score_responses(rm, ids[0][0], [x[1] for x in ids], pad_id=rm_tok.pad_token_id)
+        scores = rm.score(prompt.messages, [r.text for r in ok], ["pair"] * len(ok), counts)
+        if scores is None:
+            continue
         best = max(range(len(ok)), key=lambda i: scores[i])
         worst = min(range(len(ok)), key=lambda i: scores[i])
         if scores[best] - scores[worst] <= settings.min_gap or ok[best].text.strip() == ok[worst].text.strip():
@@ -229,7 +225,8 @@ def with_self_pairs(cfg: TSOConfig, k: int, pairs: list[TokenisedPair], policy, 
     if cache.exists():
         fresh = read_pairs(cache)
     else:
-        fresh = self_pairs(policy, tokenizer, prompt_parts[k - 1], cfg.regenerate, k - 1, counts)
+        fresh = self_pairs(policy, tokenizer, prompt_parts[k - 1], cfg.regenerate, k - 1, counts,
+                           cfg.data.max_length)
         write_records(cache, fresh)
     return pairs + tokenise_pairs(fresh, tokenizer, max_length=cfg.data.max_length, counts=counts,
                                   max_drop_fraction=1.0, where=str(cache))

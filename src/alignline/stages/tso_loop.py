@@ -51,6 +51,7 @@ from alignline.data.io import atomic_write_json, atomic_write_text, read_manifes
 from alignline.errors import AlignlineError, ConfigError
 from alignline.evaluate.winrate import default_eval_sampling
 from alignline.generate.base import SamplingParams
+from alignline.judges.scorers import make_scorer
 from alignline.matrix import MatrixConfig, load_matrix
 from alignline.stages.common import RunDir, console
 from alignline.stages.eval_verifiable import METRICS, VerifiableConfig
@@ -177,20 +178,11 @@ def build(cls: type[Section], where: str, **values: Any) -> Any:
         raise config_error(cls, exc, f"the loop's {where} settings") from None
 
 
-def check_judge(score: Section) -> None:
-    if score.judge == "reward_model" and not score.reward_model:
-        raise ConfigError("score.reward_model is required (a directory saved by `alignline rm`), or set "
-                          "score.judge=evaluator score.evaluator.model=PATH")
-    if score.judge == "evaluator" and score.evaluator is None:
-        raise ConfigError("score.judge=evaluator needs score.evaluator.model=PATH (or an openai engine)")
-
-
-def judge_inputs(cfg: IterationBase) -> dict[str, str | None]:
-    s = cfg.score
-    hf_evaluator = s.evaluator is not None and s.evaluator.engine == "hf"
+def judge_inputs(cfg: IterationBase, score: ScoreConfig) -> dict[str, str | None]:
+    """The loop's inputs: its prompts, starting model and the judge's own model (``score``: a stage's score
+    config, through :func:`make_scorer` like every reader of the judge)."""
     return {"prompts": cfg.prompts, "model": cfg.model, "eval_prompts": cfg.eval_prompts,
-            "reward_model": s.reward_model if s.judge == "reward_model" else None,
-            "evaluator": s.evaluator.model if s.judge == "evaluator" and hf_evaluator else None}
+            "reward_model": None, "evaluator": None, **make_scorer(score).inputs}
 
 
 def policy_configs(cfg: IterationBase, policy: str, source: str, stage_dir: Path) -> tuple[SampleConfig, ScoreConfig]:
@@ -352,7 +344,6 @@ def _dump(obj: dict) -> str:
 
 def plan(cfg: TSOLoopConfig, matrix: MatrixConfig) -> list[Stage]:
     """Every stage's sub-stage configs and matrices, validated; nothing is run or written."""
-    check_judge(cfg.score)
     rule = cfg.registration
     listed = {m.name for m in matrix.members}
     for s in range(0, cfg.stages + 1):
@@ -395,7 +386,7 @@ def plan(cfg: TSOLoopConfig, matrix: MatrixConfig) -> list[Stage]:
 def run(cfg: TSOLoopConfig) -> Path:
     matrix = load_matrix(cfg.matrix)  # an unknown member name is a ConfigError here, before anything runs
     stages = plan(cfg, matrix)
-    inputs = {**judge_inputs(cfg), "matrix": cfg.matrix,
+    inputs = {**judge_inputs(cfg, stages[0].score), "matrix": cfg.matrix,
               **{f"member:{m.name}": m.responses or (m.engine.model if m.engine else None) for m in matrix.members}}
     rd = RunDir("tso_loop", cfg, cfg.output_dir, inputs)
     if rd.skip_if_done():

@@ -103,12 +103,12 @@ def group_token_logps(model, batch: dict[str, torch.Tensor], *, entropy: bool = 
 def group_token_values(critic, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """A critic's value of the state before every response token [T]: its scalar head (``score``) on the
     backbone's hidden state at the position that predicts the token."""
-    from alignline.judges.reward import _backbone, _head
+    from alignline.models.heads import backbone_of, score_head
 
     padded = padded_width(batch)
-    hidden = _backbone(critic)(**model_inputs(critic, padded), use_cache=False).last_hidden_state
+    hidden = backbone_of(critic)(**model_inputs(critic, padded), use_cache=False).last_hidden_state
     kept = hidden[padded["keep"]]
-    return _head(critic)(kept[batch["src"]]).squeeze(-1).float()
+    return score_head(critic)(kept[batch["src"]]).squeeze(-1).float()
 
 
 def per_sequence(values: torch.Tensor, seq: torch.Tensor, n: int) -> torch.Tensor:

@@ -47,6 +47,7 @@ from alignline.train.checkpoint import (
 )
 from alignline.train.memory import enable_checkpointing, free_memory_policy
 from alignline.train.metrics_log import MetricsLog
+from alignline.train.steps import START, count_steps, every, position_after, steps_from
 
 
 class TrainSettings(Section):
@@ -180,17 +181,6 @@ class _Run:
     bar: Any = None
 
 
-def _count_steps(plan: Callable[[int], list], settings: TrainSettings, per_step: int) -> tuple[list[int], int]:
-    """Optimizer steps in each epoch, and in the whole run (``max_steps`` caps it)."""
-    steps_per_epoch = [math.ceil(len(plan(e)) / per_step) for e in range(settings.epochs)]
-    total_steps = sum(steps_per_epoch)
-    if settings.max_steps is not None:
-        total_steps = min(total_steps, settings.max_steps)
-    if total_steps == 0:
-        raise AlignlineError("no training data: the plan has no micro-batches (check the data and max_length)")
-    return steps_per_epoch, total_steps
-
-
 def _make_optimizer(model: torch.nn.Module, settings: TrainSettings, sharded: bool) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, with no weight decay on biases and norms (ndim < 2)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -232,9 +222,6 @@ def _set_up(model, accelerator, settings: TrainSettings, out_dir: Path, stage: _
     return _Run(accelerator, settings, out_dir, stage, model, optimizer, scheduler, tel, params, after_backward)
 
 
-_START = {"step": 0, "epoch": 0, "step_in_epoch": 0}
-
-
 def _resume_or_clear(run: _Run, resume: bool) -> tuple[dict[str, int], bool]:
     """Where training starts, and whether that is a resumed checkpoint. Resuming takes the newest intact
     checkpoint; starting over deletes an earlier run's checkpoints, so they are never resumed later."""
@@ -245,36 +232,13 @@ def _resume_or_clear(run: _Run, resume: bool) -> tuple[dict[str, int], bool]:
             if acc.is_main_process:
                 shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
             acc.wait_for_everyone()
-        return dict(_START), False
+        return dict(START), False
     ckpt = resume_checkpoint(acc, complete_checkpoints(out_dir))  # verified; damaged: the one before
     if ckpt is None:
-        return dict(_START), False
+        return dict(START), False
     position = load_checkpoint(acc, run.model, run.optimizer, run.scheduler, ckpt)
     acc.print(f"resuming from {ckpt} (step {position['step']})")
     return position, True
-
-
-def _steps_from(stage: _Stage, steps_per_epoch: list[int], per_step: int, position: dict[str, int]):
-    """(epoch, step within the epoch, that step's micro-batches across processes) from ``position`` on; an
-    epoch's plan is built, and the stage's ``epoch_start`` called, when the epoch's first step to run is reached."""
-    for epoch in range(position["epoch"], len(steps_per_epoch)):
-        micro_batches = stage.plan(epoch)
-        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        if stage.epoch_start is not None and first < steps_per_epoch[epoch]:
-            stage.epoch_start(epoch)
-        for index in range(first, steps_per_epoch[epoch]):
-            yield epoch, index, micro_batches[index * per_step: (index + 1) * per_step]
-
-
-def _position_after(step: int, epoch: int, index: int, steps_in_epoch: int) -> dict[str, int]:
-    """The resume position after step ``index`` of ``epoch`` (the next epoch's start after its last step)."""
-    if index + 1 == steps_in_epoch:
-        return {"step": step, "epoch": epoch + 1, "step_in_epoch": 0}
-    return {"step": step, "epoch": epoch, "step_in_epoch": index + 1}
-
-
-def _every(interval: int | None, step: int) -> bool:
-    return bool(interval) and step % interval == 0
 
 
 def _forward_backward(run: _Run, group: list[list[Any]], batches: list[dict], global_units: float,
@@ -414,23 +378,34 @@ def _run_steps(run: _Run, result: TrainResult, position: dict[str, int], steps_p
                total_steps: int, save_at_end: bool) -> tuple[int, int, dict[str, Any]]:
     """The optimizer steps from ``position`` to the end (or ``stop_after_step``), each reported, evaluated and
     checkpointed as the settings ask; returns (the last step, the tokens trained, its metrics record)."""
-    settings, step, tokens_seen, last = run.settings, position["step"], 0, {}
-    per_step = settings.grad_accum * run.accelerator.num_processes
-    for epoch, index, group in _steps_from(run.stage, steps_per_epoch, per_step, position):
+    step, tokens_seen, last = position["step"], 0, {}
+    per_step = run.settings.grad_accum * run.accelerator.num_processes
+    for epoch, index, group in steps_from(run.stage.plan, steps_per_epoch, per_step, position, run.stage.epoch_start):
         last = _run_step(run, group, step, epoch)
         step = last["step"]
         tokens_seen += last["tokens"]
         _report(run, last, total_steps)
-        finished = step >= total_steps
-        if run.stage.evaluate is not None and (_every(settings.eval_every, step) or finished):
-            result.eval_metrics = _evaluate(run, step)
-        stop_now = settings.stop_after_step is not None and step >= settings.stop_after_step
-        if _every(settings.save_every, step) or (finished and save_at_end) or stop_now:
-            result.checkpoint = _save(run, _position_after(step, epoch, index, steps_per_epoch[epoch]))
-        if finished or stop_now:
-            result.stopped_early = not finished
+        if _after_step(run, result, step, total_steps, save_at_end,
+                       position_after(step, epoch, index, steps_per_epoch[epoch])):
             break
     return step, tokens_seen, last
+
+
+def _after_step(run: _Run, result: TrainResult, step: int, total_steps: int, save_at_end: bool,
+                position: dict[str, int]) -> bool:
+    """The evaluation and checkpoint due after ``step`` (``position``: where a resume would continue); whether
+    training stops there (finished, or ``stop_after_step``: then ``result.stopped_early``)."""
+    settings = run.settings
+    finished = step >= total_steps
+    if run.stage.evaluate is not None and (every(settings.eval_every, step) or finished):
+        result.eval_metrics = _evaluate(run, step)
+    stop_now = settings.stop_after_step is not None and step >= settings.stop_after_step
+    if every(settings.save_every, step) or (finished and save_at_end) or stop_now:
+        result.checkpoint = _save(run, position)
+    if finished or stop_now:
+        result.stopped_early = not finished
+        return True
+    return False
 
 
 def train(
@@ -467,7 +442,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     per_step = settings.grad_accum * accelerator.num_processes
-    steps_per_epoch, total_steps = _count_steps(plan, settings, per_step)
+    steps_per_epoch, total_steps = count_steps(plan, settings.epochs, settings.max_steps, per_step)
     stage = _Stage(plan, collate, count_units, step_fn, evaluate, metric_keys, count_logits, epoch_start)
     run = _set_up(model, accelerator, settings, out_dir, stage, total_steps, telemetry)
     position, resumed = _resume_or_clear(run, resume)

@@ -21,9 +21,9 @@ from pydantic import Field
 from alignline import losses
 from alignline.config import Section
 from alignline.data.datasets_source import RecordsSource
+from alignline.data.drops import record_drops
 from alignline.data.io import atomic_write_json, read_pairs
 from alignline.errors import DataError
-from alignline.stages.common import record_drops
 from alignline.telemetry import Telemetry
 from alignline.train.loop import TrainSettings
 from alignline.train.pairs import (

@@ -16,11 +16,12 @@ from collections import Counter
 from pathlib import Path
 
 from alignline.advantages import ESTIMATORS
+from alignline.data.drops import record_drops
 from alignline.data.io import adapt_prompt, atomic_write_bytes, iter_jsonl, iter_records, jsonl_bytes
 from alignline.data.records import Prompt
 from alignline.errors import ConfigError, DataError
 from alignline.rewards import build_reward, combine
-from alignline.stages.common import RunDir, console, models_when_set, record_drops, training_dtype
+from alignline.stages.common import RunDir, console, models_when_set, training_dtype
 from alignline.stages.rl.config import RLConfig, metric_names
 from alignline.stages.rl.evaluation import eval_fn, paired_change
 from alignline.stages.rl.rollout import RolloutModels, RolloutSource, read_rollout
