@@ -28,8 +28,8 @@ _API = ("run", "run_pipeline", "stage_names", "RunResult", "PipelineRun", "final
 _ERRORS = ("AlignlineError", "ConfigError", "DataError", "ModelError")
 CONFIGS = {
     "PrepareConfig": "prepare", "SFTConfig": "sft", "SelectConfig": "select", "RSConfig": "rs",
-    "DPOConfig": "dpo", "SampleConfig": "sample", "AnnotateConfig": "annotate", "RMConfig": "rm",
-    "ScoreConfig": "score", "FeedbackConfig": "feedback", "JudgeSFTConfig": "judge-sft",
+    "DPOConfig": "dpo", "SampleConfig": "sample", "AnnotateConfig": "annotate", "RepairConfig": "repair",
+    "RMConfig": "rm", "ScoreConfig": "score", "FeedbackConfig": "feedback", "JudgeSFTConfig": "judge-sft",
     "BestOfNConfig": "eval.bestofn", "TSOConfig": "tso", "TSOLoopConfig": "tso-loop", "RLConfig": "rl",
     "SelfRewardConfig": "self-reward", "MTBenchConfig": "eval.mtbench", "WinrateConfig": "eval.winrate",
     "VerifiableConfig": "eval.verifiable", "IFEvalConfig": "eval.ifeval", "InjectionConfig": "eval.injection",

@@ -64,6 +64,7 @@ __all__ = [
     "aggregate",
     "attach_instructions",
     "canonical_id",
+    "canonical_instructions",
     "check",
     "compatible",
     "count_words",
@@ -383,6 +384,12 @@ def _parse_instructions(instructions: Sequence[Mapping[str, Any] | Instruction],
         kwargs = _legacy_kwargs(name, item.get("kwargs", {}))
         parsed.append((name, kind, kind.parse_args(kwargs, field=f"{where}.kwargs")))
     return parsed
+
+
+def canonical_instructions(instructions: Sequence[Mapping[str, Any] | Instruction]) -> list[tuple[str, dict]]:
+    """(type id, arguments) of each instruction in today's ids and argument names (an older short id such as
+    ``no_commas`` becomes ``punctuation:no_comma``); malformed ones raise DataError as in :func:`verify`."""
+    return [(kind.id, args.model_dump()) for _, kind, args in _parse_instructions(instructions)]
 
 
 def verify(response: str, instructions: Sequence[Mapping[str, Any] | Instruction],

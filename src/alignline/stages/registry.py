@@ -77,6 +77,9 @@ STAGES: tuple[StageSpec, ...] = (
               "OpenAI-compatible server).", False),
     StageSpec("annotate", "alignline.stages.annotate:AnnotateConfig",
               "Xwin-Pair: a judge (verifier or LLM) picks the better of two responses, why and by how much.", False),
+    StageSpec("repair", "alignline.stages.repair:RepairConfig",
+              "Verifier-guided repair: answers rewritten to follow their verifiable instructions -> SFT "
+              "conversations and minimal-edit preference pairs.", False),
     StageSpec("rm", "alignline.stages.rm:RMConfig",
               "Reward model (Xwin-RM): SFT backbone + scalar head, Bradley-Terry loss, accuracy per rating.", True),
     StageSpec("score", "alignline.stages.score:ScoreConfig",
