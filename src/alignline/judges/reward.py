@@ -25,7 +25,7 @@ from alignline.models.heads import backbone_of, score_head
 from alignline.train.pairs import model_inputs, padded_width
 
 if TYPE_CHECKING:
-    from alignline.train.telemetry import Telemetry
+    from alignline.telemetry import Telemetry
 
 
 def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
