@@ -112,8 +112,10 @@ def _existence(text, kw, rng, request):
 
 def _frequency(text, kw, rng, request):
     found = len(re.findall(re.escape(kw["keyword"]), text, re.I))
-    if checks.compare(found, kw["relation"], kw["frequency"]) or kw["relation"] != "at least":
-        return text if checks.compare(found, kw["relation"], kw["frequency"]) else None
+    if checks.compare(found, kw["relation"], kw["frequency"]):
+        return text
+    if kw["relation"] != "at least":
+        return None
     added = [rng.choice(_KEYWORD_SENTENCES).format(kw=kw["keyword"]) for _ in range(kw["frequency"] - found)]
     return " ".join([text, *added])
 
@@ -155,10 +157,9 @@ def _highlights(text, kw, rng, request):
 def _bullets(text, kw, rng, request):
     """The last n sentences as ``* `` bullets after the rest as an opening line (existing markers removed)."""
     plain = re.sub(r"^\s*(?:[*-]|\d+[.)])\s+", "", text.replace("**", ""), flags=re.M)
-    groups = _groups(_sentences(plain), kw["num_bullets"])
-    if groups is None:
-        return None
     sentences = _sentences(plain)
+    if len(sentences) < kw["num_bullets"]:
+        return None
     intro = sentences[: len(sentences) - kw["num_bullets"]] if len(sentences) > kw["num_bullets"] else []
     items = sentences[len(intro):]
     return "\n".join(([" ".join(intro), ""] if intro else []) + [f"* {s}" for s in items])
