@@ -209,6 +209,25 @@ def test_kl_to_reference_starts_at_zero(tmp_path, tiny_model_dir, toy):
     assert len(rec["ref_logps"]) == len(rec["response"])
 
 
+def test_guard_stats_count_the_short_answers_and_the_reward_withheld():
+    """min_words 3: "<<the end>>" (2 words, passed by the verifier) and "ok" (1 word, failed) are under the
+    floor: 2 short, 1 of them passed; "three plain words" (3) is not short. No floor: nothing reported; the
+    config's floor is the largest min_words of its verifier terms (an rm term's is not counted)."""
+    from alignline.stages.rl.rollout import RolloutRecord, guard_stats
+
+    def rec(text, passed):
+        return RolloutRecord(iteration=0, prompt_id="p", sample_idx=0, prompt=[1], response=[2], text=text,
+                             finish_reason="stop", score=0.0, parts={}, passed=passed)
+
+    records = [rec("<<the end>>", True), rec("ok", False), rec("three plain words", True)]
+    assert guard_stats(records, 3) == {"under_min_words": 2, "under_min_words_passed": 1}
+    assert guard_stats(records, 0) == {}
+    cfg = rl.RLConfig(model="m", prompts="p.jsonl", reward=[{"type": "verifier", "min_words": 12},
+                                                            {"type": "verifier", "mode": "loose", "min_words": 5}])
+    assert cfg.min_words_guard == 12
+    assert rl.RLConfig(model="m", prompts="p.jsonl").min_words_guard == 0
+
+
 def test_verifier_reward_is_the_share_of_instructions_followed(tmp_path, tiny_model_dir):
     """reward=verifier, every prompt with the one instruction no_commas: a response's score is 1.0 without a comma
     in its text and 0.0 with one; with no KL in the reward and no length penalty its reward is its score, the

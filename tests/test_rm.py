@@ -30,15 +30,21 @@ def test_bradley_terry_hand_values():
 
 
 def test_accuracy_per_rating_constructed():
-    """significantly: 2/2 right; slightly: 1 of 2; unrated: 0 of 1. Overall 3/5 = 0.6."""
+    """significantly: 2/2 right; slightly: 1 of 2; unrated: 0 of 1. Overall 3/5 = 0.6.
+    SE of a mean of hits, sqrt(n / (n - 1) * sum (h - p)^2) / n: overall sqrt(5/4 * (3 * 0.4^2 + 2 * 0.6^2)) / 5
+    = sqrt(1.5) / 5 = 0.2449490; slightly sqrt(2 * (0.5^2 + 0.5^2)) / 2 = 0.5; significantly 0; unrated (one
+    pair) None."""
     chosen = [2.0, 1.0, 0.5, 0.1, 0.0]
     rejected = [0.0, 0.0, 0.4, 0.2, 1.0]
     ratings = ["significantly", "significantly", "slightly", "slightly", "unrated"]
     s = summarize_scores(chosen, rejected, ratings)
     assert s["accuracy"] == pytest.approx(0.6)
     assert list(s["accuracy_by_rating"]) == ["significantly", "slightly", "unrated"]
-    assert s["accuracy_by_rating"]["significantly"] == {"pairs": 2, "accuracy": 1.0}
+    assert s["accuracy_by_rating"]["significantly"] == {"pairs": 2, "accuracy": 1.0, "se": 0.0}
     assert s["accuracy_by_rating"]["slightly"]["accuracy"] == 0.5
+    assert s["accuracy_by_rating"]["slightly"]["se"] == pytest.approx(0.5)
+    assert s["accuracy_by_rating"]["unrated"]["se"] is None
+    assert s["accuracy_se"] == pytest.approx(math.sqrt(1.5) / 5)
     assert s["accuracy_by_rating"]["unrated"]["accuracy"] == 0.0
     assert s["margin_mean"] == pytest.approx((2 + 1 + 0.1 - 0.1 - 1) / 5)
 

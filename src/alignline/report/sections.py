@@ -126,8 +126,8 @@ def section_rm(runs: list[StageRun], notes: list[str]) -> str:
             notes.append(f"{r.rel}: no eval.json with accuracy per rating")
             continue
         by = {k: v for k, v in ev["accuracy_by_rating"].items() if isinstance(v, dict)}
-        rows = [[esc(k), fmt(v.get("pairs")), fmt(v.get("accuracy"))] for k, v in by.items()]
-        rows.append(["<b>all</b>", fmt(ev.get("pairs")), fmt(ev.get("accuracy"))])
+        rows = [[esc(k), fmt(v.get("pairs")), fmt(v.get("accuracy")), fmt(v.get("se"))] for k, v in by.items()]
+        rows.append(["<b>all</b>", fmt(ev.get("pairs")), fmt(ev.get("accuracy")), fmt(ev.get("accuracy_se"))])
         plt = _plt()
         fig, ax = plt.subplots(figsize=(6, 3.2))
         names = list(by)
@@ -141,7 +141,7 @@ def section_rm(runs: list[StageRun], notes: list[str]) -> str:
                  f"std {fmt(ev.get('score_std'))}, mean margin {fmt(ev.get('margin_mean'))}")
         parts.append(f"<h3>{esc(r.rel)}</h3><p>accuracy on {esc(rm_split_label(ev.get('split')))}: "
                      f"<b>{fmt(ev.get('accuracy'))}</b> over {fmt(ev.get('pairs'))} pairs; {stats}</p>"
-                     + table(["rating", "pairs", "accuracy"], rows) + img(fig_uri(fig), f"{r.rel}: RM accuracy"))
+                     + table(["rating", "pairs", "accuracy", "SE"], rows) + img(fig_uri(fig), f"{r.rel}: RM accuracy"))
     return "".join(parts)
 
 

@@ -21,6 +21,7 @@ from alignline import losses
 from alignline.config import Section
 from alignline.data.io import atomic_write_json
 from alignline.data.records import RATINGS
+from alignline.evaluate.clustered import ratio_estimate
 from alignline.judges.reward import pair_rewards
 from alignline.models.card import CardFacts
 from alignline.models.loading import LoraSettings, load_reward_model
@@ -103,21 +104,25 @@ def evaluate_rm(model, pairs: list[TokenisedPair], *, pad_id: int, layout: str, 
 
 
 def summarize_scores(chosen: list[float], rejected: list[float], ratings: list[str]) -> dict:
-    """Accuracy (chosen scored above rejected) overall and per rating level, and score statistics."""
+    """Accuracy (chosen scored above rejected) overall and per rating level, each with its standard error over
+    pairs, and score statistics."""
     bad = sum(1 for x in chosen + rejected if not math.isfinite(x))
-    by: dict[str, list[bool]] = defaultdict(list)
-    for c, r, rating in zip(chosen, rejected, ratings):
-        by[rating].append(c > r)
-    n = max(len(chosen), 1)
+    right = [float(c > r) for c, r in zip(chosen, rejected)]
+    by: dict[str, list[float]] = defaultdict(list)
+    for hit, rating in zip(right, ratings):
+        by[rating].append(hit)
 
     def mean(xs):
         return sum(xs) / max(len(xs), 1)
 
+    def se(hits: list[float]) -> float | None:  # the standard error of a mean (None below two pairs)
+        return ratio_estimate(hits, [1] * len(hits)).se
+
     order = (*RATINGS, "unrated")
     return {
         "pairs": len(chosen), "non_finite_scores": bad,
-        "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
-        "accuracy_by_rating": {k: {"pairs": len(v), "accuracy": sum(v) / len(v)}
+        "accuracy": sum(right) / max(len(right), 1), "accuracy_se": se(right),
+        "accuracy_by_rating": {k: {"pairs": len(v), "accuracy": sum(v) / len(v), "se": se(v)}
                                for k, v in sorted(by.items(), key=lambda kv: order.index(kv[0]))},
         "score_mean_chosen": mean(chosen), "score_mean_rejected": mean(rejected),
         "score_std": math.sqrt(mean([(x - mean(chosen + rejected)) ** 2 for x in chosen + rejected])),
@@ -184,11 +189,12 @@ def run(cfg: RMConfig) -> Path:
     rd.finish(counts, steps=result.steps, seconds=result.seconds, final_metrics=result.last_metrics,
               eval=final, model_dir=str(rd.path / "model"), phases=tel.summary())
     table = Table(title=f"reward model accuracy ({final['split']})")
-    for col in ("rating", "pairs", "accuracy"):
+    for col in ("rating", "pairs", "accuracy", "SE"):
         table.add_column(col, justify="right")
     for k, v in final["accuracy_by_rating"].items():
-        table.add_row(k, str(v["pairs"]), f"{v['accuracy']:.3f}")
-    table.add_row("all", str(final["pairs"]), f"{final['accuracy']:.3f}")
+        table.add_row(k, str(v["pairs"]), f"{v['accuracy']:.3f}", "-" if v["se"] is None else f"{v['se']:.3f}")
+    overall_se = final["accuracy_se"]
+    table.add_row("all", str(final["pairs"]), f"{final['accuracy']:.3f}", "-" if overall_se is None else f"{overall_se:.3f}")
     console.print(table)
     console.print(
         f"[green]rm done[/green]: {result.steps} steps; scores chosen {final['score_mean_chosen']:.3f} / rejected "

@@ -189,6 +189,11 @@ class RLConfig(Section):
         return self.loss.epochs * math.ceil(self.rollout.prompts * self.rollout.group_size / per_step)
 
     @property
+    def min_words_guard(self) -> int:
+        """The verifier terms' floor on answer words (0: no guard); reported per rollout as ``under_min_words``."""
+        return max((s.min_words for s in self.reward if s.type == "verifier"), default=0)
+
+    @property
     def needs_old_logps(self) -> bool:
         """The sampling policy's log-probs are needed: an iteration takes more than one optimizer step (the
         clipped ratio's denominator), or the KL is in the reward."""

@@ -185,6 +185,15 @@ def group_stats(totals: torch.Tensor, passed: list[bool | None], lengths: list[i
     }
 
 
+def guard_stats(records: Sequence[RolloutRecord], min_words: int) -> dict:
+    """How often the short-answer guard fired: responses under the verifier's ``min_words`` (they score 0 on
+    that term), and how many of them the verifier alone would have passed (what the guard took away)."""
+    if not min_words:
+        return {}
+    short = [r for r in records if len(r.text.split()) < min_words]
+    return {"under_min_words": len(short), "under_min_words_passed": sum(bool(r.passed) for r in short)}
+
+
 def all_followed(prompt: Prompt, text: str) -> bool | None:
     """Whether ``text`` follows every verifiable instruction of ``prompt`` (strict), None without any."""
     from alignline.judges.verifiable import verify
@@ -198,6 +207,7 @@ def progress_line(stats: dict, prompts: int, group_size: int) -> str:
     return (f"rl iteration {stats['iteration']}: reward {stats['reward_mean']:.4f} +- {stats['reward_se']:.4f}"
             f"{pass_rate}, "
             + ("" if group_size < 2 else f"zero-variance groups {stats['zero_variance_groups']}/{prompts}, ")
+            + ("" if "under_min_words" not in stats else f"under min_words {stats['under_min_words']}, ")
             + f"{stats['rollout_tokens_per_s']:.0f} rollout tok/s")
 
 
@@ -248,6 +258,7 @@ class RolloutSource:
         lengths = [len(r.response) for r in records]
         stats = {"iteration": iteration, **group_stats(totals, [r.passed for r in records], lengths,
                                                        [r.finish_reason for r in records]),
+                 **guard_stats(records, cfg.min_words_guard),
                  "rollout_tokens": sum(lengths), "rollout_seconds": t_sample,
                  "rollout_tokens_per_s": sum(lengths) / max(t_sample, 1e-9), "pass_seconds": t_pass,
                  "old_logps_from": old_logps_from}
