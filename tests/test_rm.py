@@ -83,6 +83,26 @@ def test_rm_stage_trains_and_saves_a_sequence_classifier(tmp_path, tiny_model_di
     assert hf == pytest.approx(ours, abs=1e-5)
 
 
+def test_rm_stage_evaluates_the_held_out_pairs_twice_not_three_times(tmp_path, tiny_model_dir, rated_pairs,
+                                                                     monkeypatch):
+    """The held-out pairs are scored at step 0 and after the last step; eval.json is that last evaluation
+    (not a third pass over the same pairs with the same weights): the same accuracy as the metrics' last row."""
+    calls = []
+    real = rm.evaluate_rm
+    monkeypatch.setattr(rm, "evaluate_rm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg_path = tmp_path / "rm.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "output_dir": str(tmp_path / "rm"),
+        "data": {"train": str(rated_pairs), "eval": str(rated_pairs), "max_length": 128},
+        "train": {"epochs": 1, "batch_size": 4, "grad_accum": 1, "lr": 2e-3, "warmup_ratio": 0.0},
+    }))
+    out = rm.run(load_config(rm.RMConfig, cfg_path))
+    assert len(calls) == 2
+    ev = json.loads((out / "eval.json").read_text())
+    last = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert ev["accuracy"] == last["eval/accuracy"] and ev["pairs"] == 24
+
+
 @pytest.fixture
 def tiny_rm(tiny_model_dir):
     from alignline.models import load_reward_model

@@ -159,11 +159,14 @@ def run(cfg: RMConfig) -> Path:
     model = load_reward_model(model_path, dtype=device_dtype, trust_remote_code=cfg.trust_remote_code, lora=cfg.lora)
     model.to(accelerator.device)
 
+    latest: dict = {}  # the loop's newest evaluation in full, so the final one is not computed twice
+
     def evaluate(m) -> dict[str, float]:
         ev = evaluate_rm(m, eval_pairs, pad_id=pad_id, layout=layout, batch_size=cfg.eval_batch_size,
                          device=accelerator.device)
         flat = {k: v for k, v in ev.items() if isinstance(v, (int, float))}
         flat.update({f"accuracy/{k}": v["accuracy"] for k, v in ev["accuracy_by_rating"].items()})
+        latest.update(full=ev, flat=flat)
         return flat
 
     tel = Telemetry(accelerator.device)
@@ -178,8 +181,11 @@ def run(cfg: RMConfig) -> Path:
         console.print(f"rm: stopped after step {result.steps} as asked; rerun to resume")
         return rd.path
     with tel.phase("final_eval"):
-        final = evaluate_rm(accelerator.unwrap_model(model), eval_pairs or train_pairs, pad_id=pad_id, layout=layout,
-                            batch_size=cfg.eval_batch_size, device=accelerator.device)
+        # the loop evaluated the trained model last (its end-of-run evaluation) unless it never stepped or resumed
+        # past its end: reuse that one, else evaluate now
+        final = latest["full"] if result.eval_metrics and latest.get("flat") is result.eval_metrics else evaluate_rm(
+            accelerator.unwrap_model(model), eval_pairs or train_pairs, pad_id=pad_id, layout=layout,
+            batch_size=cfg.eval_batch_size, device=accelerator.device)
     final["split"] = "eval" if eval_pairs else "train (no data.eval given)"
     with tel.phase("save_model"):
         save_trained_model(accelerator, model, tokenizer, rd.path / "model", card=rm_card(cfg, counts, result, final))
