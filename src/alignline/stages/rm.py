@@ -121,8 +121,8 @@ def summarize_scores(chosen: list[float], rejected: list[float], ratings: list[s
     order = (*RATINGS, "unrated")
     return {
         "pairs": len(chosen), "non_finite_scores": bad,
-        "accuracy": sum(right) / max(len(right), 1), "accuracy_se": se(right),
-        "accuracy_by_rating": {k: {"pairs": len(v), "accuracy": sum(v) / len(v), "se": se(v)}
+        "accuracy": mean(right), "accuracy_se": se(right),
+        "accuracy_by_rating": {k: {"pairs": len(v), "accuracy": mean(v), "se": se(v)}
                                for k, v in sorted(by.items(), key=lambda kv: order.index(kv[0]))},
         "score_mean_chosen": mean(chosen), "score_mean_rejected": mean(rejected),
         "score_std": math.sqrt(mean([(x - mean(chosen + rejected)) ** 2 for x in chosen + rejected])),
