@@ -8,12 +8,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from alignline.pipeline import load_pipeline, run_pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PIPELINES = ["demo/pipeline.yaml",
-             *sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / "paper").glob("*.yaml"))]
+
+
+def _pipeline_files(folder: str) -> list[str]:
+    """The pipeline files of ``configs/FOLDER`` (a model-matrix file beside them has no ``stages``)."""
+    return sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / folder).glob("*.yaml")
+                  if "stages" in (yaml.safe_load(p.read_text()) or {}))
+
+
+PIPELINES = ["demo/pipeline.yaml", *_pipeline_files("paper"), *_pipeline_files("experiments")]
 
 
 @pytest.mark.parametrize("name", PIPELINES)
