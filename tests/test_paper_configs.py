@@ -16,9 +16,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _pipeline_files(folder: str) -> list[str]:
-    """The pipeline files of ``configs/FOLDER`` (a model-matrix file beside them has no ``stages``)."""
+    """The pipeline files of ``configs/FOLDER``: those with ``stages`` or ``extends`` (a model-matrix file beside
+    them has neither)."""
     return sorted(p.relative_to(CONFIGS).as_posix() for p in (CONFIGS / folder).glob("*.yaml")
-                  if "stages" in (yaml.safe_load(p.read_text()) or {}))
+                  if {"stages", "extends"} & set(yaml.safe_load(p.read_text()) or {}))
 
 
 PIPELINES = ["demo/pipeline.yaml", *_pipeline_files("paper"), *_pipeline_files("experiments")]
