@@ -106,7 +106,8 @@ def evaluate_rm(model, pairs: list[TokenisedPair], *, pad_id: int, layout: str, 
 def summarize_scores(chosen: list[float], rejected: list[float], ratings: list[str]) -> dict:
     """Accuracy (chosen scored above rejected) overall and per rating level, each with its standard error over
     pairs, and score statistics."""
-    bad = sum(1 for x in chosen + rejected if not math.isfinite(x))
+    scores = chosen + rejected
+    bad = sum(1 for x in scores if not math.isfinite(x))
     right = [float(c > r) for c, r in zip(chosen, rejected)]
     by: dict[str, list[float]] = defaultdict(list)
     for hit, rating in zip(right, ratings):
@@ -119,13 +120,14 @@ def summarize_scores(chosen: list[float], rejected: list[float], ratings: list[s
         return ratio_estimate(hits, [1] * len(hits)).se
 
     order = (*RATINGS, "unrated")
+    score_mean = mean(scores)  # once, not once per score inside the deviations below
     return {
         "pairs": len(chosen), "non_finite_scores": bad,
         "accuracy": mean(right), "accuracy_se": se(right),
         "accuracy_by_rating": {k: {"pairs": len(v), "accuracy": mean(v), "se": se(v)}
                                for k, v in sorted(by.items(), key=lambda kv: order.index(kv[0]))},
         "score_mean_chosen": mean(chosen), "score_mean_rejected": mean(rejected),
-        "score_std": math.sqrt(mean([(x - mean(chosen + rejected)) ** 2 for x in chosen + rejected])),
+        "score_std": math.sqrt(mean([(x - score_mean) ** 2 for x in scores])),
         "margin_mean": mean([c - r for c, r in zip(chosen, rejected)]),
     }
 
