@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from alignline.pipeline import load_pipeline, run_pipeline
+from alignline.stages.eval_ifeval import IFEvalConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -22,7 +23,7 @@ def _pipeline_files(folder: str) -> list[str]:
                   if {"stages", "extends"} & set(yaml.safe_load(p.read_text()) or {}))
 
 
-PIPELINES = ["demo/pipeline.yaml", *_pipeline_files("paper"), *_pipeline_files("experiments")]
+PIPELINES = [*_pipeline_files("demo"), *_pipeline_files("paper"), *_pipeline_files("experiments")]
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -30,6 +31,25 @@ def test_shipped_pipeline_validates(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # output roots are relative to the working directory: nothing exists there
     plan = load_pipeline(CONFIGS / name)
     assert plan.stages and len({s.output_dir for s in plan.stages}) == len(plan.stages)
+
+
+def test_demo_ifeval_compares_the_final_policy_with_sft_on_one_prompt_set(tmp_path, monkeypatch):
+    """configs/demo/ifeval.yaml adds IFEval to the demo's own stages (same output_root, so they are reused): every
+    policy on the same seeded prompts with the same greedy settings, SFT's row first and the final policy's last
+    (the summary compares the last row with the first), each other row paired with SFT's."""
+    monkeypatch.chdir(tmp_path)
+    demo, plan = load_pipeline(CONFIGS / "demo/pipeline.yaml"), load_pipeline(CONFIGS / "demo/ifeval.yaml")
+    assert [(s.name, s.output_dir) for s in plan.stages[: len(demo.stages)]] == \
+        [(s.name, s.output_dir) for s in demo.stages]
+    st = {s.name: s for s in plan.stages}
+    evals = [s for s in plan.stages if isinstance(s.cfg, IFEvalConfig)]
+    assert [s.name for s in evals] == ["ifeval_sft", "ifeval_imported", "ifeval_rl"]
+    assert evals[0].cfg.model == f"{st['sft'].output_dir}/model"
+    assert evals[-1].cfg.model == f"{st['rl'].output_dir}/model"  # the final policy
+    shared = {e.name: e.cfg.model_dump(exclude={"model", "name", "compare_to", "output_dir"}) for e in evals}
+    assert all(v == shared["ifeval_sft"] for v in shared.values())
+    assert shared["ifeval_sft"]["max_prompts"] >= 150 and shared["ifeval_sft"]["sampling"]["temperature"] == 0
+    assert all(e.cfg.compare_to == evals[0].output_dir for e in evals[1:])
 
 
 METHODS = {"t2_dpo": "dpo", "t2_ipo": "ipo", "t2_cdpo": "cdpo", "t2_rso": "hinge", "t2_tso": "dual_clip"}
