@@ -38,7 +38,7 @@ ifeval-prompts:
 demo: $(STAMP)
 	$(BIN)/alignline run configs/demo/pipeline.yaml
 
-# The demo's imported model, SFT and final policy on 150 IFEval prompts (greedy; about 10 minutes more on 2 CPU
+# The demo's imported model, SFT and final policy on 150 IFEval prompts (greedy; about 13 minutes more on 2 CPU
 # cores; runs the demo first where it has not run): configs/demo/ifeval.yaml.
 demo-ifeval: $(STAMP)
 	$(BIN)/alignline run configs/demo/ifeval.yaml
